@@ -1,0 +1,106 @@
+"""Config loading: YAML + dotted overrides, defaults, one-line validation errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from transfer.config import RunConfig, apply_overrides, config_from_dict, load_config
+from transfer.errors import ConfigError
+
+BASE = """
+model:
+  teacher: zoo:smollm2
+  tokenizer: zoo:qwen2
+data:
+  train: zoo:train
+  seq_len: 64
+train:
+  steps: 10
+  warmup_steps: 2
+  batch_size: 4
+"""
+
+
+def write(tmp_path: Path, text: str = BASE) -> Path:
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_follow_the_paper(tmp_path):
+    cfg = load_config(write(tmp_path))
+    assert isinstance(cfg, RunConfig)
+    assert cfg.train.lr == 1e-5 and cfg.train.betas == (0.9, 0.95)
+    assert cfg.train.weight_decay == 0.01 and cfg.train.clip == 1.0
+    assert cfg.train.lora.r == 64 and cfg.train.lora.alpha == 64
+    assert "gate_proj" in cfg.train.lora.targets and "q_proj" in cfg.train.lora.targets
+    assert cfg.loss.terms == ("alm",) and cfg.loss.gamma == 0.1 and cfg.loss.tau == 100.0
+    assert cfg.train.dtype == "bf16" and cfg.self_transfer
+    assert cfg.loss_weight("alm") == 1.0
+
+
+def test_dotted_overrides_are_parsed_as_yaml(tmp_path):
+    cfg = load_config(
+        write(tmp_path),
+        ["train.lr=2e-5", "loss.terms=[alm, sft]", "loss.weights.sft=0.5", "train.lora.r=8",
+         "train.betas=[0.8, 0.9]", "train.dtype=fp32", "output.dir=/tmp/x"],
+    )
+    assert cfg.train.lr == 2e-5
+    assert cfg.loss.terms == ("alm", "sft") and cfg.loss_weight("sft") == 0.5
+    assert cfg.train.lora.r == 8 and cfg.train.betas == (0.8, 0.9)
+    assert cfg.train.dtype == "fp32" and cfg.output.dir == "/tmp/x"
+
+
+def test_config_is_frozen(tmp_path):
+    cfg = load_config(write(tmp_path))
+    with pytest.raises(Exception):
+        cfg.train.lr = 1.0  # type: ignore[misc]
+
+
+def test_to_dict_round_trips(tmp_path):
+    cfg = load_config(write(tmp_path), ["loss.terms=[alm, sft]"])
+    assert config_from_dict(cfg.to_dict()) == cfg
+
+
+def test_overrides_do_not_touch_the_input():
+    raw = {"train": {"lr": 1.0}}
+    out = apply_overrides(raw, ["train.lr=2"])
+    assert raw == {"train": {"lr": 1.0}} and out == {"train": {"lr": 2}}
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["train.lrr=1"], "unknown config key train.lrr (did you mean train.lr?)"),
+        (["train.lr=abc"], "train.lr must be a number"),
+        (["train.lr=-1"], "train.lr must be > 0"),
+        (["train.steps=1.5"], "train.steps must be an integer"),
+        (["train.dtype=fp8"], "train.dtype must be one of ['bf16', 'fp32']"),
+        (["loss.terms=[alm, kl]"], "unknown term 'kl'"),
+        (["loss.weights.sft=2"], "'sft' is not in loss.terms"),
+        (["train.batch_size=6", "train.grad_accum=4"], "must be a multiple of train.grad_accum"),
+        (["train.warmup_steps=20"], "exceeds train.steps"),
+        (["model.student=/some/other", "loss.terms=[alm, latents]"], "needs self-transfer"),
+        (["train.betas=[0.9]"], "train.betas must have 2 items"),
+        (["train.stop_after=11"], "train.stop_after must be in 1..train.steps"),
+        (["nonsense"], "must look like section.key=value"),
+        (["train.lr.x=1"], "train.lr must be a number"),
+        (["train.warmup_steps=1", "train.warmup_steps.x=1"], "train.warmup_steps.x: warmup_steps is not a section"),
+    ],
+)
+def test_bad_values_give_one_line_errors(tmp_path, overrides, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path), overrides)
+    text = str(info.value)
+    assert message in text and "\n" not in text
+
+
+def test_missing_required_and_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="missing required config key model.teacher"):
+        load_config(write(tmp_path, "data:\n  train: x.txt\n"))
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "model: [unclosed\n"))

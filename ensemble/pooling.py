@@ -1,0 +1,197 @@
+"""Pooling the next-token distributions of K ensemble members into one distribution.
+
+Pure functions over tensors; both engines (the PyTorch reference and the vLLM model) call
+`pool_logprobs`, so they pool bit-for-bit alike.
+
+Two rules, each over member log-probabilities `l_k = log_softmax(x_k / T_k)` and weights `w_k`
+normalised to sum to 1:
+
+* ``prob_mean`` (linear pool): ``log sum_k w_k exp(l_k)``. Weights must be >= 0.
+* ``logprob_mean`` (geometric pool): ``log_softmax(sum_k w_k l_k)``. Weights may be negative
+  (contrastive decoding, e.g. ``(1.5, -0.5)``) as long as they sum to a positive number.
+
+Weights are *relative*: both rules divide them by their sum, which must be positive. A token that
+a member with a nonzero weight rules out (log-prob ``-inf``, e.g. a masked padding row) stays ruled
+out under ``logprob_mean``; under ``prob_mean`` it keeps the other members' mass.
+
+All arithmetic is float32, whatever the members' dtype. The work is chunked over rows (tokens) so
+the float32 ``K x rows x V`` buffer stays bounded; a row is never split, since ``log_softmax``
+needs the whole vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+PoolingRule = Literal["prob_mean", "logprob_mean"]
+POOLING_RULES: tuple[str, ...] = ("prob_mean", "logprob_mean")
+
+
+def check_rule(rule: str) -> None:
+    """Raise ValueError unless `rule` is a known pooling rule."""
+    if rule not in POOLING_RULES:
+        raise ValueError(f"unknown pooling rule {rule!r}; expected one of {', '.join(POOLING_RULES)}")
+
+
+def normalise_weights(
+    weights: Sequence[float] | Tensor, num_members: int, rule: str, num_rows: int | None = None
+) -> Tensor:
+    """Validate member weights and return them float32, divided by their sum.
+
+    `weights` is a sequence or 1-D tensor of K weights, or a 2-D tensor ``[N, K]`` of per-row
+    weights (one set per token, e.g. per request in a batch). Raises ValueError with a clear
+    message on a wrong length, a non-finite weight, a negative weight under ``prob_mean``, or a
+    sum that is not positive. Returns a ``[K]`` or ``[N, K]`` float32 tensor on the CPU unless the
+    input was already a tensor (then on its device).
+    """
+    check_rule(rule)
+    w = weights.detach().to(torch.float32) if isinstance(weights, Tensor) else torch.tensor(
+        [float(x) for x in weights], dtype=torch.float32
+    )
+    if w.dim() not in (1, 2) or w.shape[-1] != num_members:
+        raise ValueError(
+            f"weights must have shape [{num_members}] or [N, {num_members}] (one per member), "
+            f"got {list(w.shape)}"
+        )
+    if w.dim() == 2 and num_rows is not None and w.shape[0] != num_rows:
+        raise ValueError(f"per-row weights have {w.shape[0]} rows but the logits have {num_rows}")
+    if not bool(torch.isfinite(w).all()):
+        raise ValueError(f"weights must be finite numbers, got {w.tolist()}")
+    if rule == "prob_mean" and bool((w < 0).any()):
+        raise ValueError(
+            "negative weights are only allowed with pooling 'logprob_mean' (contrastive decoding), "
+            f"got {w.tolist()} with 'prob_mean'"
+        )
+    total = w.sum(dim=-1, keepdim=True)
+    if not bool((total > 0).all()):
+        raise ValueError(f"weights must sum to a positive number, got {w.tolist()}")
+    return w / total
+
+
+def _check_temperatures(temperatures: Sequence[float] | None, num_members: int) -> list[float]:
+    if temperatures is None:
+        return [1.0] * num_members
+    temps = [float(t) for t in temperatures]
+    if len(temps) != num_members:
+        raise ValueError(f"got {len(temps)} member temperatures for {num_members} members")
+    for t in temps:
+        if not (math.isfinite(t) and t > 0):
+            raise ValueError(f"member temperatures must be finite and > 0, got {temps}")
+    return temps
+
+
+def member_logprobs(logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """float32 ``log_softmax(logits / temperature)`` over the last dimension."""
+    x = logits.to(torch.float32)
+    if temperature != 1.0:
+        x = x / temperature
+    return torch.log_softmax(x, dim=-1)
+
+
+def _pool_rows(logprobs: Tensor, w: Tensor, rule: str) -> Tensor:
+    """Pool stacked member log-probs ``[K, R, V]`` with weights ``[K]`` or ``[R, K]``."""
+    # Weights broadcast to [K, R, 1].
+    wk = w[:, None, None] if w.dim() == 1 else w.t()[:, :, None]
+    if rule == "prob_mean":
+        # log(0) = -inf makes a zero-weight member vanish from the logsumexp.
+        return torch.logsumexp(logprobs + torch.log(wk), dim=0)
+    # Geometric pool: zero-weight members contribute nothing (avoids 0 * -inf = nan); a token
+    # that any weighted member rules out stays ruled out.
+    active = wk != 0
+    terms = torch.where(active, wk * logprobs, torch.zeros((), dtype=logprobs.dtype, device=logprobs.device))
+    scores = terms.sum(dim=0)
+    vetoed = (torch.isneginf(logprobs) & active).any(dim=0)
+    scores = scores.masked_fill(vetoed, float("-inf"))
+    return torch.log_softmax(scores, dim=-1)
+
+
+def pool_logprobs(
+    member_logits: Sequence[Tensor],
+    weights: Sequence[float] | Tensor,
+    rule: PoolingRule = "prob_mean",
+    temperatures: Sequence[float] | None = None,
+    chunk_size: int = 8192,
+) -> Tensor:
+    """Pool K members' next-token logits into one float32 log-probability tensor.
+
+    Args:
+        member_logits: K tensors of shape ``[N, V]`` (any float dtype, same device), one per
+            member, over the shared vocabulary.
+        weights: K relative member weights, or a ``[N, K]`` tensor of per-row weights. They are
+            divided by their (positive) sum; negative ones only under ``logprob_mean``.
+        rule: ``"prob_mean"`` (linear pool) or ``"logprob_mean"`` (geometric pool).
+        temperatures: per-member temperatures ``T_k > 0`` applied before each member's softmax
+            (default all 1).
+        chunk_size: the most rows pooled at once; bounds the ``K x rows x V`` float32 buffer.
+
+    Returns:
+        ``[N, V]`` float32 normalised log-probabilities on the members' device.
+    """
+    check_rule(rule)
+    if len(member_logits) == 0:
+        raise ValueError("pool_logprobs needs at least one member's logits")
+    first = member_logits[0]
+    if first.dim() != 2:
+        raise ValueError(f"member logits must be 2-D [N, V], got shape {list(first.shape)}")
+    for i, x in enumerate(member_logits):
+        if x.shape != first.shape:
+            raise ValueError(
+                f"member {i} logits have shape {list(x.shape)} but member 0 has {list(first.shape)}; "
+                "fit every member to the shared vocabulary first (see fit_vocab)"
+            )
+        if not x.is_floating_point():
+            raise ValueError(f"member {i} logits must be floating point, got {x.dtype}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    k = len(member_logits)
+    n, v = first.shape
+    w = normalise_weights(weights, k, rule, num_rows=n).to(first.device)
+    temps = _check_temperatures(temperatures, k)
+
+    out = torch.empty((n, v), dtype=torch.float32, device=first.device)
+    for start in range(0, n, chunk_size):
+        stop = min(start + chunk_size, n)
+        stacked = torch.stack(
+            [member_logprobs(x[start:stop], t) for x, t in zip(member_logits, temps)], dim=0
+        )
+        wr = w if w.dim() == 1 else w[start:stop]
+        out[start:stop] = _pool_rows(stacked, wr, rule)
+    return out
+
+
+def mask_padded_vocab(logits: Tensor, true_vocab: int) -> Tensor:
+    """Return a copy of ``logits [..., V]`` whose columns at ids >= `true_vocab` are ``-inf``.
+
+    Members often pad their embedding/head rows (e.g. to a multiple of 64); those rows are not
+    tokens of the shared vocabulary and must never be sampled.
+    """
+    if true_vocab < 1:
+        raise ValueError(f"true_vocab must be >= 1, got {true_vocab}")
+    if true_vocab >= logits.shape[-1]:
+        return logits.clone()
+    out = logits.clone()
+    out[..., true_vocab:] = float("-inf")
+    return out
+
+
+def fit_vocab(logits: Tensor, vocab_size: int) -> Tensor:
+    """Make a member's logits ``[..., V_m]`` exactly `vocab_size` wide.
+
+    Extra columns (padding rows of the member's head) are dropped; missing columns (a member
+    whose head is smaller than the shared vocabulary) are filled with ``-inf`` so the member
+    gives those tokens no probability.
+    """
+    if vocab_size < 1:
+        raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
+    width = logits.shape[-1]
+    if width == vocab_size:
+        return logits
+    if width > vocab_size:
+        return logits[..., :vocab_size]
+    pad = logits.new_full((*logits.shape[:-1], vocab_size - width), float("-inf"))
+    return torch.cat([logits, pad], dim=-1)

@@ -1,0 +1,235 @@
+"""Unit and property tests for ensemble.pooling."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ensemble.pooling import fit_vocab, mask_padded_vocab, normalise_weights, pool_logprobs
+
+
+def _logits(*shape: int, seed: int = 0, scale: float = 3.0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g) * scale
+
+
+@pytest.mark.parametrize("rule", ["prob_mean", "logprob_mean"])
+def test_single_member_is_its_log_softmax(rule: str) -> None:
+    x = _logits(5, 37)
+    pooled = pool_logprobs([x], [2.5], rule)
+    torch.testing.assert_close(pooled, torch.log_softmax(x, -1), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("rule", ["prob_mean", "logprob_mean"])
+def test_model_pooled_with_itself_equals_model(rule: str) -> None:
+    x = _logits(4, 50)
+    pooled = pool_logprobs([x, x.clone(), x.clone()], [0.2, 0.3, 0.5], rule)
+    torch.testing.assert_close(pooled, torch.log_softmax(x, -1), rtol=0, atol=1e-6)
+
+
+def test_prob_mean_is_the_weighted_mixture() -> None:
+    a, b = _logits(3, 20, seed=1), _logits(3, 20, seed=2)
+    pooled = pool_logprobs([a, b], [3.0, 1.0], "prob_mean")
+    expected = torch.log(0.75 * torch.softmax(a, -1) + 0.25 * torch.softmax(b, -1))
+    torch.testing.assert_close(pooled, expected, rtol=0, atol=1e-6)
+
+
+def test_logprob_mean_is_the_normalised_geometric_mean() -> None:
+    a, b = _logits(3, 20, seed=1), _logits(3, 20, seed=2)
+    pooled = pool_logprobs([a, b], [1.0, 3.0], "logprob_mean")
+    expected = torch.log_softmax(0.25 * torch.log_softmax(a, -1) + 0.75 * torch.log_softmax(b, -1), -1)
+    torch.testing.assert_close(pooled, expected, rtol=0, atol=1e-6)
+
+
+def test_negative_weights_contrastive_logprob_mean() -> None:
+    expert, amateur = _logits(2, 30, seed=3), _logits(2, 30, seed=4)
+    pooled = pool_logprobs([expert, amateur], [1.5, -0.5], "logprob_mean")
+    expected = torch.log_softmax(
+        1.5 * torch.log_softmax(expert, -1) - 0.5 * torch.log_softmax(amateur, -1), -1
+    )
+    torch.testing.assert_close(pooled, expected, rtol=0, atol=1e-5)
+
+
+def test_negative_weights_rejected_for_prob_mean() -> None:
+    x = _logits(2, 10)
+    with pytest.raises(ValueError, match="negative weights are only allowed with pooling 'logprob_mean'"):
+        pool_logprobs([x, x], [1.5, -0.5], "prob_mean")
+
+
+@pytest.mark.parametrize(
+    ("weights", "message"),
+    [
+        ([1.0], "shape"),
+        ([1.0, float("nan")], "finite"),
+        ([1.0, float("inf")], "finite"),
+        ([0.0, 0.0], "sum to a positive"),
+        ([1.0, -1.0], "sum to a positive"),
+    ],
+)
+def test_bad_weights_have_clear_errors(weights: list[float], message: str) -> None:
+    x = _logits(2, 10)
+    with pytest.raises(ValueError, match=message):
+        pool_logprobs([x, x], weights, "logprob_mean")
+
+
+def test_bad_rule_shapes_and_temperatures() -> None:
+    x = _logits(2, 10)
+    with pytest.raises(ValueError, match="unknown pooling rule"):
+        pool_logprobs([x], [1.0], "max")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="fit every member"):
+        pool_logprobs([x, _logits(2, 11)], [1.0, 1.0])
+    with pytest.raises(ValueError, match="at least one"):
+        pool_logprobs([], [])
+    with pytest.raises(ValueError, match="temperatures"):
+        pool_logprobs([x], [1.0], temperatures=[0.0])
+
+
+def test_zero_weight_member_is_ignored() -> None:
+    a, b = _logits(3, 16, seed=5), _logits(3, 16, seed=6)
+    b[:, 3] = float("-inf")  # would veto token 3 if b counted
+    for rule in ("prob_mean", "logprob_mean"):
+        pooled = pool_logprobs([a, b], [1.0, 0.0], rule)  # type: ignore[arg-type]
+        torch.testing.assert_close(pooled, torch.log_softmax(a, -1), rtol=0, atol=1e-6)
+
+
+def test_member_temperatures() -> None:
+    a, b = _logits(3, 16, seed=7), _logits(3, 16, seed=8)
+    pooled = pool_logprobs([a, b], [1.0, 1.0], "prob_mean", temperatures=[0.5, 2.0])
+    expected = pool_logprobs([a / 0.5, b / 2.0], [1.0, 1.0], "prob_mean")
+    torch.testing.assert_close(pooled, expected, rtol=0, atol=1e-6)
+
+
+def test_per_row_weights_match_rowwise_pooling() -> None:
+    a, b = _logits(4, 25, seed=9), _logits(4, 25, seed=10)
+    rows = torch.tensor([[1.0, 0.0], [0.5, 0.5], [0.1, 0.9], [2.0, 6.0]])
+    for rule in ("prob_mean", "logprob_mean"):
+        pooled = pool_logprobs([a, b], rows, rule, chunk_size=3)  # type: ignore[arg-type]
+        for i in range(4):
+            one = pool_logprobs([a[i : i + 1], b[i : i + 1]], rows[i].tolist(), rule)  # type: ignore[arg-type]
+            torch.testing.assert_close(pooled[i : i + 1], one, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="rows"):
+        pool_logprobs([a, b], rows[:3], "prob_mean")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rule", ["prob_mean", "logprob_mean"])
+def test_half_precision_input_matches_float32(dtype: torch.dtype, rule: str) -> None:
+    a, b = _logits(6, 300, seed=11).to(dtype), _logits(6, 300, seed=12).to(dtype)
+    pooled = pool_logprobs([a, b], [0.3, 0.7], rule)  # type: ignore[arg-type]
+    assert pooled.dtype == torch.float32
+    # Same values upcast first: the half inputs are exact in float32, so this is tight.
+    reference = pool_logprobs([a.float(), b.float()], [0.3, 0.7], rule)  # type: ignore[arg-type]
+    torch.testing.assert_close(pooled, reference, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("rule", ["prob_mean", "logprob_mean"])
+def test_chunked_equals_unchunked(rule: str) -> None:
+    members = [_logits(23, 40, seed=s) for s in range(3)]
+    whole = pool_logprobs(members, [1.0, 2.0, 3.0], rule, chunk_size=1000)  # type: ignore[arg-type]
+    for chunk in (1, 4, 7, 23):
+        chunked = pool_logprobs(members, [1.0, 2.0, 3.0], rule, chunk_size=chunk)  # type: ignore[arg-type]
+        torch.testing.assert_close(chunked, whole, rtol=0, atol=0)
+
+
+def test_masked_padding_never_gets_mass() -> None:
+    a = mask_padded_vocab(_logits(3, 12, seed=13), 10)
+    b = mask_padded_vocab(_logits(3, 12, seed=14), 10)
+    assert torch.isneginf(a[:, 10:]).all() and torch.isfinite(a[:, :10]).all()
+    for rule in ("prob_mean", "logprob_mean"):
+        pooled = pool_logprobs([a, b], [1.0, 1.0], rule)  # type: ignore[arg-type]
+        assert torch.isneginf(pooled[:, 10:]).all()
+        torch.testing.assert_close(pooled.exp().sum(-1), torch.ones(3), rtol=0, atol=1e-5)
+
+
+def test_fit_vocab_slices_and_pads() -> None:
+    x = _logits(2, 8)
+    assert fit_vocab(x, 8) is x
+    torch.testing.assert_close(fit_vocab(x, 5), x[:, :5])
+    padded = fit_vocab(x, 11)
+    assert padded.shape == (2, 11)
+    torch.testing.assert_close(padded[:, :8], x)
+    assert torch.isneginf(padded[:, 8:]).all()
+
+
+def test_normalise_weights_sums_to_one() -> None:
+    w = normalise_weights([2.0, 6.0], 2, "prob_mean")
+    torch.testing.assert_close(w, torch.tensor([0.25, 0.75]))
+
+
+# ----------------------------------------------------------------------------- properties
+
+_members = st.integers(1, 4)
+_rows = st.integers(1, 5)
+_vocab = st.integers(2, 40)
+
+
+@st.composite
+def _pool_case(draw: st.DrawFn) -> tuple[list[torch.Tensor], list[float]]:
+    k, n, v = draw(_members), draw(_rows), draw(_vocab)
+    seed = draw(st.integers(0, 2**31 - 1))
+    scale = draw(st.floats(0.1, 20.0))
+    logits = [_logits(n, v, seed=seed + i, scale=scale) for i in range(k)]
+    weights = draw(st.lists(st.floats(0.01, 10.0), min_size=k, max_size=k))
+    return logits, weights
+
+
+@settings(max_examples=60, deadline=None)
+@given(_pool_case(), st.sampled_from(["prob_mean", "logprob_mean"]))
+def test_property_rows_are_normalised(case: tuple[list[torch.Tensor], list[float]], rule: str) -> None:
+    logits, weights = case
+    pooled = pool_logprobs(logits, weights, rule)  # type: ignore[arg-type]
+    assert pooled.dtype == torch.float32 and pooled.shape == logits[0].shape
+    assert torch.isfinite(pooled).all()
+    total = torch.logsumexp(pooled, dim=-1)
+    assert total.abs().max().item() < 1e-5
+
+
+@settings(max_examples=60, deadline=None)
+@given(_pool_case())
+def test_property_prob_mean_between_member_min_and_max(case: tuple[list[torch.Tensor], list[float]]) -> None:
+    logits, weights = case
+    pooled = pool_logprobs(logits, weights, "prob_mean").exp()
+    probs = torch.stack([torch.softmax(x, -1) for x in logits])
+    assert (pooled >= probs.min(0).values - 1e-6).all()
+    assert (pooled <= probs.max(0).values + 1e-6).all()
+
+
+@settings(max_examples=60, deadline=None)
+@given(_pool_case(), st.sampled_from(["prob_mean", "logprob_mean"]), st.floats(0.1, 100.0))
+def test_property_weights_are_relative(
+    case: tuple[list[torch.Tensor], list[float]], rule: str, factor: float
+) -> None:
+    logits, weights = case
+    base = pool_logprobs(logits, weights, rule)  # type: ignore[arg-type]
+    scaled = pool_logprobs(logits, [w * factor for w in weights], rule)  # type: ignore[arg-type]
+    torch.testing.assert_close(scaled, base, rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=60, deadline=None)
+@given(_pool_case(), st.sampled_from(["prob_mean", "logprob_mean"]), st.data())
+def test_property_member_order_does_not_matter(
+    case: tuple[list[torch.Tensor], list[float]], rule: str, data: st.DataObject
+) -> None:
+    logits, weights = case
+    order = data.draw(st.permutations(range(len(logits))))
+    base = pool_logprobs(logits, weights, rule)  # type: ignore[arg-type]
+    permuted = pool_logprobs([logits[i] for i in order], [weights[i] for i in order], rule)  # type: ignore[arg-type]
+    torch.testing.assert_close(permuted, base, rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=40, deadline=None)
+@given(_pool_case())
+def test_property_geometric_pool_is_below_linear_pool_normaliser(
+    case: tuple[list[torch.Tensor], list[float]]
+) -> None:
+    # Weighted AM-GM: sum_v prod_k p_k(v)^w_k <= sum_v sum_k w_k p_k(v) = 1, so the unnormalised
+    # geometric scores never exceed the (normalised) linear pool's total mass.
+    logits, weights = case
+    w = normalise_weights(weights, len(logits), "logprob_mean")
+    scores = sum(wk * torch.log_softmax(x, -1) for wk, x in zip(w.tolist(), logits))
+    assert torch.logsumexp(scores, -1).max().item() <= 1e-5
+    assert math.isfinite(float(pool_logprobs(logits, weights, "logprob_mean").max()))

@@ -1,0 +1,118 @@
+"""The contract between an ensemble engine and its callers (the server, benchmarks, tests).
+
+Both engines, the plain PyTorch reference (`ensemble.reference`) and the vLLM one
+(`ensemble.vllm_engine`), implement `Engine`. The shapes follow vLLM's own
+`SamplingParams` / `RequestOutput` so the vLLM adapter is a thin translation, and the server
+never needs to know which engine it talks to.
+
+Outputs are *cumulative*: every `RequestOutput` yielded by `Engine.generate` carries the whole
+text and all token ids produced so far for each of the `n` completions, like vLLM's default
+`RequestOutputKind.CUMULATIVE`. A streaming caller computes deltas itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol, runtime_checkable
+
+PoolingRule = Literal["prob_mean", "logprob_mean"]
+FinishReason = Literal["stop", "length", "abort"]
+
+
+class EngineRequestError(ValueError):
+    """A request the engine cannot serve as asked (the server answers 400 with this message)."""
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """What to generate for one request. Field meanings follow vLLM's `SamplingParams`."""
+
+    n: int = 1
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 (or -1) disables top-k
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: int | None = None  # number of top alternatives of the *pooled* distribution per token
+    prompt_logprobs: int | None = None  # same, for the prompt tokens (used by `echo`)
+    # Ensemble extras.
+    pooling: PoolingRule | None = None  # per-request rule; None = the ensemble's own
+    weights: tuple[float, ...] | None = None  # per-request member weights; None = the ensemble's own
+    member_logprobs: bool = False  # report each member's log-prob of the chosen token
+
+
+@dataclass
+class TokenLogprob:
+    """Log-probability information for one sampled (or prompt) token."""
+
+    token_id: int
+    logprob: float  # under the pooled distribution
+    top: list[tuple[int, float]] = field(default_factory=list)  # (token id, pooled log-prob), best first
+    member_logprobs: dict[str, float] | None = None  # member name -> that member's log-prob
+
+
+@dataclass
+class CompletionOutput:
+    """One of the `n` completions of a request, cumulative so far."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: FinishReason | None = None
+    stop_reason: str | int | None = None  # the stop string or token id that ended it
+
+
+@dataclass
+class RequestOutput:
+    """The state of a request after an engine step."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # first entry None: never scored
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """Instantaneous engine load, exported as Prometheus gauges by the server."""
+
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float  # 0..1
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """A running ensemble that turns prompts into pooled generations."""
+
+    model_name: str
+    max_model_len: int
+    tokenizer: Any  # a Hugging Face PreTrainedTokenizerBase
+    info: dict[str, Any]  # members, weights, rule, chat template presence: shown by /v1/models
+
+    def generate(
+        self, prompt_token_ids: list[int], options: SamplingOptions, request_id: str
+    ) -> AsyncIterator[RequestOutput]:
+        """Start a request and yield its cumulative state until `finished` is True."""
+        ...
+
+    async def abort(self, request_id: str) -> None:
+        """Stop a request and free its KV cache; its generator ends with finish_reason 'abort'."""
+        ...
+
+    def stats(self) -> EngineStats:
+        """Current load."""
+        ...
+
+    async def shutdown(self) -> None:
+        """Abort everything in flight and release the engine's resources."""
+        ...

@@ -1,0 +1,320 @@
+"""`VLLMEngine`: the `ensemble.protocol.Engine` contract on top of vLLM's `AsyncLLM`.
+
+vLLM loads the ensemble folder as one model (`ensemble.vllm_model.EnsembleForCausalLM`, found
+through the ``vllm.general_plugins`` entry point), so this file only translates: our
+`SamplingOptions` to vLLM's `SamplingParams`, vLLM's cumulative `RequestOutput` to ours, aborts,
+load statistics (from a stat logger that keeps vLLM's latest `SchedulerStats`) and shutdown.
+
+The pooling rule and member weights are fixed when the engine loads (vLLM's ``compute_logits``
+sees a batch of rows, not requests), and per-member log-probs are not reported: requests asking
+for either get `EngineRequestError`, unless they ask for exactly the ensemble's own pooling.
+
+Start-up takes 15-40 s on a CPU (vLLM starts an engine-core and a worker process), so scripts
+using this engine need an ``if __name__ == "__main__":`` guard.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ensemble.manifest import EnsembleManifest
+from ensemble.protocol import (
+    CompletionOutput,
+    EngineRequestError,
+    EngineStats,
+    RequestOutput,
+    SamplingOptions,
+    TokenLogprob,
+)
+
+# AsyncEngineArgs fields that VLLMEngineConfig sets itself; pass-through args may not repeat them.
+_OWN_ARGS = frozenset({"model", "tokenizer", "tensor_parallel_size", "max_model_len", "enforce_eager", "dtype"})
+
+
+@dataclass(frozen=True)
+class VLLMEngineConfig:
+    """How to start vLLM on an ensemble folder.
+
+    Attributes:
+        folder: the ensemble folder (``ensemble build`` output).
+        tensor_parallel_size: vLLM tensor parallelism (every member is split across the ranks).
+        max_model_len: prompt + completion limit; None = the ensemble's (min over members).
+        enforce_eager: skip torch.compile and CUDA graphs; None = True on a CPU, False elsewhere.
+        dtype: weight/activation dtype (``auto`` = the ensemble config's, ``bfloat16``, ...).
+        engine_args: further ``vllm.AsyncEngineArgs`` fields, passed through unchanged
+            (e.g. ``gpu_memory_utilization``, ``max_num_seqs``, ``enable_prefix_caching``).
+    """
+
+    folder: str
+    tensor_parallel_size: int = 1
+    max_model_len: int | None = None
+    enforce_eager: bool | None = None
+    dtype: str = "auto"
+    engine_args: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        folder = Path(self.folder).expanduser()
+        object.__setattr__(self, "folder", str(folder))
+        if not folder.is_dir():
+            raise ValueError(f"ensemble folder {folder} does not exist")
+        if isinstance(self.tensor_parallel_size, bool) or not isinstance(self.tensor_parallel_size, int) or (
+            self.tensor_parallel_size < 1
+        ):
+            raise ValueError(f"tensor_parallel_size must be a positive integer, got {self.tensor_parallel_size!r}")
+        if self.max_model_len is not None and (
+            isinstance(self.max_model_len, bool) or not isinstance(self.max_model_len, int) or self.max_model_len < 2
+        ):
+            raise ValueError(f"max_model_len must be an integer >= 2, got {self.max_model_len!r}")
+        if not isinstance(self.dtype, str):
+            raise ValueError(f"dtype must be a string such as 'auto' or 'bfloat16', got {self.dtype!r}")
+        clash = sorted(_OWN_ARGS & set(self.engine_args))
+        if clash:
+            raise ValueError(f"set {', '.join(clash)} through VLLMEngineConfig's own fields, not engine_args")
+        object.__setattr__(self, "engine_args", dict(self.engine_args))
+
+
+def _check_fixed_pooling(options: SamplingOptions, manifest: EnsembleManifest) -> None:
+    """Raise EngineRequestError if `options` ask for pooling other than the ensemble's own."""
+    fixed = (
+        f"the vLLM engine pools with the ensemble's own rule {manifest.rule!r} and weights "
+        f"{list(manifest.weights)}, fixed when it loads (vLLM computes logits for a batch of rows, "
+        "not per request)"
+    )
+    if options.pooling is not None and options.pooling != manifest.rule:
+        raise EngineRequestError(f"per-request pooling {options.pooling!r} is not supported: {fixed}")
+    if options.weights is not None:
+        own = manifest.weights
+        asked = tuple(float(w) for w in options.weights)
+        same = len(asked) == len(own) and sum(asked) > 0 and all(
+            math.isclose(a / sum(asked), o / sum(own), rel_tol=1e-9, abs_tol=1e-12) for a, o in zip(asked, own)
+        )
+        if not same:
+            raise EngineRequestError(f"per-request weights {list(asked)} are not supported: {fixed}")
+    if options.member_logprobs:
+        raise EngineRequestError(
+            "member_logprobs is not supported by the vLLM engine: it reports the pooled "
+            "distribution only (use the reference engine for per-member log-probs)"
+        )
+
+
+def sampling_params(options: SamplingOptions):
+    """Translate our `SamplingOptions` into vLLM's `SamplingParams` (cumulative outputs).
+
+    Raises EngineRequestError when vLLM rejects a value.
+    """
+    from vllm import SamplingParams
+    from vllm.exceptions import VLLMClientError
+    from vllm.sampling_params import RequestOutputKind
+
+    try:
+        return SamplingParams(
+            n=options.n,
+            max_tokens=options.max_tokens,
+            temperature=options.temperature,
+            top_p=options.top_p,
+            top_k=options.top_k,
+            min_p=options.min_p,
+            presence_penalty=options.presence_penalty,
+            frequency_penalty=options.frequency_penalty,
+            seed=options.seed,
+            stop=list(options.stop) or None,
+            stop_token_ids=list(options.stop_token_ids) or None,
+            ignore_eos=options.ignore_eos,
+            logprobs=options.logprobs,
+            prompt_logprobs=options.prompt_logprobs,
+            output_kind=RequestOutputKind.CUMULATIVE,
+        )
+    except (ValueError, TypeError, VLLMClientError) as err:
+        raise EngineRequestError(str(err)) from None
+
+
+def token_logprob(token_id: int, position: Mapping[int, Any], top: int) -> TokenLogprob:
+    """Our `TokenLogprob` from one position of vLLM logprobs (``{token id: Logprob}``).
+
+    vLLM reports the chosen token plus the `top` best ones, each with its rank; `top` keeps the
+    ranks 1..top, best first.
+    """
+    chosen = position[token_id]
+    best = sorted(
+        ((tid, lp) for tid, lp in position.items() if lp.rank is not None and lp.rank <= top),
+        key=lambda item: item[1].rank,
+    )
+    return TokenLogprob(token_id=token_id, logprob=float(chosen.logprob), top=[(t, float(lp.logprob)) for t, lp in best])
+
+
+def _finish_reason(reason: str | None) -> str | None:
+    if reason is None or reason in ("stop", "length", "abort"):
+        return reason
+    if reason == "repetition":
+        return "stop"
+    raise RuntimeError(f"vLLM ended the request with {reason!r} (an internal error; retry it)")
+
+
+class _Translator:
+    """Turns one request's stream of vLLM `RequestOutput`s into ours, incrementally."""
+
+    def __init__(self, request_id: str, prompt_token_ids: list[int], options: SamplingOptions) -> None:
+        self.request_id = request_id
+        self.prompt_token_ids = prompt_token_ids
+        self.options = options
+        self.completions = [
+            CompletionOutput(index=i, text="", token_ids=[], logprobs=[] if options.logprobs is not None else None)
+            for i in range(options.n)
+        ]
+        self.prompt_logprobs: list[TokenLogprob | None] | None = None
+
+    def update(self, out: Any) -> RequestOutput:
+        if self.options.prompt_logprobs is not None and self.prompt_logprobs is None and out.prompt_logprobs:
+            k = self.options.prompt_logprobs
+            self.prompt_logprobs = [None] + [
+                token_logprob(tok, pos, k) for tok, pos in zip(self.prompt_token_ids[1:], list(out.prompt_logprobs)[1:])
+            ]
+        for vc in out.outputs:
+            mine = self.completions[vc.index]
+            mine.text = vc.text
+            mine.token_ids = list(vc.token_ids)
+            if mine.logprobs is not None and vc.logprobs is not None:
+                k = self.options.logprobs or 0
+                for i in range(len(mine.logprobs), len(vc.logprobs)):
+                    mine.logprobs.append(token_logprob(mine.token_ids[i], vc.logprobs[i], k))
+            mine.finish_reason = _finish_reason(vc.finish_reason)  # type: ignore[assignment]
+            mine.stop_reason = vc.stop_reason
+        if out.finished:
+            for mine in self.completions:
+                if mine.finish_reason is None:
+                    mine.finish_reason = "abort"
+        return RequestOutput(
+            request_id=self.request_id,
+            prompt_token_ids=self.prompt_token_ids,
+            outputs=[dataclasses.replace(c, token_ids=list(c.token_ids),
+                                         logprobs=list(c.logprobs) if c.logprobs is not None else None)
+                     for c in self.completions],
+            finished=bool(out.finished),
+            prompt_logprobs=list(self.prompt_logprobs) if self.prompt_logprobs is not None else None,
+        )
+
+
+def _stats_logger_factory(box: dict[str, Any]):
+    """A vLLM stat-logger factory whose loggers keep the latest `SchedulerStats` in `box`."""
+    from vllm.v1.metrics.loggers import StatLoggerBase
+
+    class LatestSchedulerStats(StatLoggerBase):
+        def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
+            self.engine_index = engine_index
+
+        def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0) -> None:
+            if scheduler_stats is not None:
+                box["latest"] = scheduler_stats
+
+        def log_engine_initialized(self) -> None:
+            pass
+
+    return LatestSchedulerStats
+
+
+class VLLMEngine:
+    """An ensemble served by vLLM (continuous batching, paged KV cache, tensor parallelism)."""
+
+    def __init__(self, config: VLLMEngineConfig) -> None:
+        from vllm import AsyncEngineArgs
+        from vllm.platforms import current_platform
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self.config = config
+        self.manifest = EnsembleManifest.load(config.folder)
+        if config.max_model_len is not None and config.max_model_len > self.manifest.max_model_len:
+            raise ValueError(
+                f"max_model_len {config.max_model_len} exceeds the ensemble's {self.manifest.max_model_len} "
+                "(the shortest member context)"
+            )
+        enforce_eager = current_platform.is_cpu() if config.enforce_eager is None else config.enforce_eager
+        valid = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
+        unknown = sorted(set(config.engine_args) - valid)
+        if unknown:
+            raise ValueError(f"unknown vLLM engine argument(s): {', '.join(unknown)}")
+        args = AsyncEngineArgs(
+            model=config.folder,
+            tokenizer=config.folder,
+            tensor_parallel_size=config.tensor_parallel_size,
+            max_model_len=config.max_model_len or self.manifest.max_model_len,
+            enforce_eager=enforce_eager,
+            dtype=config.dtype,
+            **{"disable_log_stats": True, **config.engine_args},
+        )
+        self._stats: dict[str, Any] = {}
+        self._llm = AsyncLLM.from_engine_args(args, stat_loggers=[_stats_logger_factory(self._stats)])
+        self._active: set[str] = set()
+        self.model_name = self.manifest.name
+        self.max_model_len = int(self._llm.model_config.max_model_len)
+        self.tokenizer = self._llm.get_tokenizer()
+        self.info = {
+            "engine": "vllm",
+            "members": [
+                {"name": m.name, "weight": m.weight, "temperature": m.temperature, "path": m.path}
+                for m in self.manifest.members
+            ],
+            "rule": self.manifest.rule,
+            "weights": list(self.manifest.weights),
+            "vocab_size": self.manifest.vocab_size,
+            "max_model_len": self.max_model_len,
+            "chat_template": bool(getattr(self.tokenizer, "chat_template", None)),
+            "tensor_parallel_size": config.tensor_parallel_size,
+            "per_request_pooling": False,
+        }
+
+    @classmethod
+    def from_folder(cls, folder: str | Path, **kwargs: Any) -> VLLMEngine:
+        """Start vLLM on `folder`; keyword arguments are `VLLMEngineConfig` fields."""
+        return cls(VLLMEngineConfig(folder=str(folder), **kwargs))
+
+    async def generate(
+        self, prompt_token_ids: list[int], options: SamplingOptions, request_id: str
+    ) -> AsyncIterator[RequestOutput]:
+        """Start a request and yield its cumulative state until `finished` is True."""
+        from vllm.exceptions import VLLMClientError
+
+        _check_fixed_pooling(options, self.manifest)
+        prompt = [int(t) for t in prompt_token_ids]
+        if not prompt:
+            raise EngineRequestError("the prompt is empty")
+        bad = [t for t in prompt if not 0 <= t < self.manifest.vocab_size]
+        if bad:
+            raise EngineRequestError(f"prompt token id {bad[0]} is outside the vocabulary of {self.manifest.vocab_size}")
+        params = sampling_params(options)
+        translator = _Translator(request_id, prompt, options)
+        stream = self._llm.generate({"prompt_token_ids": prompt}, params, request_id)
+        self._active.add(request_id)
+        try:
+            async for out in stream:
+                yield translator.update(out)
+        except (VLLMClientError, ValueError) as err:
+            raise EngineRequestError(str(err)) from None
+        finally:
+            self._active.discard(request_id)
+            await stream.aclose()
+
+    async def abort(self, request_id: str) -> None:
+        """Stop a request and free its KV cache; its generator ends with finish_reason 'abort'."""
+        await self._llm.abort(request_id)
+
+    def stats(self) -> EngineStats:
+        """Running / waiting requests and KV-cache usage from vLLM's latest scheduler stats."""
+        latest = self._stats.get("latest")
+        if latest is None:
+            return EngineStats(num_running=0, num_waiting=0, kv_cache_usage=0.0)
+        return EngineStats(
+            num_running=int(latest.num_running_reqs),
+            num_waiting=int(latest.num_waiting_reqs + latest.num_skipped_waiting_reqs),
+            kv_cache_usage=float(latest.kv_cache_usage),
+        )
+
+    async def shutdown(self) -> None:
+        """Abort everything in flight and stop vLLM's processes."""
+        if self._active:
+            await self._llm.abort(list(self._active))
+        self._llm.shutdown()

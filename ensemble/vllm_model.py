@@ -1,0 +1,251 @@
+"""`EnsembleForCausalLM`: a per-step pooled ensemble as one vLLM model.
+
+Each member is built as *its own* vLLM model class (resolved from the member's ``config.json``
+``architectures`` through vLLM's registry) under the digit-free prefix of its name, so every
+member keeps its own layers, its own attention backend and its own KV cache (vLLM allocates KV
+cache per attention layer name; members with sliding windows put vLLM's KV manager on its hybrid
+path). One engine step runs every member over the same tokens and positions; `compute_logits`
+asks every member for its logits (its own head, soft-capping, tensor-parallel gather), fits
+them to the shared vocabulary and pools them with `ensemble.pooling.pool_logprobs`. The pooled
+log-probabilities are returned as the logits: vLLM's sampler takes ``log_softmax`` of them,
+which leaves normalised log-probabilities unchanged, so vLLM's sampling, its reported logprobs
+and prompt logprobs are the pooled ones.
+
+The ensemble's hidden state is the members' final hidden states side by side (the ensemble
+``config.json`` sets ``hidden_size`` to their sum), so vLLM's buffers and index arithmetic on
+hidden states keep working unchanged.
+
+Weights are read from each member's own folder (the ensemble folder holds none) through vLLM's
+own weight iterators, and handed to each member's ``load_weights``.
+
+Limits: the pooling rule and weights are fixed when the engine loads (``compute_logits`` sees no
+request ids); no pipeline parallelism; members must be unquantized text-only causal LMs.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ensemble.manifest import EnsembleManifest, MemberSpec
+from ensemble.pooling import fit_vocab, pool_logprobs
+
+# The float32 K x rows x V pooling buffer is bounded to about this many bytes (DESIGN.md: on a GPU
+# with a 150k vocabulary and many rows, e.g. prompt logprobs, it would otherwise be gigabytes).
+POOL_BUFFER_BYTES = 256 * 2**20
+
+
+@dataclass(frozen=True)
+class _MemberPlan:
+    """What the ensemble knows about one member before and after building it."""
+
+    spec: MemberSpec
+    prefix: str  # module name and vLLM layer-name prefix
+    hidden_size: int
+
+
+def pool_chunk_rows(num_members: int, vocab_size: int, budget_bytes: int = POOL_BUFFER_BYTES) -> int:
+    """Rows pooled at once so the float32 ``K x rows x V`` buffer stays within `budget_bytes`."""
+    return max(1, budget_bytes // (4 * num_members * vocab_size))
+
+
+def member_vllm_config(vllm_config, hf_config, model_path: str):
+    """A copy of `vllm_config` whose model config describes one member.
+
+    Like vLLM's ``VllmConfig.with_hf_config`` (used for the text stacks of multimodal models),
+    but it also replaces ``hf_text_config`` (with_hf_config keeps the parent's, which here is the
+    ensemble's) and points ``model`` at the member's folder, so the member's weights load from
+    there. Everything else (dtype, max_model_len, cache, parallel and compilation configs) is
+    shared with the ensemble; in particular the compilation config holds the one forward context
+    where every member's attention layers register.
+    """
+    from vllm.config.utils import replace
+    from vllm.transformers_utils.config import get_hf_text_config
+
+    model_config = copy.deepcopy(vllm_config.model_config)
+    model_config.hf_config = hf_config
+    model_config.hf_text_config = get_hf_text_config(hf_config)
+    model_config.model = model_path
+    model_config.revision = None
+    model_config.model_arch_config = model_config.get_model_arch_config()
+    model_config.is_submodel_config = True
+    return replace(vllm_config, model_config=model_config)
+
+
+def _load_member_hf_config(spec: MemberSpec, trust_remote_code: bool):
+    from vllm.transformers_utils.config import get_config
+
+    path = Path(spec.path)
+    if not (path / "config.json").is_file():
+        raise ValueError(f"ensemble member {spec.name!r}: {path} has no config.json")
+    config = get_config(str(path), trust_remote_code=trust_remote_code)
+    if getattr(config, "quantization_config", None) is not None:
+        raise ValueError(
+            f"ensemble member {spec.name!r} at {path} is quantized; the vLLM ensemble loads "
+            "unquantized members only"
+        )
+    if config.get_text_config() is not config:
+        raise ValueError(
+            f"ensemble member {spec.name!r} at {path} is a multimodal model "
+            f"({', '.join(config.architectures or [])}); use a text-only causal LM"
+        )
+    return config
+
+
+class EnsembleForCausalLM(nn.Module):
+    """K member causal LMs decoding as one: per-step pooled next-token distributions."""
+
+    def __init__(self, *, vllm_config, prefix: str = "") -> None:
+        super().__init__()
+        from vllm.compilation.backends import set_model_tag
+        from vllm.model_executor.model_loader.utils import initialize_model
+        from vllm.model_executor.models.utils import maybe_prefix
+
+        model_config = vllm_config.model_config
+        self.config = model_config.hf_config
+        chorus = getattr(self.config, "chorus", None)
+        if not isinstance(chorus, dict):
+            raise ValueError(
+                f"{model_config.model}: config.json has no 'chorus' manifest; build the folder "
+                "with `ensemble build`"
+            )
+        self.manifest = EnsembleManifest.from_dict(chorus).resolved(model_config.model)
+        self.load_config = vllm_config.load_config
+        vocab_size = self.manifest.vocab_size
+
+        plans: list[_MemberPlan] = []
+        self._member_configs = {}
+        for spec in self.manifest.members:
+            if hasattr(self, spec.name):
+                raise ValueError(
+                    f"ensemble member name {spec.name!r} clashes with an attribute of the "
+                    "ensemble module; rename the member"
+                )
+            hf_config = _load_member_hf_config(spec, model_config.trust_remote_code)
+            text = hf_config.get_text_config()
+            if text.vocab_size < (spec.vocab_size or vocab_size):
+                raise ValueError(
+                    f"ensemble member {spec.name!r} has {text.vocab_size} vocabulary rows, fewer "
+                    f"than the {spec.vocab_size or vocab_size} ids it must score"
+                )
+            member_config = member_vllm_config(vllm_config, hf_config, spec.path)
+            member_prefix = maybe_prefix(prefix, spec.name)
+            # A tag per member keeps the members' torch.compile graphs and caches apart.
+            with set_model_tag(spec.name):
+                member = initialize_model(vllm_config=member_config, prefix=member_prefix)
+            self.add_module(spec.name, member)
+            self._member_configs[spec.name] = member_config.model_config
+            plans.append(_MemberPlan(spec, spec.name, int(text.hidden_size)))
+
+        self._plans = tuple(plans)
+        self.hidden_sizes = [p.hidden_size for p in plans]
+        expected = getattr(self.config, "hidden_size", None)
+        if expected is not None and expected != sum(self.hidden_sizes):
+            raise ValueError(
+                f"{model_config.model}: config.json hidden_size is {expected} but the members' "
+                f"hidden sizes sum to {sum(self.hidden_sizes)}; rebuild the folder with "
+                "`ensemble build`"
+            )
+        self.weights = self.manifest.weights
+        self.temperatures = self.manifest.temperatures
+        self.rule = self.manifest.rule
+        self.vocab_size = vocab_size
+        self.pool_chunk_rows = pool_chunk_rows(len(plans), vocab_size)
+
+    # ------------------------------------------------------------------ members
+
+    def members(self) -> list[nn.Module]:
+        """The member models, in manifest order."""
+        return [getattr(self, p.prefix) for p in self._plans]
+
+    # ------------------------------------------------------------------ forward
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Every member's input embeddings, side by side (``[tokens, sum of hidden sizes]``)."""
+        return torch.cat([m.embed_input_ids(input_ids) for m in self.members()], dim=-1)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None,
+        positions: torch.Tensor,
+        intermediate_tensors=None,
+        inputs_embeds: torch.Tensor | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        """Run every member over the same tokens; return their final hidden states side by side."""
+        if intermediate_tensors is not None:
+            raise NotImplementedError("the vLLM ensemble does not support pipeline parallelism")
+        if inputs_embeds is not None:
+            embeds = torch.split(inputs_embeds, self.hidden_sizes, dim=-1)
+        else:
+            embeds = (None,) * len(self._plans)
+        outputs = [
+            member(input_ids=input_ids, positions=positions, inputs_embeds=e)
+            for member, e in zip(self.members(), embeds)
+        ]
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
+
+    def member_logits(self, hidden_states: torch.Tensor) -> list[torch.Tensor] | None:
+        """Each member's logits over the shared vocabulary, ids it lacks masked to ``-inf``.
+
+        None on tensor-parallel ranks that do not receive gathered logits (vLLM's convention).
+        """
+        parts = torch.split(hidden_states, self.hidden_sizes, dim=-1)
+        out: list[torch.Tensor] = []
+        for plan, member, h in zip(self._plans, self.members(), parts):
+            logits = member.compute_logits(h)
+            if logits is None:
+                return None
+            logits = fit_vocab(logits, self.vocab_size)
+            own = plan.spec.vocab_size
+            if own is not None and own < self.vocab_size:
+                # The member's logits are a fresh tensor (or a view of one): mask in place.
+                logits[..., own:] = float("-inf")
+            out.append(logits)
+        return out
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        """Pooled next-token log-probabilities ``[rows, vocab]`` (float32), used as logits."""
+        logits = self.member_logits(hidden_states)
+        if logits is None:
+            return None
+        return pool_logprobs(
+            logits, self.weights, self.rule, self.temperatures, chunk_size=self.pool_chunk_rows
+        )
+
+    # ------------------------------------------------------------------ weights
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str] | None:
+        """Load every member from its own folder; return the loaded parameter names.
+
+        vLLM's loader hands over an iterator over the *ensemble* folder, which holds no weights
+        (reading it would fail with "Cannot find any model weights"); it is closed unread, and
+        each member's checkpoint is read through vLLM's own weight iterators instead, honouring
+        the engine's load format (safetensors / pt, multithreaded, prefetch).
+        """
+        from vllm.model_executor.model_loader import get_model_loader
+        from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
+
+        close = getattr(weights, "close", None)
+        if callable(close):
+            close()
+        loader = get_model_loader(self.load_config)
+        if not isinstance(loader, DefaultModelLoader):
+            raise ValueError(
+                f"load format {self.load_config.load_format!r} is not supported for an ensemble; "
+                "use 'auto', 'safetensors' or 'pt' (or 'dummy' for random weights)"
+            )
+        loaded: set[str] | None = set()
+        for plan, member in zip(self._plans, self.members()):
+            model_config = self._member_configs[plan.prefix]
+            names = member.load_weights(loader.get_all_weights(model_config, member))
+            if names is None or loaded is None:
+                loaded = None
+            else:
+                loaded |= {f"{plan.prefix}.{name}" for name in names}
+        return loaded

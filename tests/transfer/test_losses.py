@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 import pytest
 import torch
 import torch.nn.functional as F
+from transformers import AutoTokenizer
 
-from transfer import align, losses
+from transfer import align, losses, tokens, zoo
 
 torch.manual_seed(0)
 
@@ -283,6 +285,41 @@ def test_minus_infinity_logits_stay_finite():
                                    teacher_space_mask=space, debias=debias, distance=distance)
             loss.backward()
             assert torch.isfinite(loss) and torch.isfinite(student.grad).all()
+
+
+@lru_cache(maxsize=None)
+def _tokenizer(name):
+    return AutoTokenizer.from_pretrained(zoo.tokenizer_dir(name))
+
+
+def test_alm_on_real_tokenizers_end_to_end():
+    """Llama 3 teacher, Qwen2 student: byte pieces -> chunks -> matrices -> loss, as the collator will."""
+    teacher, student = _tokenizer("llama3"), _tokenizer("qwen2")
+    texts = ["To be, or not to be: that is the question.\n", "def f(x):\n    return x ** 2  # 👍 日本語\n"]
+    rows = []
+    for text in texts:
+        t_ids, t_pieces = tokens.tokenize_bytes(teacher, text)
+        s_ids, s_pieces = tokens.tokenize_bytes(student, text)
+        t_ids, t_pieces = [tokens.start_token_id(teacher)] + t_ids, [b""] + t_pieces
+        s_ids, s_pieces = [tokens.start_token_id(student)] + s_ids, [b""] + s_pieces
+        rows.append((t_ids, s_ids, align.align_chunks(t_pieces, s_pieces)))
+    nt, ns, k = (max(len(r[i]) for r in rows) for i in range(3))
+    ids_t = torch.tensor([r[0] + [0] * (nt - len(r[0])) for r in rows])
+    ids_s = torch.tensor([r[1] + [0] * (ns - len(r[1])) for r in rows])
+    mask_t = torch.tensor([[1] * len(r[0]) + [0] * (nt - len(r[0])) for r in rows])
+    mask_s = torch.tensor([[1] * len(r[1]) + [0] * (ns - len(r[1])) for r in rows])
+    mats = [align.chunk_matrices(r[2], nt, ns, n_chunks=k) for r in rows]
+    a, b = torch.stack([m[0] for m in mats]), torch.stack([m[1] for m in mats])
+    logits_t = torch.randn(2, nt, len(teacher))
+    logits_s = torch.randn(2, ns, len(student) + 271, requires_grad=True)  # an embedding padded past the vocab
+    space_t, space_s = tokens.space_token_mask(teacher), tokens.space_token_mask(student, len(student) + 271)
+    scores = losses.alm_group_scores(logits_s, logits_t, ids_s, ids_t, a, b, mask_s, mask_t, space_s, space_t,
+                                     debias="none")
+    for row, (_, _, chunks) in enumerate(rows):
+        assert scores.valid[row, : len(chunks)].all()  # the zero-byte start token makes chunk 0 comparable
+    loss = losses.alm_loss(logits_s, logits_t, ids_s, ids_t, a, b, mask_s, mask_t, space_s, space_t)
+    loss.backward()
+    assert torch.isfinite(loss) and loss > 0 and torch.isfinite(logits_s.grad).all()
 
 
 def test_alm_rejects_bad_options():

@@ -184,6 +184,7 @@ def test_chatml_roles_on_a_llama_vocabulary():
                                          eos_token="<|im_end|>", pad_token="<|im_end|>")
     roles = tokens.special_roles(backend)
     assert roles["start_header"] == 257 and roles["eot"] == 258 and roles["end_of_text"] == 256
+    assert tokens.start_token_id(backend) == 256  # not the chat marker declared as bos
 
 
 @pytest.mark.slow
@@ -193,6 +194,16 @@ def test_smollm2_roles():
     roles = tokens.special_roles(tok)
     assert roles["start_header"] == vocab["<|im_start|>"] and roles["eot"] == vocab["<|im_end|>"]
     assert roles["end_of_text"] == vocab["<|endoftext|>"]
+    assert tokens.start_token_id(tok) == vocab["<|endoftext|>"]  # its declared bos is <|im_start|>
+
+
+def test_start_token_id():
+    vocab = {name: load(name).get_vocab() for name in NAMES}
+    assert tokens.start_token_id(load("llama3")) == vocab["llama3"]["<|begin_of_text|>"]
+    assert tokens.start_token_id(load("gemma3")) == vocab["gemma3"]["<bos>"]
+    assert tokens.start_token_id(load("qwen2")) == vocab["qwen2"]["<|endoftext|>"]
+    assert tokens.start_token_id(load("gpt2")) == vocab["gpt2"]["<|endoftext|>"]
+    assert tokens.token_bytes(load("qwen2"))[tokens.start_token_id(load("qwen2"))] is None
 
 
 def test_special_map_by_role():

@@ -174,7 +174,7 @@ def tokenize_bytes(tokenizer: Any, text: str) -> tuple[list[int], list[bytes]]:
     * normalisers (Qwen2's NFC: "e" + U+0301 becomes "é"): the token covering the rewritten
       characters gets the original bytes.
     * special tokens written in the text (e.g. "<|im_start|>"): their literal bytes.
-    Characters no token covers (a normaliser dropped them) go to the next token.
+    Characters no token covers (a normaliser dropped them) go to the next token (or the last).
     """
     raw = text.encode("utf-8")
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)

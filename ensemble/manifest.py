@@ -274,6 +274,15 @@ def check_weights(weights: list[float], rule: str, names: list[str] | None = Non
         raise ManifestError(f"member weights must sum to a positive number, got {list(weights)}")
 
 
+def _transformers_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("transformers")
+    except PackageNotFoundError:
+        return "5.0.0"
+
+
 def hf_config(manifest: EnsembleManifest) -> dict[str, Any]:
     """The ``config.json`` that makes an ensemble folder loadable by vLLM.
 
@@ -288,9 +297,35 @@ def hf_config(manifest: EnsembleManifest) -> dict[str, Any]:
         "vocab_size": manifest.vocab_size,
         "max_position_embeddings": manifest.max_model_len,
         "torch_dtype": "float32",
+        # Marks the folder as written for transformers 5 (which also silences a tokenizer check
+        # that otherwise treats unknown local configs as old Mistral checkpoints).
+        "transformers_version": _transformers_version(),
     }
     for role in ("bos", "eos", "pad"):
         value = getattr(special, role)
         if value is not None:
             config[f"{role}_token_id"] = value
+    # Sizes vLLM derives its buffers and checks from (read from the members' own config.json,
+    # so member paths must resolve, as they do after plan_ensemble / EnsembleManifest.load).
+    # The ensemble's hidden state is the members' hidden states side by side, so hidden_size is
+    # their sum; head counts are gcds, so a tensor-parallel size divides them exactly when it
+    # divides every member's; the ensemble owns no embedding, so nothing is tied.
+    from transformers import AutoConfig
+
+    texts = []
+    for member in manifest.members:
+        try:
+            texts.append(AutoConfig.from_pretrained(member.path).get_text_config())
+        except (OSError, ValueError) as err:
+            raise ManifestError(f"member {member.name!r}: cannot read the config.json in {member.path}: {err}") from None
+    heads = [int(t.num_attention_heads) for t in texts]
+    config.update(
+        hidden_size=sum(int(t.hidden_size) for t in texts),
+        num_hidden_layers=sum(int(t.num_hidden_layers) for t in texts),
+        num_attention_heads=math.gcd(*heads),
+        num_key_value_heads=math.gcd(*(int(getattr(t, "num_key_value_heads", None) or h)
+                                        for t, h in zip(texts, heads))),
+        head_dim=max(int(getattr(t, "head_dim", None) or t.hidden_size // h) for t, h in zip(texts, heads)),
+        tie_word_embeddings=False,
+    )
     return config

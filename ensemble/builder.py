@@ -112,22 +112,28 @@ def inspect_member(spec: MemberSpec) -> MemberInfo:
     return MemberInfo(spec, tokenizer, table, rows, positions)
 
 
-def check_shared_vocabulary(reference: MemberInfo, member: MemberInfo) -> None:
-    """Raise ManifestError unless `member` spells every shared id like `reference`."""
+def check_shared_vocabulary(reference: MemberInfo, member: MemberInfo, vocab_size: int) -> None:
+    """Raise ManifestError unless `member` spells every shared id like `reference`.
+
+    Ids below `vocab_size` that both tokenizers have must mean the same bytes. Ids the member's
+    (shorter) tokenizer lacks are allowed only for the reference's special tokens: the member
+    never predicts those (they are masked for it). Ids beyond `vocab_size` do not matter.
+    """
     ref, other = reference.table, member.table
     if ref is other:  # byte-identical tokenizer files
         return
-    bad = first_mismatch(ref, other)
+    bad = first_mismatch(ref, other, limit=min(vocab_size, len(ref), len(other)))
     if bad is not None:
         raise ManifestError(
             f"member {member.spec.name!r} does not share the vocabulary of {reference.spec.name!r}: "
             f"first difference at token id {bad}: {reference.spec.name!r} has {describe_token(ref, bad)}, "
             f"{member.spec.name!r} has {describe_token(other, bad)}"
         )
-    if len(other) < ref.num_regular:
+    missing = next((i for i in range(len(other), vocab_size) if ref.is_text_token(i)), None)
+    if missing is not None:
         raise ManifestError(
-            f"member {member.spec.name!r} tokenizer has only {len(other)} tokens but "
-            f"{reference.spec.name!r} has {ref.num_regular} regular tokens: the vocabularies differ"
+            f"member {member.spec.name!r} does not share the vocabulary of {reference.spec.name!r}: its tokenizer "
+            f"has {len(other)} tokens and lacks token id {missing}: {describe_token(ref, missing)}"
         )
 
 
@@ -182,10 +188,10 @@ def plan_ensemble(
     members = [replace(m, path=str(Path(m.path).expanduser().resolve())) for m in members]
     infos = [inspect_member(m) for m in members]
     reference = _pick(tokenizer_from, infos, "tokenizer_from")
+    vocab_size = reference.table.useful_size()
     for info in infos:
         if info is not reference:
-            check_shared_vocabulary(reference, info)
-    vocab_size = len(reference.tokenizer)
+            check_shared_vocabulary(reference, info, vocab_size)
     for info in infos:
         if info.embedding_rows < vocab_size:
             raise ManifestError(
@@ -211,17 +217,19 @@ def plan_ensemble(
 
 
 def _write_tokenizer(reference: MemberInfo, template: str | None, manifest: EnsembleManifest, out: Path) -> None:
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(reference.spec.path)
-    tokenizer.chat_template = template
-    tokenizer.model_max_length = manifest.max_model_len
-    tokenizer.save_pretrained(out)
-    # Keep the template inside tokenizer_config.json too, for readers that only look there.
+    """Copy the reference member's tokenizer files, with the chosen chat template and the
+    ensemble's context length in ``tokenizer_config.json`` (and ``chat_template.jinja``)."""
+    src = Path(reference.spec.path)
+    for name in _TOKENIZER_FILES:
+        if (src / name).is_file() and name not in ("chat_template.jinja", "chat_template.json"):
+            shutil.copyfile(src / name, out / name)
     config_path = out / "tokenizer_config.json"
-    config = json.loads(config_path.read_text())
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    config.pop("chat_template", None)
     if template:
         config["chat_template"] = template
+        (out / "chat_template.jinja").write_text(template)
+    config["model_max_length"] = manifest.max_model_len
     config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
 

@@ -49,13 +49,18 @@ from ensemble.stopping import StopChecker
 class Member:
     """One member model and how its logits map onto the shared vocabulary."""
 
-    def __init__(self, spec: MemberSpec, vocab_size: int, device: str | torch.device, dtype: torch.dtype) -> None:
-        from transformers import AutoModelForCausalLM
-
+    def __init__(self, spec: MemberSpec, vocab_size: int, model: Any, device: str | torch.device) -> None:
         self.spec = spec
         self.vocab_size = vocab_size
-        self.model = AutoModelForCausalLM.from_pretrained(spec.path, dtype=dtype).to(device).eval()
+        self.model = model
         self.device = torch.device(device)
+
+    @staticmethod
+    def load_model(path: str, device: str | torch.device, dtype: torch.dtype) -> Any:
+        """A member's Hugging Face causal LM, in eval mode on `device`."""
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
 
     def shared_logits(self, logits: Tensor) -> Tensor:
         """Fit ``[T, V_member]`` logits to the shared vocabulary, masking ids the member lacks."""
@@ -172,7 +177,12 @@ class ReferenceEngine:
         self.model_name = self.manifest.name
         self.max_model_len = self.manifest.max_model_len
         self.max_num_seqs = max_num_seqs
-        self.members = [Member(spec, self.manifest.vocab_size, device, dtype) for spec in self.manifest.members]
+        # Members reading the same folder share one set of weights (each keeps its own caches).
+        models: dict[str, Any] = {}
+        for spec in self.manifest.members:
+            if spec.path not in models:
+                models[spec.path] = Member.load_model(spec.path, device, dtype)
+        self.members = [Member(spec, self.manifest.vocab_size, models[spec.path], device) for spec in self.manifest.members]
         self.info: dict[str, Any] = {
             "engine": "reference",
             "members": [

@@ -21,6 +21,8 @@ from functools import lru_cache
 from typing import Any
 
 _BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+# Vocabulary fillers that are not tokens of any text.
+_PLACEHOLDER = re.compile(r"\[PAD\d+\]|<\|?(?:pad|PAD)_?\d*\|?>|<pad_\d+>")
 _SPM_SPACE = "\u2581"
 
 # End-of-turn markers of the common chat formats, most specific first.
@@ -95,9 +97,24 @@ class TokenTable:
     entries: tuple[bytes | None, ...]
     pieces: tuple[str | None, ...]  # the raw token strings, for error messages
     num_regular: int  # ids covered by the tokenizer model's own vocabulary (no added tokens)
+    added: frozenset[int] = frozenset()  # ids of added (special) tokens
 
     def __len__(self) -> int:
         return len(self.entries)
+
+    def is_text_token(self, token_id: int) -> bool:
+        """True for a regular token of text: neither added/special nor a padding placeholder."""
+        if token_id >= len(self.entries) or self.entries[token_id] is None or token_id in self.added:
+            return False
+        return not _PLACEHOLDER.fullmatch(self.pieces[token_id] or "")
+
+    def useful_size(self) -> int:
+        """The length without trailing padding placeholders (``[PAD151665]`` ... that GGUF
+        exports and padded tokenizers append to fill the embedding matrix)."""
+        end = len(self.entries)
+        while end > 0 and (self.entries[end - 1] is None or _PLACEHOLDER.fullmatch(self.pieces[end - 1] or "")):
+            end -= 1
+        return end
 
 
 def token_bytes_table(tokenizer: Any) -> TokenTable:
@@ -119,7 +136,7 @@ def token_bytes_table(tokenizer: Any) -> TokenTable:
         pieces[i] = content
         entries[i] = content.encode("utf-8")
     num_regular = max(regular.values()) + 1 if regular else 0
-    return TokenTable(view, tuple(entries), tuple(pieces), num_regular)
+    return TokenTable(view, tuple(entries), tuple(pieces), num_regular, frozenset(added))
 
 
 def first_mismatch(a: TokenTable, b: TokenTable, limit: int | None = None) -> int | None:

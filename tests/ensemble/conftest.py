@@ -134,6 +134,12 @@ def tokenizer_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def qwen_tokenizer(tokenizer_dir: Path):
+    """The loaded Qwen2 tokenizer (treat as read-only)."""
+    return _load_tokenizer(str(tokenizer_dir))
+
+
+@pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> dict[str, Path]:
     """{"llama": folder, "qwen2": folder, "gemma3": folder}: tiny models on the Qwen2 tokenizer."""
     root = tmp_path_factory.mktemp("tiny_models")

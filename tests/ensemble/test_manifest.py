@@ -65,6 +65,7 @@ def test_built_folder_round_trips(tiny_ensemble: Path, tiny_models: dict[str, Pa
     ]
     tokenizer = AutoTokenizer.from_pretrained(tiny_ensemble)
     assert manifest.vocab_size == len(tokenizer) == 151_665
+    assert tokenizer.model_max_length == 512
     # Llama 512, Qwen2 1024, Gemma 768 positions: the minimum wins.
     assert manifest.max_model_len == 512
     assert manifest.special_tokens == SpecialTokens(bos=None, eos=151645, eot=151645, pad=151643)
@@ -169,13 +170,13 @@ def test_load_of_a_non_ensemble_folder(tmp_path: Path) -> None:
 
 
 def test_gpt2_tokenizer_member_is_rejected_naming_the_first_difference(
-    tmp_path: Path, tiny_models: dict[str, Path], tokenizer_dir: Path
+    tmp_path: Path, tiny_models: dict[str, Path], qwen_tokenizer
 ) -> None:
     from transfer import zoo
 
     gpt2_dir = zoo.tokenizer_dir("gpt2")
     impostor = _model_with_tokenizer(tiny_models["llama"], gpt2_dir, tmp_path / "impostor")
-    qwen, gpt2 = AutoTokenizer.from_pretrained(tokenizer_dir), AutoTokenizer.from_pretrained(gpt2_dir)
+    qwen, gpt2 = qwen_tokenizer, AutoTokenizer.from_pretrained(gpt2_dir)
     # Both are byte-level BPE, so their raw pieces are comparable: find the first difference.
     expected = next(i for i in range(len(gpt2)) if qwen.convert_ids_to_tokens(i) != gpt2.convert_ids_to_tokens(i))
     out = tmp_path / "bad"
@@ -191,9 +192,9 @@ def test_gpt2_tokenizer_member_is_rejected_naming_the_first_difference(
 
 
 def test_one_swapped_token_is_found(tmp_path: Path, tiny_models: dict[str, Path], swapped_tokenizer: Path,
-                                    tokenizer_dir: Path) -> None:
+                                    qwen_tokenizer) -> None:
     odd = _model_with_tokenizer(tiny_models["gemma3"], swapped_tokenizer, tmp_path / "odd")
-    qwen = AutoTokenizer.from_pretrained(tokenizer_dir)
+    qwen = qwen_tokenizer
     with pytest.raises(ManifestError) as err:
         build_ensemble(tmp_path / "bad", [MemberSpec("base", str(tiny_models["llama"])), MemberSpec("odd", str(odd))])
     message = str(err.value)
@@ -283,3 +284,47 @@ def test_cli_errors_are_one_line(tmp_path: Path, tiny_models: dict[str, Path], c
     status = cli_main(["build", str(tmp_path / "x"), "--member", f"a={tiny_models['qwen2']}:-1"])
     assert status == 2 and "negative weight" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+# ----------------------------------------------------------------------------- vocabulary sizes
+
+
+def test_placeholders_and_specials_in_token_tables() -> None:
+    from ensemble.vocab import TokenTable
+
+    pieces = ("a", "b", "<|im_end|>", "[PAD3]", "[PAD4]")
+    table = TokenTable("text", tuple(p.encode() for p in pieces), pieces, 2, frozenset({2}))
+    assert table.useful_size() == 3
+    assert [table.is_text_token(i) for i in range(6)] == [True, True, False, False, False, False]
+
+
+def test_member_without_special_tokens_is_masked_not_refused(
+    tmp_path: Path, tiny_models: dict[str, Path], tokenizer_dir: Path
+) -> None:
+    """A member whose tokenizer stops before the shared special tokens may join; the ids it lacks
+    get -inf from it. One lacking regular text tokens may not."""
+    plain_tok = tmp_path / "plain_tok"
+    plain_tok.mkdir()
+    data = json.loads((tokenizer_dir / "tokenizer.json").read_text())
+    data["added_tokens"] = []
+    (plain_tok / "tokenizer.json").write_text(json.dumps(data, ensure_ascii=False))
+    (plain_tok / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "TokenizersBackend"}))
+    assert len(AutoTokenizer.from_pretrained(plain_tok)) == 151_643
+    plain = _model_with_tokenizer(tiny_models["gemma3"], plain_tok, tmp_path / "plain")
+    folder = build_ensemble(tmp_path / "ens", [MemberSpec("full", str(tiny_models["llama"])),
+                                               MemberSpec("plain", str(plain))])
+    manifest = EnsembleManifest.load(folder)
+    assert manifest.vocab_size == 151_665
+    assert [m.vocab_size for m in manifest.members] == [151_665, 151_643]
+
+    import torch
+
+    from ensemble.reference import Member
+
+    member = Member(manifest.members[1], manifest.vocab_size, model=None, device="cpu")
+    fitted = member.shared_logits(torch.zeros(1, 151_665))
+    assert torch.isneginf(fitted[0, 151_643:]).all() and torch.isfinite(fitted[0, :151_643]).all()
+
+    # The plain tokenizer as the reference: the other member's extra specials lie beyond it.
+    folder = build_ensemble(tmp_path / "ens2", [MemberSpec("plain", str(plain)), MemberSpec("full", str(tiny_models["llama"]))])
+    assert EnsembleManifest.load(folder).vocab_size == 151_643

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
-from transformers import AutoTokenizer
 
 from ensemble.protocol import SamplingOptions
 from ensemble.stopping import StopChecker, find_stop_string, stop_token_reason
@@ -14,8 +11,8 @@ EOS, EOT = 151645, 151643  # <|im_end|> as eos; <|endoftext|> standing in for a 
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tokenizer_dir: Path):
-    return AutoTokenizer.from_pretrained(tokenizer_dir)
+def tokenizer(qwen_tokenizer):
+    return qwen_tokenizer
 
 
 def _run(tokenizer, token_ids: list[int], options: SamplingOptions, max_new: int = 100):

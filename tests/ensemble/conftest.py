@@ -2,11 +2,13 @@
 
 Three architectures that stress what an ensemble must reconcile:
 
-* ``llama``: LlamaForCausalLM, head_dim 16, untied head, vocabulary padded to 151,680 rows.
+* ``llama``: LlamaForCausalLM, head_dim 64, untied head, vocabulary padded to 151,680 rows.
 * ``qwen2``: Qwen2ForCausalLM, head_dim 32, QKV bias, tied embeddings, 151,936 rows (Qwen's own
   padding).
-* ``gemma3``: Gemma3ForCausalLM (text only), head_dim 24, a sliding window of 8 tokens on one of
+* ``gemma3``: Gemma3ForCausalLM (text only), head_dim 80, a sliding window of 8 tokens on one of
   its two layers, final-logit soft-capping, exactly 151,665 rows.
+
+The head sizes are ones vLLM's CPU attention kernels support (32, 64, 80, ...; not 16 or 24).
 
 Weights come from a fixed torch seed and a large init scale (so the next-token distributions are
 peaked and greedy decoding is not decided by rounding). Each model is saved as a float32
@@ -67,7 +69,7 @@ def _tiny_config(arch: str, tokenizer):
     )
     if arch == "llama":
         return LlamaConfig(
-            vocab_size=151_680, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+            vocab_size=151_680, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
             tie_word_embeddings=False, **common,
         )
     if arch == "qwen2":
@@ -77,8 +79,8 @@ def _tiny_config(arch: str, tokenizer):
         )
     if arch == "gemma3":
         return Gemma3TextConfig(
-            vocab_size=151_665, num_attention_heads=2, num_key_value_heads=1, head_dim=24,
-            query_pre_attn_scalar=24, sliding_window=8, layer_types=["sliding_attention", "full_attention"],
+            vocab_size=151_665, num_attention_heads=2, num_key_value_heads=1, head_dim=80,
+            query_pre_attn_scalar=80, sliding_window=8, layer_types=["sliding_attention", "full_attention"],
             final_logit_softcapping=30.0, attn_logit_softcapping=None, tie_word_embeddings=True,
             **{**common, "max_position_embeddings": 768},
         )

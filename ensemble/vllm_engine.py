@@ -155,8 +155,12 @@ def _finish_reason(reason: str | None) -> str | None:
     raise RuntimeError(f"vLLM ended the request with {reason!r} (an internal error; retry it)")
 
 
-class _Translator:
-    """Turns one request's stream of vLLM `RequestOutput`s into ours, incrementally."""
+class OutputTranslator:
+    """Turns one request's stream of vLLM `RequestOutput`s into ours, incrementally.
+
+    `update` takes each cumulative vLLM output in turn and returns our `RequestOutput` with all `n`
+    completions (vLLM's may carry only those that changed); log-probs are converted once each.
+    """
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], options: SamplingOptions) -> None:
         self.request_id = request_id
@@ -278,6 +282,10 @@ class VLLMEngine:
         """Start a request and yield its cumulative state until `finished` is True."""
         from vllm.exceptions import VLLMClientError
 
+        if self._llm is None:
+            raise RuntimeError("the engine has been shut down")
+        if request_id in self._active:
+            raise EngineRequestError(f"request id {request_id!r} is already in flight")
         _check_fixed_pooling(options, self.manifest)
         prompt = [int(t) for t in prompt_token_ids]
         if not prompt:
@@ -286,7 +294,7 @@ class VLLMEngine:
         if bad:
             raise EngineRequestError(f"prompt token id {bad[0]} is outside the vocabulary of {self.manifest.vocab_size}")
         params = sampling_params(options)
-        translator = _Translator(request_id, prompt, options)
+        translator = OutputTranslator(request_id, prompt, options)
         stream = self._llm.generate({"prompt_token_ids": prompt}, params, request_id)
         self._active.add(request_id)
         try:
@@ -300,7 +308,8 @@ class VLLMEngine:
 
     async def abort(self, request_id: str) -> None:
         """Stop a request and free its KV cache; its generator ends with finish_reason 'abort'."""
-        await self._llm.abort(request_id)
+        if self._llm is not None:
+            await self._llm.abort(request_id)
 
     def stats(self) -> EngineStats:
         """Running / waiting requests and KV-cache usage from vLLM's latest scheduler stats."""
@@ -314,7 +323,13 @@ class VLLMEngine:
         )
 
     async def shutdown(self) -> None:
-        """Abort everything in flight and stop vLLM's processes."""
+        """Abort everything in flight and stop vLLM's processes (idempotent)."""
+        llm, self._llm = self._llm, None
+        if llm is None:
+            return
         if self._active:
-            await self._llm.abort(list(self._active))
-        self._llm.shutdown()
+            await llm.abort(list(self._active))
+        llm.shutdown()
+        # Drop the last reference now: AsyncLLM.__del__ shuts down again, which at interpreter
+        # exit (modules half torn down) only prints a TypeError.
+        del llm

@@ -118,8 +118,8 @@ class EnsembleForCausalLM(nn.Module):
         self.load_config = vllm_config.load_config
         vocab_size = self.manifest.vocab_size
 
-        plans: list[_MemberPlan] = []
-        self._member_configs = {}
+        # Read and check every member's config before building anything.
+        hf_configs = []
         for spec in self.manifest.members:
             if hasattr(self, spec.name):
                 raise ValueError(
@@ -127,30 +127,33 @@ class EnsembleForCausalLM(nn.Module):
                     "ensemble module; rename the member"
                 )
             hf_config = _load_member_hf_config(spec, model_config.trust_remote_code)
-            text = hf_config.get_text_config()
-            if text.vocab_size < (spec.vocab_size or vocab_size):
+            rows = hf_config.get_text_config().vocab_size
+            if rows < (spec.vocab_size or vocab_size):
                 raise ValueError(
-                    f"ensemble member {spec.name!r} has {text.vocab_size} vocabulary rows, fewer "
-                    f"than the {spec.vocab_size or vocab_size} ids it must score"
+                    f"ensemble member {spec.name!r} has {rows} vocabulary rows, fewer than the "
+                    f"{spec.vocab_size or vocab_size} ids it must score"
                 )
-            member_config = member_vllm_config(vllm_config, hf_config, spec.path)
-            member_prefix = maybe_prefix(prefix, spec.name)
-            # A tag per member keeps the members' torch.compile graphs and caches apart.
-            with set_model_tag(spec.name):
-                member = initialize_model(vllm_config=member_config, prefix=member_prefix)
-            self.add_module(spec.name, member)
-            self._member_configs[spec.name] = member_config.model_config
-            plans.append(_MemberPlan(spec, spec.name, int(text.hidden_size)))
-
-        self._plans = tuple(plans)
-        self.hidden_sizes = [p.hidden_size for p in plans]
+            hf_configs.append(hf_config)
+        self.hidden_sizes = [int(c.get_text_config().hidden_size) for c in hf_configs]
         expected = getattr(self.config, "hidden_size", None)
-        if expected is not None and expected != sum(self.hidden_sizes):
+        if expected != sum(self.hidden_sizes):
             raise ValueError(
                 f"{model_config.model}: config.json hidden_size is {expected} but the members' "
                 f"hidden sizes sum to {sum(self.hidden_sizes)}; rebuild the folder with "
                 "`ensemble build`"
             )
+
+        plans: list[_MemberPlan] = []
+        self._member_configs = {}
+        for spec, hf_config, hidden in zip(self.manifest.members, hf_configs, self.hidden_sizes):
+            member_config = member_vllm_config(vllm_config, hf_config, spec.path)
+            # A tag per member keeps the members' torch.compile graphs and caches apart.
+            with set_model_tag(spec.name):
+                member = initialize_model(vllm_config=member_config, prefix=maybe_prefix(prefix, spec.name))
+            self.add_module(spec.name, member)
+            self._member_configs[spec.name] = member_config.model_config
+            plans.append(_MemberPlan(spec, spec.name, hidden))
+        self._plans = tuple(plans)
         self.weights = self.manifest.weights
         self.temperatures = self.manifest.temperatures
         self.rule = self.manifest.rule

@@ -38,13 +38,13 @@ class EnsembleConfig(PreTrainedConfig):
     model_type = MODEL_TYPE
 
     chorus: dict[str, Any] | None = None
-    vocab_size: int | None = None
-    max_position_embeddings: int | None = None
-    hidden_size: int | None = None
-    num_hidden_layers: int | None = None
-    num_attention_heads: int | None = None
-    num_key_value_heads: int | None = None
-    head_dim: int | None = None
+    vocab_size: int = 0
+    max_position_embeddings: int = 0
+    hidden_size: int = 0  # 0: unknown; the model class then asks for a rebuild
+    num_hidden_layers: int = 0
+    num_attention_heads: int = 0
+    num_key_value_heads: int = 0
+    head_dim: int = 0
     tie_word_embeddings: bool = False
 
 

@@ -1,0 +1,160 @@
+"""The vLLM adapter's translations, without starting an engine (fast).
+
+Our `SamplingOptions` -> vLLM `SamplingParams`, vLLM's cumulative outputs -> ours (including
+``n > 1``, where vLLM's outputs carry only the completions that changed), the refusal of
+per-request pooling, engine-config validation, the plugin's config class and the pooling
+buffer bound.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from vllm.logprobs import Logprob
+from vllm.outputs import CompletionOutput as VCompletion
+from vllm.outputs import RequestOutput as VRequestOutput
+from vllm.sampling_params import RequestOutputKind
+
+from ensemble.manifest import EnsembleManifest, MemberSpec
+from ensemble.protocol import EngineRequestError, SamplingOptions
+from ensemble.vllm_engine import (
+    OutputTranslator,
+    VLLMEngineConfig,
+    _check_fixed_pooling,
+    sampling_params,
+    token_logprob,
+)
+from ensemble.vllm_model import pool_chunk_rows
+
+pytestmark = pytest.mark.vllm
+
+
+def _manifest(rule: str = "prob_mean", weights=(1.0, 3.0)) -> EnsembleManifest:
+    members = tuple(MemberSpec(f"m{'ab'[i]}", f"/nowhere/{i}", w) for i, w in enumerate(weights))
+    return EnsembleManifest(name="e", members=members, rule=rule, vocab_size=100, max_model_len=64)
+
+
+def test_sampling_params_carry_every_option() -> None:
+    options = SamplingOptions(
+        n=2, max_tokens=7, temperature=0.5, top_p=0.9, top_k=5, min_p=0.1, presence_penalty=0.3,
+        frequency_penalty=0.2, seed=11, stop=("\n\n",), stop_token_ids=(3, 4), ignore_eos=True,
+        logprobs=2, prompt_logprobs=1,
+    )
+    p = sampling_params(options)
+    assert (p.n, p.max_tokens, p.temperature, p.top_p, p.top_k, p.min_p) == (2, 7, 0.5, 0.9, 5, 0.1)
+    assert (p.presence_penalty, p.frequency_penalty, p.seed) == (0.3, 0.2, 11)
+    assert p.stop == ["\n\n"] and p.stop_token_ids == [3, 4] and p.ignore_eos
+    assert (p.logprobs, p.prompt_logprobs) == (2, 1)
+    assert p.output_kind == RequestOutputKind.CUMULATIVE
+
+
+def test_sampling_params_reject_bad_values_as_request_errors() -> None:
+    with pytest.raises(EngineRequestError, match="top_p"):
+        sampling_params(SamplingOptions(top_p=1.5))
+    with pytest.raises(EngineRequestError):
+        sampling_params(SamplingOptions(n=0))
+
+
+def test_per_request_pooling_is_refused_unless_it_is_the_ensembles_own() -> None:
+    manifest = _manifest()
+    _check_fixed_pooling(SamplingOptions(), manifest)
+    _check_fixed_pooling(SamplingOptions(pooling="prob_mean", weights=(2.0, 6.0)), manifest)  # same, scaled
+    with pytest.raises(EngineRequestError, match="fixed when it loads"):
+        _check_fixed_pooling(SamplingOptions(pooling="logprob_mean"), manifest)
+    with pytest.raises(EngineRequestError, match="fixed when it loads"):
+        _check_fixed_pooling(SamplingOptions(weights=(1.0, 1.0)), manifest)
+    with pytest.raises(EngineRequestError, match="fixed when it loads"):
+        _check_fixed_pooling(SamplingOptions(weights=(1.0, 3.0, 1.0)), manifest)
+    with pytest.raises(EngineRequestError, match="member_logprobs"):
+        _check_fixed_pooling(SamplingOptions(member_logprobs=True), manifest)
+
+
+def test_token_logprob_keeps_ranks_up_to_k_best_first() -> None:
+    position = {7: Logprob(-3.0, rank=5), 1: Logprob(-0.5, rank=1), 2: Logprob(-1.5, rank=2)}
+    lp = token_logprob(7, position, top=2)
+    assert (lp.token_id, lp.logprob) == (7, -3.0)
+    assert lp.top == [(1, -0.5), (2, -1.5)]
+    assert token_logprob(1, {1: Logprob(-0.5, rank=1)}, top=0).top == []
+
+
+def _vout(index: int, tokens: list[int], lps: list[dict] | None, finish=None, stop=None) -> VCompletion:
+    return VCompletion(index=index, text="x" * len(tokens), token_ids=tokens, cumulative_logprob=None,
+                       logprobs=lps, finish_reason=finish, stop_reason=stop)
+
+
+def _vreq(outputs, finished=False, prompt_logprobs=None) -> VRequestOutput:
+    return VRequestOutput(request_id="r", prompt=None, prompt_token_ids=[5, 6, 7], prompt_logprobs=prompt_logprobs,
+                          outputs=outputs, finished=finished)
+
+
+def test_translator_keeps_all_n_completions_cumulative() -> None:
+    options = SamplingOptions(n=2, logprobs=1, prompt_logprobs=1)
+    tr = OutputTranslator("r", [5, 6, 7], options)
+    prompt_lps = [None, {6: Logprob(-2.0, rank=3), 9: Logprob(-0.1, rank=1)}, {7: Logprob(-0.2, rank=1)}]
+    lp = {4: Logprob(-0.3, rank=1)}
+    first = tr.update(_vreq([_vout(1, [4], [lp])], prompt_logprobs=prompt_lps))
+    assert [c.index for c in first.outputs] == [0, 1]
+    assert first.outputs[0].token_ids == [] and first.outputs[1].token_ids == [4]
+    assert first.prompt_logprobs[0] is None
+    assert first.prompt_logprobs[1].token_id == 6 and first.prompt_logprobs[1].top == [(9, -0.1)]
+    second = tr.update(_vreq([_vout(0, [4, 4], [lp, lp], finish="length")]))
+    assert second.outputs[0].token_ids == [4, 4] and second.outputs[0].finish_reason == "length"
+    assert len(second.outputs[0].logprobs) == 2 and second.outputs[1].token_ids == [4]
+    # Earlier yields are not mutated by later updates.
+    assert first.outputs[0].token_ids == []
+    last = tr.update(_vreq([_vout(1, [4, 8], [lp, {8: Logprob(-1.0, rank=1)}], finish="stop", stop=8)],
+                           finished=True))
+    assert last.finished and [c.finish_reason for c in last.outputs] == ["length", "stop"]
+    assert last.outputs[1].stop_reason == 8 and last.outputs[1].logprobs[1].logprob == -1.0
+
+
+def test_translator_marks_unfinished_completions_aborted_when_request_ends() -> None:
+    tr = OutputTranslator("r", [5, 6, 7], SamplingOptions(n=2))
+    out = tr.update(_vreq([_vout(0, [1], None, finish="abort")], finished=True))
+    assert [c.finish_reason for c in out.outputs] == ["abort", "abort"]
+    assert out.outputs[0].logprobs is None
+
+
+def test_translator_turns_vllm_internal_errors_into_exceptions() -> None:
+    tr = OutputTranslator("r", [5, 6, 7], SamplingOptions())
+    with pytest.raises(RuntimeError, match="internal error"):
+        tr.update(_vreq([_vout(0, [1], None, finish="error")], finished=True))
+
+
+def test_engine_config_is_validated_at_the_edge(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="does not exist"):
+        VLLMEngineConfig(folder=str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="tensor_parallel_size"):
+        VLLMEngineConfig(folder=str(tmp_path), tensor_parallel_size=0)
+    with pytest.raises(ValueError, match="max_model_len"):
+        VLLMEngineConfig(folder=str(tmp_path), max_model_len=1)
+    with pytest.raises(ValueError, match="own fields"):
+        VLLMEngineConfig(folder=str(tmp_path), engine_args={"tensor_parallel_size": 2})
+    config = VLLMEngineConfig(folder=str(tmp_path), engine_args={"max_num_seqs": 4})
+    assert config.engine_args == {"max_num_seqs": 4}
+
+
+def test_plugin_registers_config_and_model(tmp_path: Path) -> None:
+    from transformers import AutoConfig
+    from vllm import ModelRegistry
+
+    from ensemble.vllm_plugin import EnsembleConfig, register
+
+    register()
+    register()  # idempotent
+    assert "EnsembleForCausalLM" in ModelRegistry.get_supported_archs()
+    (tmp_path / "config.json").write_text(json.dumps({
+        "architectures": ["EnsembleForCausalLM"], "model_type": "chorus_ensemble", "chorus": {"name": "e"},
+        "vocab_size": 10, "max_position_embeddings": 32, "hidden_size": 96, "num_attention_heads": 2,
+    }))
+    config = AutoConfig.from_pretrained(tmp_path)
+    assert isinstance(config, EnsembleConfig)
+    assert (config.chorus, config.hidden_size, config.num_hidden_layers) == ({"name": "e"}, 96, 0)
+
+
+def test_pool_chunk_rows_bounds_the_buffer() -> None:
+    rows = pool_chunk_rows(num_members=3, vocab_size=151_936)
+    assert rows >= 1 and 4 * 3 * rows * 151_936 <= 256 * 2**20
+    assert pool_chunk_rows(num_members=2, vocab_size=10**9) == 1

@@ -1,0 +1,125 @@
+"""Training loop on tiny random models with real tokenizers: exact resume, the final folder,
+cross-model distillation, chat data, LoRA / full fine-tuning, schedule."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from transfer.config import config_from_dict
+from transfer.evaluate import evaluate_folder
+from transfer.train import CHECKPOINTS, MODEL_DIR, add_adapters, build_models, checkpoint_dirs, lr_factor, train
+
+
+class Killed(Exception):
+    """Stands in for a kill in the middle of a run."""
+
+
+def test_lr_factor_warms_up_then_decays_to_zero():
+    factors = [lr_factor(i, warmup=4, steps=12) for i in range(12)]
+    assert factors[:4] == [0.25, 0.5, 0.75, 1.0]  # the first step already trains
+    assert factors[4] == 1.0 and factors[-1] == pytest.approx(1 / 8)
+    assert all(a > b for a, b in zip(factors[4:], factors[5:]))
+    assert lr_factor(12, 4, 12) == 0.0
+    assert [lr_factor(i, 0, 5, "constant") for i in range(5)] == [1.0] * 5
+
+
+def test_killed_run_resumes_exactly(reference_run, tiny_dir, corpus, tiny_config, losses_by_step, tmp_path):
+    """Killed after step 5 (its checkpoint is at step 4), resumed: the same losses and weights
+    as the uninterrupted run, step for step."""
+    out = tmp_path / "killed"
+    cfg = config_from_dict(tiny_config(tiny_dir("llama-gpt2"), corpus, out))
+
+    def kill_at_5(step: int, record: dict) -> None:
+        if step == 5:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train(cfg, on_step=kill_at_5)
+    assert [p.name for p in checkpoint_dirs(out)] == ["step-000002", "step-000004"]
+    assert not (out / MODEL_DIR).exists()
+    (out / CHECKPOINTS / ".tmp-step-000006").mkdir()  # a checkpoint save the kill interrupted
+    train(cfg, resume=True)
+
+    want, got = losses_by_step(reference_run), losses_by_step(out)
+    assert sorted(got) == list(range(1, 7))
+    for step in want:
+        for key, value in want[step].items():
+            assert got[step][key] == pytest.approx(value, abs=1e-6), (step, key)
+    assert not list((out / CHECKPOINTS).glob(".tmp-*"))
+    a = load_file(reference_run / MODEL_DIR / "model.safetensors")
+    b = load_file(out / MODEL_DIR / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_reference_run_outputs(reference_run, corpus):
+    """The final folder loads with from_pretrained (byte tokenizer included), and its held-out
+    bits per byte equal the ones the run logged at its last step (same bytes, merged LoRA)."""
+    model = AutoModelForCausalLM.from_pretrained(reference_run / MODEL_DIR)
+    tok = AutoTokenizer.from_pretrained(reference_run / MODEL_DIR)
+    assert model.get_input_embeddings().weight.shape[0] == len(tok) == 256 + 1  # bytes + <|endoftext|>
+    assert tok("hé", add_special_tokens=False)["input_ids"] == list("hé".encode())
+    assert not any("lora" in name for name, _ in model.named_parameters())
+    records = [json.loads(line) for line in (reference_run / "log.jsonl").read_text().splitlines()]
+    evals = {r["step"]: r["eval_bpb"] for r in records if "eval_bpb" in r}
+    assert sorted(evals) == [0, 3, 6] and evals[6] < evals[0]
+    again = evaluate_folder(reference_run / MODEL_DIR, corpus["heldout"], max_bytes=2000, show_progress=False)
+    assert again.bits_per_byte == pytest.approx(evals[6], abs=1e-4)
+    train_records = [r for r in records if "loss" in r]
+    assert train_records[0]["lr"] == pytest.approx(0.5e-3)  # warmup 2: step 1 at half the rate
+    assert all(r["tokens_per_s"] > 0 and r["step_s"] > 0 for r in train_records)
+    csv_lines = (reference_run / "log.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("step,") and len(csv_lines) == 1 + len(records)
+    assert (reference_run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_teacher_frozen_and_only_lora_and_embeddings_train(tiny_dir, corpus, tiny_config, tmp_path):
+    cfg = config_from_dict(tiny_config(tiny_dir("llama-gpt2"), corpus, tmp_path / "x"))
+    models = build_models(cfg)
+    assert not any(p.requires_grad for p in models.teacher.parameters()) and not models.teacher.training
+    student = add_adapters(models.student, cfg)
+    trainable = {name for name, p in student.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n or "embed_tokens" in n or "lm_head" in n for n in trainable)
+    assert any("embed_tokens" in n for n in trainable) and any("lm_head" in n for n in trainable)
+    full = config_from_dict(tiny_config(tiny_dir("llama-gpt2"), corpus, tmp_path / "y", train={"full_finetune": True}))
+    student = add_adapters(build_models(full).student, full)
+    assert all(p.requires_grad for p in student.parameters())
+
+
+def test_cross_model_distillation(tiny_dir, corpus, tiny_config, losses_by_step, tmp_path):
+    """Teacher: Llama with GPT-2's tokenizer; student: a different architecture (Qwen2) with its
+    own Qwen2 tokenizer, fully fine-tuned by ALM."""
+    student_dir = tiny_dir("qwen2-qwen2")
+    out = tmp_path / "cross"
+    raw = tiny_config(tiny_dir("llama-gpt2"), corpus, out, model={"student": str(student_dir), "tokenizer": None},
+                      train={"steps": 2, "warmup_steps": 1, "full_finetune": True, "batch_size": 2, "grad_accum": 1},
+                      loss={"terms": ["alm"]}, output={"eval_bytes": 0})
+    train(config_from_dict(raw))
+    steps = losses_by_step(out)
+    assert sorted(steps) == [1, 2] and all(0 < s["loss_alm"] < 10 for s in steps.values())
+    model = AutoModelForCausalLM.from_pretrained(out / MODEL_DIR)
+    before = AutoModelForCausalLM.from_pretrained(student_dir)
+    assert type(model).__name__ == "Qwen2ForCausalLM"
+    assert len(AutoTokenizer.from_pretrained(out / MODEL_DIR)) == len(AutoTokenizer.from_pretrained(student_dir))
+    changed = [n for n, p in model.named_parameters() if not torch.equal(p, before.get_parameter(n))]
+    assert any("layers.0.self_attn" in n for n in changed)  # full fine-tuning reached the body
+
+
+def test_chat_jsonl_through_both_chat_templates(tiny_dir, corpus, tiny_config, losses_by_step, tmp_path):
+    """Chat messages rendered through the teacher's (Qwen2) template and the byte student's copy
+    of it; the final folder carries that chat template."""
+    out = tmp_path / "chat"
+    raw = tiny_config(tiny_dir("qwen2-qwen2"), corpus, out, data={"train": str(corpus["chat"]), "seq_len": 64},
+                      train={"steps": 2, "warmup_steps": 1, "batch_size": 2, "grad_accum": 1},
+                      output={"eval_bytes": 0})
+    train(config_from_dict(raw))
+    assert all(s["loss_alm"] > 0 for s in losses_by_step(out).values())
+    tok = AutoTokenizer.from_pretrained(out / MODEL_DIR)
+    text = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert text.endswith("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert tok.convert_tokens_to_ids("<|im_start|>") in ids and max(ids) < len(tok)

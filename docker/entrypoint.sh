@@ -4,6 +4,8 @@
 #   serve ...                  -> serve ...
 #   zoo build|status|path ...  -> python -m transfer.zoo ...   (models into $CHORUS_CACHE)
 #   ensemble|transfer ...      -> those console scripts (e.g. ensemble build /data/ensemble ...)
+#   default-ensemble           -> zoo build, then the default three-family ensemble into
+#                                 $CHORUS_ENSEMBLE (members moved onto Qwen2's tokenizer by ALM)
 #   anything else              -> run as given (python, sh, ...)
 set -eu
 
@@ -28,6 +30,10 @@ case "${1:-}" in
   zoo)
     shift
     exec python -m transfer.zoo "$@"
+    ;;
+  default-ensemble)
+    python -m transfer.zoo build
+    CHORUS_DEFAULT_ENSEMBLE="${CHORUS_ENSEMBLE:-/data/ensemble}" exec chorus-build-default
     ;;
   *)
     exec "$@"

@@ -1,0 +1,141 @@
+"""Held-out bits per byte of each ensemble member alone and of the pooled ensemble, per rule.
+
+    python bench/ensemble_quality.py ~/.cache/chorus/default/ensemble \
+        --text zoo:heldout --text zoo:prose --max-bytes 20000 --out bench/results/ensemble_quality.json
+
+Every member scores the same token ids (the ensemble's shared tokenizer, one start token in front
+of each window, as in ``transfer eval``), so the numbers are comparable: the pooled distribution of
+a rule is scored on exactly the bytes and tokens each member is scored on. Rules measured:
+``prob_mean`` and ``logprob_mean`` with the manifest's weights, and ``prob_mean`` with the weight
+of each member doubled in turn (a cheap look at whether weighting towards one member helps).
+
+Prints a Markdown table (rows: members, then the ensemble rules; columns: one per text) and writes
+the same numbers as JSON when ``--out`` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ensemble.manifest import EnsembleManifest
+from ensemble.pooling import fit_vocab, mask_padded_vocab, pool_logprobs
+
+
+@dataclass
+class Tally:
+    """Bits and bytes accumulated for one scorer (a member or a pooling setting)."""
+
+    bits: float = 0.0
+    bytes: int = 0
+    per_text: dict[str, tuple[float, int]] = field(default_factory=dict)
+
+    def add(self, text: str, bits: float, n_bytes: int) -> None:
+        b, n = self.per_text.get(text, (0.0, 0))
+        self.per_text[text] = (b + bits, n + n_bytes)
+
+    def bpb(self, text: str) -> float:
+        b, n = self.per_text[text]
+        return b / max(n, 1)
+
+
+def scorers(manifest: EnsembleManifest) -> dict[str, tuple[str, list[float]]]:
+    """Pooling settings to score: name -> (rule, weights)."""
+    names = [m.name for m in manifest.members]
+    weights = list(manifest.weights)
+    out = {
+        f"ensemble prob_mean {fmt(weights)}": ("prob_mean", weights),
+        f"ensemble logprob_mean {fmt(weights)}": ("logprob_mean", weights),
+    }
+    for i, name in enumerate(names):
+        w = [2.0 * x if j == i else x for j, x in enumerate(weights)]
+        out[f"ensemble prob_mean, {name} x2 {fmt(w)}"] = ("prob_mean", w)
+    return out
+
+
+def fmt(weights: list[float]) -> str:
+    return "(" + ", ".join(f"{w:g}" for w in weights) + ")"
+
+
+@torch.inference_mode()
+def member_logits(model, spec, vocab: int, ids: torch.Tensor) -> torch.Tensor:
+    """``[T, vocab]`` float32 logits of one window over the shared vocabulary."""
+    logits = model(input_ids=ids[None]).logits[0].float()
+    x = fit_vocab(logits, vocab)
+    if spec.vocab_size is not None and spec.vocab_size < vocab:
+        x = mask_padded_vocab(x, spec.vocab_size)
+    return x
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("ensemble", help="ensemble folder (from `ensemble build`)")
+    p.add_argument("--text", action="append", help="text file or zoo:NAME (repeatable; default zoo:heldout)")
+    p.add_argument("--max-bytes", type=int, default=20_000, help="bytes scored per text (default 20000)")
+    p.add_argument("--window-bytes", type=int, default=1024)
+    p.add_argument("--out", help="write the results as JSON here")
+    args = p.parse_args(argv)
+
+    from tqdm.auto import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from transfer.config import resolve_text
+    from transfer.evaluate import read_windows
+    from transfer.tokens import start_token_id
+
+    torch.manual_seed(0)
+    manifest = EnsembleManifest.load(args.ensemble)
+    tokenizer = AutoTokenizer.from_pretrained(args.ensemble)
+    start = start_token_id(tokenizer)
+    texts = args.text or ["zoo:heldout"]
+    windows = {t: read_windows(resolve_text(t), args.window_bytes, args.max_bytes) for t in texts}
+    models = {}
+    for spec in manifest.members:
+        if spec.path not in models:
+            models[spec.path] = AutoModelForCausalLM.from_pretrained(spec.path, dtype=torch.float32).eval()
+    settings = scorers(manifest)
+    tallies = {m.name: Tally() for m in manifest.members} | {name: Tally() for name in settings}
+    total = sum(len(w) for w in windows.values())
+    with tqdm(total=total, desc="windows", unit="win") as bar:
+        for text, ws in windows.items():
+            for w in ws:
+                ids = torch.tensor([start] + tokenizer(w, add_special_tokens=False)["input_ids"])
+                target = ids[1:]
+                n_bytes = len(w.encode("utf-8"))
+                logits = [member_logits(models[m.path], m, manifest.vocab_size, ids)[:-1] for m in manifest.members]
+                for spec, x in zip(manifest.members, logits):
+                    lp = torch.log_softmax(x / spec.temperature, dim=-1)
+                    tallies[spec.name].add(text, -float(lp.gather(1, target[:, None]).sum()) / math.log(2), n_bytes)
+                temps = [m.temperature for m in manifest.members]
+                for name, (rule, weights) in settings.items():
+                    lp = pool_logprobs(logits, weights, rule, temps)
+                    tallies[name].add(text, -float(lp.gather(1, target[:, None]).sum()) / math.log(2), n_bytes)
+                bar.update(1)
+
+    rows = {name: {t: tally.bpb(t) for t in texts} for name, tally in tallies.items()}
+    print(f"\nbits per byte (lower is better), {args.max_bytes} bytes per text, ensemble {args.ensemble}\n")
+    print("| scorer | " + " | ".join(texts) + " |")
+    print("|---|" + "---|" * len(texts))
+    for name, row in rows.items():
+        print(f"| {name} | " + " | ".join(f"{row[t]:.4f}" for t in texts) + " |")
+    best = {t: min(rows[m.name][t] for m in manifest.members) for t in texts}
+    print("\nbest member per text: " + ", ".join(f"{t} {best[t]:.4f}" for t in texts))
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        record = {"ensemble": str(args.ensemble), "max_bytes": args.max_bytes,
+                  "members": [{"name": m.name, "path": m.path, "weight": m.weight} for m in manifest.members],
+                  "bits_per_byte": rows}
+        out.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+        print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

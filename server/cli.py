@@ -1,0 +1,152 @@
+"""`serve`: an ensemble folder behind the OpenAI HTTP API.
+
+    serve --ensemble runs/ensemble --engine vllm --port 8000
+
+Every option can also come from an environment variable (for containers): CHORUS_ENSEMBLE,
+CHORUS_HOST, CHORUS_PORT, CHORUS_ENGINE, CHORUS_TENSOR_PARALLEL_SIZE, CHORUS_MAX_MODEL_LEN, CHORUS_DTYPE,
+CHORUS_API_KEY, CHORUS_MAX_RUNNING, CHORUS_MAX_QUEUE, CHORUS_REQUEST_TIMEOUT,
+CHORUS_SERVED_MODEL_NAME, CHORUS_SHUTDOWN_TIMEOUT, CHORUS_LOG_LEVEL. A flag beats its variable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from server.config import DTYPES, ENGINES, ConfigError, ServerConfig
+
+_ENV_PREFIX = "CHORUS_"
+
+
+def _env(name: str, default=None):
+    value = os.environ.get(_ENV_PREFIX + name)
+    return default if value is None or value == "" else value
+
+
+def _positive_float_or_none(text: str) -> float | None:
+    if str(text).lower() in ("none", "off", "0"):
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds (a number) or 'none', got {text!r}") from None
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `serve` argument parser (defaults read from CHORUS_* variables)."""
+    p = argparse.ArgumentParser(
+        prog="serve",
+        description="Serve an ensemble folder behind the OpenAI HTTP API "
+                    "(/v1/completions, /v1/chat/completions, /v1/models, /health, /metrics, /tokenize, /detokenize).",
+        epilog="Each option also reads CHORUS_<OPTION> (e.g. CHORUS_PORT=9000); a flag beats its variable.",
+    )
+    p.add_argument("--ensemble", default=_env("ENSEMBLE"), metavar="DIR",
+                   help="ensemble folder made by 'ensemble build' [CHORUS_ENSEMBLE]")
+    p.add_argument("--host", default=_env("HOST", "127.0.0.1"), help="bind address [CHORUS_HOST, 127.0.0.1]")
+    p.add_argument("--port", type=_int, default=_env("PORT", "8000"), help="port, 0 = any free [CHORUS_PORT, 8000]")
+    p.add_argument("--engine", choices=ENGINES, default=_env("ENGINE", "vllm"),
+                   help="vllm (batched, paged KV cache) or torch (the reference engine) [CHORUS_ENGINE, vllm]")
+    p.add_argument("--tensor-parallel-size", type=_int, default=_env("TENSOR_PARALLEL_SIZE", "1"),
+                   help="vLLM tensor parallelism [CHORUS_TENSOR_PARALLEL_SIZE, 1]")
+    p.add_argument("--max-model-len", type=_int, default=_env("MAX_MODEL_LEN"),
+                   help="prompt + completion limit (default: the shortest member context) [CHORUS_MAX_MODEL_LEN]")
+    p.add_argument("--dtype", choices=DTYPES, default=_env("DTYPE", "auto"),
+                   help="weights/activations dtype (auto: vLLM's choice, float32 for torch) [CHORUS_DTYPE, auto]")
+    p.add_argument("--api-key", default=_env("API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1/*, /tokenize, /detokenize [CHORUS_API_KEY]")
+    p.add_argument("--max-running", type=_int, default=_env("MAX_RUNNING"),
+                   help="requests in the engine at once (default: the engine's max_num_seqs) [CHORUS_MAX_RUNNING]")
+    p.add_argument("--max-queue", type=_int, default=_env("MAX_QUEUE", "64"),
+                   help="requests allowed to wait beyond those running; more get 429 [CHORUS_MAX_QUEUE, 64]")
+    p.add_argument("--request-timeout", type=_positive_float_or_none, default=_env("REQUEST_TIMEOUT", "600"),
+                   help="seconds per request, queueing included; 'none' = no limit [CHORUS_REQUEST_TIMEOUT, 600]")
+    p.add_argument("--served-model-name", default=_env("SERVED_MODEL_NAME"),
+                   help="the model name clients send (default: the ensemble's) [CHORUS_SERVED_MODEL_NAME]")
+    p.add_argument("--trust-request-chat-template", action="store_true",
+                   default=str(_env("TRUST_REQUEST_CHAT_TEMPLATE", "")).lower() in ("1", "true", "yes"),
+                   help="accept a chat_template in requests (templates are code) [CHORUS_TRUST_REQUEST_CHAT_TEMPLATE]")
+    p.add_argument("--shutdown-timeout", type=float, default=_env("SHUTDOWN_TIMEOUT", "5"),
+                   help="seconds in-flight requests get on shutdown before they are aborted [CHORUS_SHUTDOWN_TIMEOUT, 5]")
+    p.add_argument("--log-level", default=_env("LOG_LEVEL", "info"),
+                   choices=["critical", "error", "warning", "info", "debug"], help="[CHORUS_LOG_LEVEL, info]")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    """A validated `ServerConfig` (ConfigError with one line on bad values)."""
+    def as_int(value):
+        return None if value is None else int(value)
+
+    return ServerConfig(
+        ensemble=args.ensemble or "",
+        host=args.host,
+        port=as_int(args.port),
+        engine=args.engine,
+        tensor_parallel_size=as_int(args.tensor_parallel_size),
+        max_model_len=as_int(args.max_model_len),
+        dtype=args.dtype,
+        api_key=args.api_key,
+        max_running=as_int(args.max_running),
+        max_queue=as_int(args.max_queue),
+        request_timeout=(_positive_float_or_none(args.request_timeout)
+                         if isinstance(args.request_timeout, str) else args.request_timeout),
+        served_model_name=args.served_model_name,
+        trust_request_chat_template=bool(args.trust_request_chat_template),
+        shutdown_timeout=float(args.shutdown_timeout),
+    )
+
+
+def banner(config: ServerConfig, port: int) -> str:
+    """The start-up message: where the server is and a request to try."""
+    host = "localhost" if config.host in ("0.0.0.0", "::", "127.0.0.1") else config.host
+    url = f"http://{host}:{port}"
+    auth = f' \\\n  -H "Authorization: Bearer $CHORUS_API_KEY"' if config.api_key else ""
+    return (
+        f"chorus is listening on {url} (engine: {config.engine}; /health turns 200 once it has loaded)\n"
+        f"Try:\n"
+        f"  curl {url}/v1/completions -H 'Content-Type: application/json'{auth} \\\n"
+        f"  -d '{{\"prompt\": \"Once upon a time\", \"max_tokens\": 32}}'\n"
+        f"OpenAI clients: base_url={url}/v1"
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `serve` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        config = config_from_args(args)
+    except (ConfigError, ValueError, TypeError) as err:
+        parser.exit(2, f"serve: error: {err}\n")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    from server.app import create_app
+    from server.serving import ChorusServer
+
+    holder: dict[str, ChorusServer] = {}
+
+    def on_load_error(message: str) -> None:
+        print(f"serve: error: the engine failed to load: {message}", file=sys.stderr, flush=True)
+        holder["server"].fail(message)
+
+    app = create_app(config, on_load_error=on_load_error)
+    server = ChorusServer(app, config, log_level=args.log_level,
+                          on_listening=lambda s: print(banner(config, s.bound_port), flush=True))
+    holder["server"] = server
+    server.run()
+    return server.exit_code
+
+
+if __name__ == "__main__":  # vLLM starts worker processes: keep this guard
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""The server's settings: one frozen dataclass, validated where it is built, with one-line errors."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+ENGINES = ("vllm", "torch")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+    """A server setting that cannot work; the message names it."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """How to serve one ensemble folder.
+
+    Attributes:
+        ensemble: the ensemble folder (``ensemble build`` output).
+        host, port: where uvicorn listens (port 0: any free port).
+        engine: ``vllm`` (continuous batching, paged KV cache) or ``torch`` (the reference engine).
+        tensor_parallel_size: vLLM tensor parallelism (vllm engine only).
+        max_model_len: prompt + completion limit; None = the engine's (shortest member context).
+        dtype: weights/activations: ``auto`` (vLLM's choice; float32 for the torch engine),
+            ``float32``, ``bfloat16`` or ``float16``.
+        api_key: when set, `/v1/*`, `/tokenize` and `/detokenize` need `Authorization: Bearer <key>`.
+        max_running: HTTP requests let into the engine at once; None = the engine's `max_num_seqs`
+            when it exposes one, else 256.
+        max_queue: requests that may wait for a running slot; more get 429.
+        request_timeout: seconds from arrival to the last token (queue wait included); None = none.
+        served_model_name: the `model` name clients use; None = the ensemble's name.
+        trust_request_chat_template: accept a `chat_template` in chat requests (off by default,
+            like vLLM: templates are code).
+        shutdown_timeout: seconds in-flight requests get to finish on shutdown before being aborted.
+    """
+
+    ensemble: str
+    host: str = "127.0.0.1"
+    port: int = 8000
+    engine: str = "vllm"
+    tensor_parallel_size: int = 1
+    max_model_len: int | None = None
+    dtype: str = "auto"
+    api_key: str | None = None
+    max_running: int | None = None
+    max_queue: int = 64
+    request_timeout: float | None = 600.0
+    served_model_name: str | None = None
+    trust_request_chat_template: bool = False
+    shutdown_timeout: float = 5.0
+
+    def __post_init__(self) -> None:
+        folder = Path(self.ensemble).expanduser()
+        if not str(self.ensemble):
+            raise ConfigError("no ensemble folder given: pass --ensemble DIR or set CHORUS_ENSEMBLE")
+        if not folder.is_dir():
+            raise ConfigError(f"ensemble folder {folder} does not exist (build one with 'ensemble build')")
+        object.__setattr__(self, "ensemble", str(folder.resolve()))
+        if self.engine not in ENGINES:
+            raise ConfigError(f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        _int_at_least("port", self.port, 0)
+        if self.port > 65535:
+            raise ConfigError(f"port must be at most 65535, got {self.port}")
+        _int_at_least("tensor_parallel_size", self.tensor_parallel_size, 1)
+        if self.engine == "torch" and self.tensor_parallel_size != 1:
+            raise ConfigError("tensor_parallel_size > 1 needs the vllm engine")
+        if self.max_model_len is not None:
+            _int_at_least("max_model_len", self.max_model_len, 2)
+        if self.max_running is not None:
+            _int_at_least("max_running", self.max_running, 1)
+        _int_at_least("max_queue", self.max_queue, 0)
+        if self.request_timeout is not None and not (
+            isinstance(self.request_timeout, (int, float)) and math.isfinite(self.request_timeout)
+            and self.request_timeout > 0
+        ):
+            raise ConfigError(f"request_timeout must be a positive number of seconds, got {self.request_timeout!r}")
+        if self.api_key is not None and not self.api_key.strip():
+            object.__setattr__(self, "api_key", None)
+        if not (math.isfinite(self.shutdown_timeout) and self.shutdown_timeout >= 0):
+            raise ConfigError(f"shutdown_timeout must be >= 0, got {self.shutdown_timeout!r}")
+
+
+def _int_at_least(name: str, value: object, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")

@@ -1,0 +1,211 @@
+"""One HTTP generation request's life in the engine: admission, the engine requests (one per
+prompt), the merged stream of their outputs, the deadline, metrics, and a cleanup that always
+aborts what is unfinished.
+
+`GenerationCall.close(reason)` is idempotent and safe to call from any exit path (normal end,
+client disconnect, timeout, server shutdown, error): it aborts every unfinished engine request
+(`engine.abort`, which frees its KV cache), stops the producer tasks and gives the admission slot
+back. Routes call it in `finally` blocks under a shielded cancel scope.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from ensemble.protocol import Engine, RequestOutput, SamplingOptions
+from server.errors import APIError
+from server.limits import Admission, QueueFullError
+from server.metrics import ServerMetrics
+
+log = logging.getLogger("chorus.server")
+
+_END = object()
+
+
+class DeadlineExceeded(Exception):
+    """The request ran past `--request-timeout`."""
+
+
+@dataclass
+class _Track:
+    """Per engine request bookkeeping for metrics."""
+
+    started: bool = False  # first output seen (prefill done)
+    tokens: int = 0
+    last_token_at: float | None = None
+    finished: bool = False
+    logprobs_seen: list[int] = field(default_factory=list)
+
+
+class GenerationCall:
+    """The engine side of one HTTP request: `len(prompts)` engine requests run together."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        admission: Admission,
+        metrics: ServerMetrics,
+        request_id: str,
+        prompts: list[list[int]],
+        options: SamplingOptions,
+        timeout: float | None,
+        registry: dict[str, GenerationCall],
+    ) -> None:
+        self.engine = engine
+        self.admission = admission
+        self.metrics = metrics
+        self.request_id = request_id
+        self.prompts = prompts
+        self.options = options
+        self.arrival = time.monotonic()
+        self.deadline = None if timeout is None else self.arrival + timeout
+        self.engine_ids = [f"{request_id}-{i}" for i in range(len(prompts))]
+        self.tracks = [_Track(logprobs_seen=[0] * options.n) for _ in prompts]
+        self.closed_reason: str | None = None  # why unfinished engine requests were aborted
+        self._stop_hint: str | None = None  # why the call is being stopped, if known early
+        self.owned_by_response = False  # a streaming response closes the call when it ends
+        self._registry = registry
+        self._admitted = False
+        self._closed = False
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._producers: list[asyncio.Task] = []
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def remaining(self) -> float | None:
+        """Seconds left before the deadline (None: no deadline)."""
+        return None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
+
+    async def admit(self) -> None:
+        """Wait for an admission slot (bounded queue, bounded by the deadline), then start the
+        engine requests. Raises QueueFullError or DeadlineExceeded."""
+        try:
+            await asyncio.wait_for(self.admission.acquire(), self.remaining())
+        except QueueFullError:
+            self.metrics.queue_rejections.inc()
+            raise
+        except TimeoutError:
+            raise DeadlineExceeded(
+                f"request timed out after {time.monotonic() - self.arrival:.1f} s waiting in the queue"
+            ) from None
+        self._admitted = True
+        self._registry[self.request_id] = self
+        for i, ids in enumerate(self.prompts):
+            self._producers.append(asyncio.create_task(self._produce(i, ids), name=self.engine_ids[i]))
+
+    async def _produce(self, index: int, prompt: list[int]) -> None:
+        try:
+            async for out in self.engine.generate(prompt, self.options, self.engine_ids[index]):
+                self._queue.put_nowait((index, out))
+            self._queue.put_nowait((index, _END))
+        except asyncio.CancelledError:
+            raise
+        except BaseException as err:  # noqa: BLE001 - delivered to the consumer, re-raised there
+            self._queue.put_nowait((index, err))
+
+    async def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """(prompt index, cumulative output) as the engine produces them, until every engine
+        request has finished. Raises DeadlineExceeded past the deadline, and the engine's own
+        exception (e.g. EngineRequestError) if an engine request fails."""
+        pending = len(self._producers)
+        while pending:
+            try:
+                index, item = await asyncio.wait_for(self._queue.get(), self.remaining())
+            except TimeoutError:
+                raise DeadlineExceeded(
+                    f"request timed out after {time.monotonic() - self.arrival:.1f} s (--request-timeout)"
+                ) from None
+            if item is _END:
+                pending -= 1
+                continue
+            if isinstance(item, BaseException):
+                self.tracks[index].finished = True
+                raise item
+            self._observe(index, item)
+            yield index, item
+
+    # ------------------------------------------------------------------ metrics
+
+    def _observe(self, index: int, out: RequestOutput) -> None:
+        now = time.monotonic()
+        track = self.tracks[index]
+        m = self.metrics
+        if not track.started:
+            track.started = True
+            m.prompt_tokens.inc(len(out.prompt_token_ids))
+        tokens = sum(len(c.token_ids) for c in out.outputs)
+        new = tokens - track.tokens
+        if new > 0:
+            if track.last_token_at is None:
+                m.ttft.observe(now - self.arrival)
+            else:
+                m.itl.observe(now - track.last_token_at)
+            track.last_token_at = now
+            track.tokens = tokens
+            m.generation_tokens.inc(new)
+        for c in out.outputs:
+            if c.logprobs is not None and c.index < len(track.logprobs_seen):
+                for entry in c.logprobs[track.logprobs_seen[c.index]:]:
+                    if entry.member_logprobs:
+                        m.record_member_logprobs(entry.member_logprobs)
+                track.logprobs_seen[c.index] = len(c.logprobs)
+        if out.finished and not track.finished:
+            track.finished = True
+            m.e2e.observe(now - self.arrival)
+            for c in out.outputs:
+                m.record_finish(c.finish_reason)
+
+    # ------------------------------------------------------------------ cleanup
+
+    @property
+    def unfinished_ids(self) -> list[str]:
+        """Engine request ids started and not yet finished (as far as the consumer has seen)."""
+        return [rid for rid, t in zip(self.engine_ids, self.tracks) if not t.finished]
+
+    def _mark_all_finished(self) -> None:
+        for track in self.tracks:
+            track.finished = True
+
+    async def close(self, reason: str | None = None) -> None:
+        """Abort what is unfinished (counted under `reason`), stop the producers, free the slot."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._admitted:
+            unfinished = self.unfinished_ids
+            if unfinished:
+                self.closed_reason = reason if reason == "timeout" else (self._stop_hint or reason or "error")
+                for rid in unfinished:
+                    self.metrics.aborted[self.closed_reason].inc()
+                    for _ in range(self.options.n):
+                        self.metrics.record_finish("abort")
+                    try:
+                        await self.engine.abort(rid)
+                    except Exception:  # noqa: BLE001 - keep cleaning up
+                        log.exception("engine.abort(%s) failed", rid)
+                self._mark_all_finished()
+            for task in self._producers:
+                if not task.done():
+                    try:  # let the engine end the aborted generator itself, briefly
+                        await asyncio.wait_for(asyncio.shield(task), 2.0)
+                    except (TimeoutError, asyncio.CancelledError, Exception):  # noqa: BLE001
+                        task.cancel()
+            self._registry.pop(self.request_id, None)
+            self.admission.release()
+
+    def raise_if_stopped(self) -> None:
+        """After the outputs end: 503 if the server shut the call down, 504 if it timed out."""
+        if self.closed_reason == "shutdown":
+            raise APIError(503, "the server is shutting down; the request was aborted", code="shutting_down")
+        if self.closed_reason == "timeout":
+            raise APIError(504, "request timed out (--request-timeout)", code="request_timeout")
+
+    def mark_closing(self, reason: str) -> None:
+        """Record why the call may soon be stopped (e.g. "shutdown"); used by `close` if it then
+        has to abort anything. First reason wins."""
+        if self._stop_hint is None:
+            self._stop_hint = reason

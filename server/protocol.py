@@ -1,0 +1,382 @@
+"""Pydantic models of the OpenAI HTTP API as chorus serves it.
+
+Field order follows the OpenAI API reference (and vLLM's `entrypoints/openai/*/protocol.py`):
+first the OpenAI fields, then vLLM's sampling extras (`top_k`, `min_p`, ...), then the ensemble
+extras, each block under its own comment. Clients send ensemble extras as extra body fields,
+e.g. `client.completions.create(..., extra_body={"pooling": "logprob_mean"})`.
+
+Requests are validated strictly (no string-to-number coercion, no NaN/inf) so wrong types and
+out-of-range values become 400s with the offending field named. Unknown fields are accepted and
+ignored, as OpenAI and vLLM do. Fields that exist in the OpenAI API but that chorus cannot honour
+(`logit_bias`, `suffix`, `tools`, non-text `response_format`, ...) are rejected with a clear 400 by
+`server.sampling`, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+MAX_LOGPROBS = 20  # vLLM's default max_logprobs
+MAX_N = 32
+
+PoolingName = Literal["prob_mean", "logprob_mean"]
+StopParam = str | list[str] | None
+
+
+def random_id(prefix: str) -> str:
+    """An OpenAI-style object id, e.g. `cmpl-3f2a...`."""
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+class RequestModel(BaseModel):
+    """Base of every request body: strict types, finite floats, unknown fields ignored."""
+
+    model_config = ConfigDict(strict=True, extra="allow", allow_inf_nan=False)
+
+
+class ResponseModel(BaseModel):
+    """Base of every response body. Extras that are None are left out of the JSON with
+    `Field(exclude_if=is_none)`, so plain OpenAI responses look exactly like OpenAI's (and the
+    OpenAPI document still shows every field)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+def is_none(value: object) -> bool:
+    """`exclude_if` predicate for optional extras."""
+    return value is None
+
+
+# ----------------------------------------------------------------------------- shared pieces
+
+
+class StreamOptions(RequestModel):
+    include_usage: bool | None = False
+    continuous_usage_stats: bool | None = Field(default=False, description="vLLM extra: a usage object on every chunk.")
+
+
+class ResponseFormat(RequestModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: dict[str, Any] | None = None
+
+
+# Ensemble extras (not part of the OpenAI API), declared last in each request model.
+MemberWeight = Annotated[float, Field(ge=-1e6, le=1e6)]
+MemberWeights = list[MemberWeight] | dict[str, MemberWeight] | None
+POOLING_DOC = "chorus extra: pooling rule for this request (default: the ensemble's own)."
+WEIGHTS_DOC = (
+    "chorus extra: member weights for this request, a list in /v1/models order or an object "
+    "{member name: weight} naming every member (default: the ensemble's own)."
+)
+MEMBER_LOGPROBS_DOC = "chorus extra: report each member's log-prob of every generated token."
+
+
+class UsageInfo(ResponseModel):
+    prompt_tokens: int = 0
+    total_tokens: int = 0
+    completion_tokens: int | None = 0
+
+
+class ErrorInfo(ResponseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(ResponseModel):
+    error: ErrorInfo
+
+
+# ----------------------------------------------------------------------------- /v1/completions
+
+
+class CompletionRequest(RequestModel):
+    # OpenAI fields, in the API reference's order.
+    model: str | None = None
+    prompt: (
+        Annotated[str, Field(min_length=1)]
+        | Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1, max_length=64)]
+        | Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+        | Annotated[
+            list[Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]],
+            Field(min_length=1, max_length=64),
+        ]
+    )
+    best_of: Annotated[int, Field(ge=1, le=MAX_N)] | None = None
+    echo: bool | None = False
+    frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = 0.0
+    logit_bias: dict[str, float] | None = None
+    logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    max_tokens: Annotated[int, Field(ge=1)] | None = 16
+    n: Annotated[int, Field(ge=1, le=MAX_N)] = 1
+    presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = 0.0
+    seed: Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)] | None = None
+    stop: StopParam = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    suffix: str | None = None
+    temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
+    user: str | None = None
+    # vLLM sampling extras.
+    top_k: Annotated[int, Field(ge=-1, le=2**31 - 1)] | None = Field(
+        default=None, description="vLLM extra: sample from the k most likely tokens (-1 or 0: all).")
+    min_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = Field(
+        default=None, description="vLLM extra: drop tokens below min_p times the top probability.")
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(
+        default=None, description="vLLM extra: token ids that end the completion.")
+    ignore_eos: bool = Field(default=False, description="vLLM extra: keep generating past end-of-sequence tokens.")
+    add_special_tokens: bool = Field(default=True, description="vLLM extra: add the tokenizer's special tokens (BOS).")
+    return_tokens_as_token_ids: bool | None = Field(
+        default=None, description="vLLM extra: name logprob tokens as 'token_id:<id>'.")
+    # chorus ensemble extras.
+    pooling: PoolingName | None = Field(default=None, description=POOLING_DOC)
+    member_weights: MemberWeights = Field(default=None, description=WEIGHTS_DOC)
+    return_member_logprobs: bool = Field(default=False, description=MEMBER_LOGPROBS_DOC)
+
+
+class CompletionLogProbs(ResponseModel):
+    text_offset: list[int] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    tokens: list[str] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+
+
+class CompletionResponseChoice(ResponseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogProbs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = Field(
+        default=None, description="vLLM extra: the stop string or token id that ended the completion.")
+    member_logprobs: list[dict[str, float]] | None = Field(
+        default=None, exclude_if=is_none,
+        description="chorus extra: per generated token, each member's log-prob of it.")
+
+
+class CompletionResponse(ResponseModel):
+    id: str = Field(default_factory=lambda: random_id("cmpl"))
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[CompletionResponseChoice]
+    system_fingerprint: str | None = None
+    usage: UsageInfo
+
+
+class CompletionStreamResponse(ResponseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionResponseChoice]
+    system_fingerprint: str | None = None
+    usage: UsageInfo | None = None
+
+
+# ----------------------------------------------------------------------------- /v1/chat/completions
+
+
+class ContentPart(RequestModel):
+    type: str
+    text: str | None = None
+
+
+class ChatMessageParam(RequestModel):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+    tool_call_id: str | None = None
+
+
+class ChatCompletionRequest(RequestModel):
+    # OpenAI fields, in the API reference's order (messages, model, then alphabetical).
+    messages: Annotated[list[ChatMessageParam], Field(min_length=1)]
+    model: str | None = None
+    frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = 0.0
+    logit_bias: dict[str, float] | None = None
+    logprobs: bool | None = False
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_tokens: Annotated[int, Field(ge=1)] | None = Field(
+        default=None, description="Deprecated by OpenAI in favour of max_completion_tokens."
+    )
+    n: Annotated[int, Field(ge=1, le=MAX_N)] | None = 1
+    presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = 0.0
+    response_format: ResponseFormat | None = None
+    seed: Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)] | None = None
+    stop: StopParam = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = 0
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
+    user: str | None = None
+    # vLLM sampling extras.
+    top_k: Annotated[int, Field(ge=-1, le=2**31 - 1)] | None = Field(
+        default=None, description="vLLM extra: sample from the k most likely tokens (-1 or 0: all).")
+    min_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = Field(
+        default=None, description="vLLM extra: drop tokens below min_p times the top probability.")
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(
+        default=None, description="vLLM extra: token ids that end the completion.")
+    ignore_eos: bool = Field(default=False, description="vLLM extra: keep generating past end-of-sequence tokens.")
+    return_tokens_as_token_ids: bool | None = Field(
+        default=None, description="vLLM extra: name logprob tokens as 'token_id:<id>'.")
+    # vLLM chat-template extras.
+    echo: bool = Field(default=False, description="vLLM extra: prepend the last message if it has the answered role.")
+    add_generation_prompt: bool = Field(
+        default=True, description="vLLM extra: end the rendered chat with the assistant's turn header.")
+    continue_final_message: bool = Field(
+        default=False, description="vLLM extra: let the final (assistant) message go on, unterminated.")
+    add_special_tokens: bool = Field(
+        default=False, description="vLLM extra: add special tokens on top of the chat template's.")
+    chat_template: str | None = Field(
+        default=None, description="vLLM extra: a Jinja chat template (needs --trust-request-chat-template).")
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        default=None, description="vLLM extra: extra variables for the chat template.")
+    # chorus ensemble extras.
+    pooling: PoolingName | None = Field(default=None, description=POOLING_DOC)
+    member_weights: MemberWeights = Field(default=None, description=WEIGHTS_DOC)
+    return_member_logprobs: bool = Field(default=False, description=MEMBER_LOGPROBS_DOC)
+
+
+class ChatCompletionLogProb(ResponseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class ChatCompletionLogProbsContent(ChatCompletionLogProb):
+    top_logprobs: list[ChatCompletionLogProb] = Field(default_factory=list)
+
+
+class ChatCompletionLogProbs(ResponseModel):
+    content: list[ChatCompletionLogProbsContent] | None = None
+
+
+class ChatMessage(ResponseModel):
+    role: str
+    content: str | None = None
+    refusal: str | None = None
+
+
+class DeltaMessage(ResponseModel):
+    role: str | None = Field(default=None, exclude_if=is_none)
+    content: str | None = Field(default=None, exclude_if=is_none)
+
+
+class ChatCompletionResponseChoice(ResponseModel):
+    index: int
+    message: ChatMessage
+    logprobs: ChatCompletionLogProbs | None = None
+    finish_reason: str | None = "stop"
+    stop_reason: int | str | None = Field(
+        default=None, description="vLLM extra: the stop string or token id that ended the completion.")
+    member_logprobs: list[dict[str, float]] | None = Field(
+        default=None, exclude_if=is_none,
+        description="chorus extra: per generated token, each member's log-prob of it.")
+
+
+class ChatCompletionResponse(ResponseModel):
+    id: str = Field(default_factory=lambda: random_id("chatcmpl"))
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatCompletionResponseChoice]
+    system_fingerprint: str | None = None
+    usage: UsageInfo
+
+
+class ChatCompletionResponseStreamChoice(ResponseModel):
+    index: int
+    delta: DeltaMessage
+    logprobs: ChatCompletionLogProbs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = Field(
+        default=None, description="vLLM extra: the stop string or token id that ended the completion.")
+    member_logprobs: list[dict[str, float]] | None = Field(
+        default=None, exclude_if=is_none,
+        description="chorus extra: per generated token, each member's log-prob of it.")
+
+
+class ChatCompletionStreamResponse(ResponseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatCompletionResponseStreamChoice]
+    system_fingerprint: str | None = None
+    usage: UsageInfo | None = None
+
+
+# ----------------------------------------------------------------------------- /v1/models
+
+
+class ModelCard(ResponseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    owned_by: str = "chorus"
+    root: str | None = Field(default=None, description="vLLM extra: where the model was loaded from.")
+    parent: str | None = Field(default=None, description="vLLM extra: the base model of an adapter.")
+    max_model_len: int | None = Field(default=None, description="vLLM extra: prompt + completion limit.")
+    ensemble: dict[str, Any] | None = Field(
+        default=None, exclude_if=is_none,
+        description="chorus extra: the members, their weights and the pooling rule.")
+
+
+class ModelList(ResponseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard] = Field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------- /tokenize, /detokenize
+
+
+class TokenizeCompletionRequest(RequestModel):
+    model: str | None = None
+    prompt: str
+    add_special_tokens: bool = Field(default=True, description="vLLM extra: add the tokenizer's special tokens (BOS).")
+    return_token_strs: bool | None = False
+
+
+class TokenizeChatRequest(RequestModel):
+    model: str | None = None
+    messages: Annotated[list[ChatMessageParam], Field(min_length=1)]
+    add_generation_prompt: bool = Field(
+        default=True, description="vLLM extra: end the rendered chat with the assistant's turn header.")
+    return_token_strs: bool | None = False
+    continue_final_message: bool = Field(
+        default=False, description="vLLM extra: let the final (assistant) message go on, unterminated.")
+    add_special_tokens: bool = Field(
+        default=False, description="vLLM extra: add special tokens on top of the chat template's.")
+    chat_template: str | None = Field(
+        default=None, description="vLLM extra: a Jinja chat template (needs --trust-request-chat-template).")
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        default=None, description="vLLM extra: extra variables for the chat template.")
+
+
+TokenizeRequest = TokenizeCompletionRequest | TokenizeChatRequest
+
+
+class TokenizeResponse(ResponseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = Field(default=None, exclude_if=is_none)
+
+
+class DetokenizeRequest(RequestModel):
+    model: str | None = None
+    tokens: list[Annotated[int, Field(ge=0, le=INT64_MAX)]]
+
+
+class DetokenizeResponse(ResponseModel):
+    prompt: str

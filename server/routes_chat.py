@@ -1,0 +1,189 @@
+"""`POST /v1/chat/completions`: messages rendered with the ensemble tokenizer's chat template."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Request
+
+from ensemble.protocol import RequestOutput
+from server.cancellation import run_until_disconnect
+from server.errors import APIError, bad_request
+from server.generation import GenerationCall
+from server.logprobs import chat_logprobs, member_logprobs
+from server.prompts import flatten_messages
+from server.protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatCompletionResponseChoice,
+    ChatCompletionResponseStreamChoice,
+    ChatCompletionStreamResponse,
+    ChatMessage,
+    DeltaMessage,
+    UsageInfo,
+    random_id,
+)
+from server.routes_common import (
+    GENERATION_RESPONSES,
+    admitted,
+    engine_call,
+    first_output,
+    stream_error_event,
+    stream_response,
+)
+from server.sampling import build_options, check_context
+from server.sse import DONE, sse_data
+from server.state import Ready, ServerState
+
+router = APIRouter()
+
+
+@router.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=GENERATION_RESPONSES)
+async def create_chat_completion(body: ChatCompletionRequest, request: Request):
+    """OpenAI chat completions."""
+    return await run_until_disconnect(request, _chat(body, request.app.state.chorus))
+
+
+async def chat_prompt_ids(ready: Ready, state: ServerState, body) -> list[int]:
+    """Token ids of a chat request's rendered conversation (shared with /tokenize)."""
+    if body.chat_template is not None and not state.config.trust_request_chat_template:
+        raise bad_request(
+            "a 'chat_template' in the request is refused: the server was not started with "
+            "--trust-request-chat-template", param="chat_template",
+        )
+    text = await ready.tokenization.render_chat(
+        body.messages,
+        add_generation_prompt=body.add_generation_prompt,
+        continue_final_message=body.continue_final_message,
+        chat_template=body.chat_template,
+        chat_template_kwargs=body.chat_template_kwargs,
+    )
+    ids = await ready.tokenization.encode(text, body.add_special_tokens)
+    if not ids:
+        raise bad_request("the rendered conversation has no tokens", param="messages")
+    return ids
+
+
+async def _chat(body: ChatCompletionRequest, state: ServerState):
+    ready = state.require_ready()
+    state.check_model(ready, body.model)
+    prompt = await chat_prompt_ids(ready, state, body)
+    asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    max_tokens = int(asked) if asked is not None else max(1, ready.max_model_len - len(prompt))
+    check_context(len(prompt), max_tokens, ready.max_model_len, "messages")
+    options = build_options(body, max_tokens=max_tokens, vocab_size=ready.vocab_size, members=ready.members)
+    request_id = random_id("chatcmpl")
+    call = engine_call(state, ready, request_id, [prompt], options)
+    async with admitted(call) as outputs:
+        if body.stream:
+            first = await first_output(outputs, call)
+            return stream_response(call, _stream(body, ready, call, outputs, first))
+        final: RequestOutput | None = None
+        async for _, out in outputs:
+            final = out
+        call.raise_if_stopped()
+        assert final is not None, "the engine ended a request without output"
+        return _response(body, ready, final, request_id)
+
+
+def echoed_text(body: ChatCompletionRequest) -> str:
+    """vLLM's chat `echo`: the last message's text when it is the role being answered (the
+    assistant, or with `add_generation_prompt: false` the last message's own role), else ""."""
+    if not body.echo:
+        return ""
+    last = body.messages[-1]
+    role = "assistant" if body.add_generation_prompt else last.role
+    if last.role != role:
+        return ""
+    return flatten_messages([last])[0]["content"]
+
+
+def _response(body: ChatCompletionRequest, ready: Ready, out: RequestOutput, request_id: str) -> ChatCompletionResponse:
+    namer = ready.namer(bool(body.return_tokens_as_token_ids))
+    echo = echoed_text(body)
+    choices = []
+    for c in out.outputs:
+        logprobs = None
+        if body.logprobs:
+            logprobs = chat_logprobs(c.logprobs or [], c.token_ids, namer, body.top_logprobs or 0)
+        choices.append(ChatCompletionResponseChoice(
+            index=c.index, message=ChatMessage(role="assistant", content=echo + c.text), logprobs=logprobs,
+            finish_reason=c.finish_reason, stop_reason=c.stop_reason,
+            member_logprobs=member_logprobs(c.logprobs) if body.return_member_logprobs else None,
+        ))
+    prompt_tokens = len(out.prompt_token_ids)
+    completion_tokens = sum(len(c.token_ids) for c in out.outputs)
+    return ChatCompletionResponse(
+        id=request_id, model=ready.model_name, choices=choices,
+        usage=UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                        total_tokens=prompt_tokens + completion_tokens),
+    )
+
+
+async def _stream(body: ChatCompletionRequest, ready: Ready, call: GenerationCall,
+                  outputs: AsyncIterator[tuple[int, RequestOutput]],
+                  first: tuple[int, RequestOutput] | None) -> AsyncIterator[bytes]:
+    created = int(time.time())
+    namer = ready.namer(bool(body.return_tokens_as_token_ids))
+    n = call.options.n
+    sent_text = [0] * n
+    sent_tokens = [0] * n
+    finished = [False] * n
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    continuous = include_usage and bool(body.stream_options and body.stream_options.continuous_usage_stats)
+    prompt_tokens = len(call.prompts[0])
+
+    def usage() -> UsageInfo:
+        done = sum(sent_tokens)
+        return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=done, total_tokens=prompt_tokens + done)
+
+    def chunk(choice: ChatCompletionResponseStreamChoice) -> bytes:
+        return sse_data(ChatCompletionStreamResponse(
+            id=call.request_id, created=created, model=ready.model_name, choices=[choice],
+            usage=usage() if continuous else None,
+        ))
+
+    def chunks(out: RequestOutput) -> list[bytes]:
+        events = []
+        for c in out.outputs:
+            i = c.index
+            if finished[i]:
+                continue
+            new_ids = c.token_ids[sent_tokens[i]:]
+            delta = c.text[sent_text[i]:]
+            finishing = c.finish_reason is not None
+            if not (new_ids or delta or finishing):
+                continue
+            logprobs = None
+            if body.logprobs:
+                logprobs = chat_logprobs((c.logprobs or [])[sent_tokens[i]:], new_ids, namer, body.top_logprobs or 0)
+            members = member_logprobs((c.logprobs or [])[sent_tokens[i]:]) if body.return_member_logprobs else None
+            sent_text[i], sent_tokens[i], finished[i] = len(c.text), len(c.token_ids), finishing
+            events.append(chunk(ChatCompletionResponseStreamChoice(
+                index=i, delta=DeltaMessage(content=delta) if (delta or not finishing) else DeltaMessage(),
+                logprobs=logprobs, finish_reason=c.finish_reason if finishing else None,
+                stop_reason=c.stop_reason if finishing else None, member_logprobs=members,
+            )))
+        return events
+
+    try:
+        for i in range(n):  # the role first, as OpenAI and vLLM send it
+            yield chunk(ChatCompletionResponseStreamChoice(index=i, delta=DeltaMessage(role="assistant", content="")))
+        echo = echoed_text(body)
+        if echo:
+            for i in range(n):
+                yield chunk(ChatCompletionResponseStreamChoice(index=i, delta=DeltaMessage(content=echo)))
+        if first is not None:
+            for event in chunks(first[1]):
+                yield event
+        async for _, out in outputs:
+            for event in chunks(out):
+                yield event
+        call.raise_if_stopped()
+        if include_usage:
+            yield sse_data(ChatCompletionStreamResponse(id=call.request_id, created=created,
+                                                        model=ready.model_name, choices=[], usage=usage()))
+    except APIError as err:
+        yield stream_error_event(err)
+    yield DONE

@@ -1,0 +1,140 @@
+"""Plumbing shared by the generation routes: starting a `GenerationCall`, turning its failures into
+OpenAI errors, and handing a stream's cleanup to its response."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import anyio
+
+from ensemble.protocol import EngineRequestError, RequestOutput, SamplingOptions
+from server.errors import APIError
+from server.generation import DeadlineExceeded, GenerationCall
+from server.limits import QueueFullError
+from server.protocol import ErrorResponse
+from server.sse import SSEResponse, sse_data
+from server.state import Ready, ServerState
+
+log = logging.getLogger("chorus.server")
+
+OPENAI_ERRORS = {
+    status: {"model": ErrorResponse, "description": what}
+    for status, what in {
+        400: "Invalid request (validation, context length, unsupported parameter)",
+        401: "Missing or wrong API key",
+        404: "Unknown model",
+        429: "Queue full",
+        503: "Engine loading or server shutting down",
+        504: "Request timed out",
+    }.items()
+}
+
+
+def openai_errors(*statuses: int) -> dict[int | str, dict]:
+    """The OpenAPI `responses` entries for these error statuses."""
+    return {s: OPENAI_ERRORS[s] for s in statuses}
+
+
+# The generation routes: JSON, or with "stream": true an SSE stream of chunks ending in [DONE].
+GENERATION_RESPONSES: dict[int | str, dict] = {
+    200: {
+        "description": "The completion; with `stream: true`, server-sent events of chunks, then `data: [DONE]`.",
+        "content": {"text/event-stream": {}},  # each event's schema: server.openapi.with_event_streams
+    },
+    **openai_errors(400, 401, 404, 429, 503, 504),
+}
+
+
+def engine_call(state: ServerState, ready: Ready, request_id: str, prompts: list[list[int]],
+                options: SamplingOptions) -> GenerationCall:
+    """A new call for `prompts` (not yet admitted)."""
+    return GenerationCall(ready.engine, ready.admission, ready.metrics, request_id, prompts, options,
+                          state.config.request_timeout, state.calls)
+
+
+def _as_api_error(err: BaseException) -> APIError:
+    if isinstance(err, APIError):
+        return err
+    if isinstance(err, QueueFullError):
+        return APIError(429, str(err), code="queue_full", headers={"Retry-After": "1"})
+    if isinstance(err, DeadlineExceeded):
+        return APIError(504, str(err), code="request_timeout")
+    if isinstance(err, EngineRequestError):
+        return APIError(400, str(err))
+    log.error("engine request failed", exc_info=err)
+    return APIError(500, f"the engine failed on this request: {type(err).__name__}: {err}")
+
+
+def _abort_reason(err: BaseException | None) -> str | None:
+    if err is None:
+        return None
+    if isinstance(err, anyio.get_cancelled_exc_class()):
+        return "client_disconnect"
+    if isinstance(err, DeadlineExceeded) or (isinstance(err, APIError) and err.status == 504):
+        return "timeout"
+    return "error"
+
+
+async def _mapped(call: GenerationCall) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """`call.outputs()` with failures closed and turned into APIError."""
+    try:
+        async for item in call.outputs():
+            yield item
+    except (DeadlineExceeded, EngineRequestError, Exception) as err:  # noqa: BLE001
+        with anyio.CancelScope(shield=True):
+            await call.close(_abort_reason(err))
+        raise _as_api_error(err) from None
+
+
+@asynccontextmanager
+async def admitted(call: GenerationCall) -> AsyncIterator[AsyncIterator[tuple[int, RequestOutput]]]:
+    """Admit `call` and yield its outputs; close it on exit unless a stream response took it over.
+
+    Queue full -> 429, timeout while queued -> 504, engine refusal -> 400.
+    """
+    try:
+        await call.admit()
+    except (QueueFullError, DeadlineExceeded) as err:
+        with anyio.CancelScope(shield=True):
+            await call.close(None)
+        raise _as_api_error(err) from None
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            await call.close("client_disconnect")
+        raise
+    try:
+        yield _mapped(call)
+    except BaseException as err:
+        with anyio.CancelScope(shield=True):
+            await call.close(_abort_reason(err))
+        raise
+    else:
+        if not getattr(call, "owned_by_response", False):
+            with anyio.CancelScope(shield=True):
+                await call.close(None)
+
+
+async def first_output(outputs: AsyncIterator[tuple[int, RequestOutput]],
+                       call: GenerationCall) -> tuple[int, RequestOutput] | None:
+    """The first output, so that errors before any token still get a proper HTTP status."""
+    async for item in outputs:
+        return item
+    call.raise_if_stopped()
+    return None
+
+
+def stream_response(call: GenerationCall, body: AsyncIterator[bytes]) -> SSEResponse:
+    """An SSE response that owns `call` from now on and closes it when the stream ends."""
+    call.owned_by_response = True
+
+    async def on_close() -> None:
+        await call.close("client_disconnect")
+
+    return SSEResponse(body, on_close)
+
+
+def stream_error_event(err: APIError) -> bytes:
+    """An error inside an already started stream, as vLLM sends it: `data: {"error": ...}`."""
+    return sse_data(err.body())

@@ -1,0 +1,183 @@
+"""`POST /v1/completions`: plain prompts (string, strings, token ids, lists of ids), streaming or not."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Request
+
+from ensemble.protocol import RequestOutput
+from server.cancellation import run_until_disconnect
+from server.errors import APIError
+from server.generation import GenerationCall
+from server.logprobs import completion_logprobs, member_logprobs
+from server.prompts import Prompt
+from server.protocol import (
+    CompletionLogProbs,
+    CompletionRequest,
+    CompletionResponse,
+    CompletionResponseChoice,
+    CompletionStreamResponse,
+    UsageInfo,
+    random_id,
+)
+from server.routes_common import (
+    GENERATION_RESPONSES,
+    admitted,
+    engine_call,
+    first_output,
+    stream_error_event,
+    stream_response,
+)
+from server.sampling import build_options, check_context
+from server.sse import DONE, sse_data
+from server.state import Ready, ServerState
+
+router = APIRouter()
+
+
+@router.post("/v1/completions", response_model=CompletionResponse, responses=GENERATION_RESPONSES)
+async def create_completion(body: CompletionRequest, request: Request):
+    """OpenAI completions."""
+    return await run_until_disconnect(request, _completion(body, request.app.state.chorus))
+
+
+async def _completion(body: CompletionRequest, state: ServerState):
+    ready = state.require_ready()
+    state.check_model(ready, body.model)
+    prompts = await ready.tokenization.completion_prompts(body.prompt, body.add_special_tokens, ready.vocab_size)
+    max_tokens = int(body.max_tokens if body.max_tokens is not None else 16)
+    check_context(max(len(p.token_ids) for p in prompts), max_tokens, ready.max_model_len, "prompt")
+    options = build_options(body, max_tokens=max_tokens, vocab_size=ready.vocab_size, members=ready.members)
+    request_id = random_id("cmpl")
+    call = engine_call(state, ready, request_id, [p.token_ids for p in prompts], options)
+    async with admitted(call) as outputs:
+        if body.stream:
+            first = await first_output(outputs, call)
+            body_iter = _stream(body, ready, call, prompts, outputs, first)
+            return stream_response(call, body_iter)
+        finals: dict[int, RequestOutput] = {}
+        async for index, out in outputs:
+            finals[index] = out
+        return _response(body, ready, call, prompts, finals, request_id)
+
+
+def _response(body: CompletionRequest, ready: Ready, call: GenerationCall, prompts: list[Prompt],
+              finals: dict[int, RequestOutput], request_id: str) -> CompletionResponse:
+    call.raise_if_stopped()
+    namer = ready.namer(bool(body.return_tokens_as_token_ids))
+    n = call.options.n
+    choices = []
+    completion_tokens = 0
+    for i, prompt in enumerate(prompts):
+        out = finals[i]
+        for c in out.outputs:
+            completion_tokens += len(c.token_ids)
+            text = c.text
+            logprobs = None
+            if body.logprobs is not None:
+                if body.echo:
+                    entries = list(out.prompt_logprobs or [None] * len(prompt.token_ids))
+                    logprobs = completion_logprobs(entries + list(c.logprobs or []),
+                                                   prompt.token_ids + c.token_ids, namer)
+                else:
+                    logprobs = completion_logprobs(c.logprobs or [], c.token_ids, namer)
+            if body.echo:
+                text = prompt.text + text
+            choices.append(CompletionResponseChoice(
+                index=i * n + c.index, text=text, logprobs=logprobs, finish_reason=c.finish_reason,
+                stop_reason=c.stop_reason,
+                member_logprobs=member_logprobs(c.logprobs) if body.return_member_logprobs else None,
+            ))
+    prompt_tokens = sum(len(p.token_ids) for p in prompts)
+    return CompletionResponse(
+        id=request_id, model=ready.model_name, choices=sorted(choices, key=lambda ch: ch.index),
+        usage=UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                        total_tokens=prompt_tokens + completion_tokens),
+    )
+
+
+class _ChoiceState:
+    """What has been sent so far for one choice of a stream."""
+
+    __slots__ = ("text_len", "tokens", "offset", "started", "finished")
+
+    def __init__(self) -> None:
+        self.text_len = 0
+        self.tokens = 0
+        self.offset = 0
+        self.started = False
+        self.finished = False
+
+
+async def _stream(body: CompletionRequest, ready: Ready, call: GenerationCall, prompts: list[Prompt],
+                  outputs: AsyncIterator[tuple[int, RequestOutput]],
+                  first: tuple[int, RequestOutput] | None) -> AsyncIterator[bytes]:
+    created = int(time.time())
+    namer = ready.namer(bool(body.return_tokens_as_token_ids))
+    n = call.options.n
+    states: dict[tuple[int, int], _ChoiceState] = {}
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    continuous = include_usage and bool(body.stream_options and body.stream_options.continuous_usage_stats)
+    prompt_tokens = sum(len(p.token_ids) for p in prompts)
+    generated: dict[tuple[int, int], int] = {}
+
+    def usage() -> UsageInfo:
+        done = sum(generated.values())
+        return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=done, total_tokens=prompt_tokens + done)
+
+    def chunks(index: int, out: RequestOutput) -> list[bytes]:
+        events = []
+        prompt = prompts[index]
+        for c in out.outputs:
+            st = states.setdefault((index, c.index), _ChoiceState())
+            if st.finished:
+                continue
+            generated[(index, c.index)] = len(c.token_ids)
+            new_ids = c.token_ids[st.tokens:]
+            delta = c.text[st.text_len:]
+            finishing = c.finish_reason is not None
+            if not (new_ids or delta or finishing or (body.echo and not st.started)):
+                continue
+            logprobs: CompletionLogProbs | None = None
+            if body.logprobs is not None:
+                entries = list((c.logprobs or [])[st.tokens:])
+                ids = list(new_ids)
+                if body.echo and not st.started:
+                    entries = list(out.prompt_logprobs or [None] * len(prompt.token_ids)) + entries
+                    ids = prompt.token_ids + ids
+                logprobs = completion_logprobs(entries, ids, namer, initial_offset=st.offset)
+            text = (prompt.text if body.echo and not st.started else "") + delta
+            st.started = True
+            st.offset += len(text)
+            st.text_len = len(c.text)
+            st.tokens = len(c.token_ids)
+            st.finished = finishing
+            choice = CompletionResponseChoice(
+                index=index * n + c.index, text=text, logprobs=logprobs,
+                finish_reason=c.finish_reason if finishing else None,
+                stop_reason=c.stop_reason if finishing else None,
+                member_logprobs=(member_logprobs((c.logprobs or [])[len(c.token_ids) - len(new_ids):])
+                                 if body.return_member_logprobs else None),
+            )
+            events.append(sse_data(CompletionStreamResponse(
+                id=call.request_id, created=created, model=ready.model_name, choices=[choice],
+                usage=usage() if continuous else None,
+            )))
+        return events
+
+    try:
+        if first is not None:
+            for event in chunks(*first):
+                yield event
+        async for index, out in outputs:
+            for event in chunks(index, out):
+                yield event
+        call.raise_if_stopped()
+        if include_usage:
+            yield sse_data(CompletionStreamResponse(id=call.request_id, created=created,
+                                                    model=ready.model_name, choices=[], usage=usage()))
+    except APIError as err:
+        yield stream_error_event(err)
+    yield DONE

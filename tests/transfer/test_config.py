@@ -81,7 +81,7 @@ def test_overrides_do_not_touch_the_input():
         (["loss.terms=[alm, kl]"], "unknown term 'kl'"),
         (["loss.weights.sft=2"], "'sft' is not in loss.terms"),
         (["train.batch_size=6", "train.grad_accum=4"], "must be a multiple of train.grad_accum"),
-        (["train.warmup_steps=20"], "exceeds train.steps"),
+        (["train.warmup_steps=-1"], "train.warmup_steps must be >= 0"),
         (["model.student=/some/other", "loss.terms=[alm, latents]"], "needs self-transfer"),
         (["train.betas=[0.9]"], "train.betas must have 2 items"),
         (["train.stop_after=11"], "train.stop_after must be in 1..train.steps"),

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ensemble.manifest import EnsembleManifest
+from ensemble.parallel import MemberShape, check_tensor_parallel
 from ensemble.protocol import (
     CompletionOutput,
     EngineRequestError,
@@ -236,6 +237,11 @@ class VLLMEngine:
                 f"max_model_len {config.max_model_len} exceeds the ensemble's {self.manifest.max_model_len} "
                 "(the shortest member context)"
             )
+        # vLLM checks only the head count at start; other misfits fail in a worker, mid-load.
+        check_tensor_parallel(
+            config.tensor_parallel_size,
+            [MemberShape.from_folder(m.name, m.path) for m in self.manifest.members],
+        )
         enforce_eager = current_platform.is_cpu() if config.enforce_eager is None else config.enforce_eager
         valid = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
         unknown = sorted(set(config.engine_args) - valid)

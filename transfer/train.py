@@ -1,7 +1,8 @@
 """Tokenizer transfer / cross-tokenizer distillation training loop (ALM, SFT, latents).
 
 One function, :func:`train`, runs a :class:`~transfer.config.RunConfig` through ``accelerate``,
-so the same code runs on a CPU, one GPU, or several with ``accelerate launch`` (DDP or FSDP):
+so the same code runs on a CPU, one GPU, or several with ``accelerate launch`` (DDP or FSDP;
+several CPU processes: ``accelerate launch --cpu --num_processes N -m transfer.cli run ...``):
 
 * the teacher is frozen (eval mode, no grad); the student is the teacher's weights (self-transfer)
   or another model (distillation), FVT-initialised when its tokenizer changes
@@ -309,11 +310,13 @@ def _accelerator(cfg: RunConfig) -> Any:
     """The run's Accelerator (bf16 autocast or none; processes from ``accelerate launch``)."""
     from accelerate import Accelerator, PartialState
     from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType
 
-    if PartialState().num_processes == 1:
+    if PartialState._shared_state.get("distributed_type") == DistributedType.NO:
         # A single process may run several trainings (tests, notebooks): accelerate keeps the
         # first one's mixed precision in a process-wide singleton, so start each run afresh.
-        AcceleratorState._reset_state()
+        # (Never created here before the Accelerator: that would hide `accelerate launch --cpu`.)
+        AcceleratorState._reset_state(reset_partial_state=True)
     return Accelerator(mixed_precision="bf16" if cfg.train.dtype == "bf16" else "no")
 
 

@@ -123,3 +123,34 @@ def test_chat_jsonl_through_both_chat_templates(tiny_dir, corpus, tiny_config, l
     assert text.endswith("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
     ids = tok(text, add_special_tokens=False)["input_ids"]
     assert tok.convert_tokens_to_ids("<|im_start|>") in ids and max(ids) < len(tok)
+
+
+@pytest.mark.slow
+def test_two_process_ddp_run_resumes_exactly(tiny_dir, corpus, tiny_config, losses_by_step, tmp_path):
+    """`accelerate launch --cpu --num_processes 2`: DDP over gloo, split batches, main-process
+    checkpoints; stopped at step 4 and resumed, it matches an uninterrupted 2-process run."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    def launch(out, *extra):
+        config = tmp_path / f"{out.name}.yaml"
+        config.write_text(yaml.safe_dump(tiny_config(tiny_dir("llama-gpt2"), corpus, out)))
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "-m", "transfer.cli", "run", str(config), *extra]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc
+
+    full, parts = tmp_path / "full", tmp_path / "parts"
+    assert launch(full).stdout.count("final model:") == 1  # one main process writes
+    launch(parts, "train.stop_after=4")
+    launch(parts, "--resume")
+    want, got = losses_by_step(full), losses_by_step(parts)
+    assert sorted(got) == list(range(1, 7))
+    for step in want:
+        assert got[step] == pytest.approx(want[step], abs=1e-6), step

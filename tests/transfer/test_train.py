@@ -154,3 +154,24 @@ def test_two_process_ddp_run_resumes_exactly(tiny_dir, corpus, tiny_config, loss
     assert sorted(got) == list(range(1, 7))
     for step in want:
         assert got[step] == pytest.approx(want[step], abs=1e-6), step
+
+
+@pytest.mark.slow
+def test_real_smollm2_to_qwen2_config_trains_and_saves(tmp_path):
+    """The shipped SmolLM2 -> Qwen2 config on the real zoo model, shortened to 2 small steps (bf16)."""
+    from transfer.config import load_config
+
+    out = tmp_path / "smollm2"
+    cfg = load_config("transfer/configs/smollm2_to_qwen2.yaml",
+                      ["train.steps=2", "train.batch_size=2", "data.seq_len=64", f"output.dir={out}",
+                       "output.eval_bytes=3000"])
+    train(cfg)
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    evals = [r["eval_bpb"] for r in records if "eval_bpb" in r]
+    losses = [r["loss_alm"] for r in records if "loss_alm" in r]
+    assert len(evals) == 2 and all(1.0 < e < 4.0 for e in evals)  # FVT keeps SmolLM2 far from random (~17)
+    assert len(losses) == 2 and all(0 < x < 1 for x in losses)
+    tok = AutoTokenizer.from_pretrained(out / MODEL_DIR)
+    model = AutoModelForCausalLM.from_pretrained(out / MODEL_DIR)
+    assert model.get_input_embeddings().weight.shape[0] >= len(tok) >= 151_643
+    assert "<|im_start|>" in tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)

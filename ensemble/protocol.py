@@ -83,11 +83,20 @@ class RequestOutput:
 
 @dataclass(frozen=True)
 class EngineStats:
-    """Instantaneous engine load, exported as Prometheus gauges by the server."""
+    """Engine load, exported as Prometheus metrics by the server (see `server.metrics`).
+
+    The first three fields are instantaneous gauges. The rest are optional ensemble counters,
+    cumulative since the engine started; None means the engine does not measure them (the server
+    then exports no `chorus:` series for them).
+    """
 
     num_running: int
     num_waiting: int
     kv_cache_usage: float  # 0..1
+    pooled_tokens: int | None = None  # tokens chosen from the pooled distribution
+    member_agreement: dict[str, int] | None = None  # member name -> chosen tokens that were its own top-1
+    pooling_seconds: float | None = None  # time spent pooling member distributions
+    pooling_steps: int | None = None  # engine steps that pooled (the count behind pooling_seconds)
 
 
 @runtime_checkable

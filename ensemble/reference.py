@@ -13,6 +13,10 @@ scheduler (admit waiting requests while sequence slots are free, then advance ev
 completion by one token per step), so the asyncio event loop never waits on torch. Correctness
 and clarity come before speed: members run one completion at a time; only the pooling and the
 bookkeeping are batched.
+
+Ensemble counters (`EngineStats` optional fields, cumulative since start): every decode step
+times its pooling call, and every chosen token counts, per member, whether it was that member's
+own most likely token (argmax of its fitted logits) -- the member's agreement with the ensemble.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import asyncio
 import copy
 import secrets
 import threading
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
@@ -201,6 +206,11 @@ class ReferenceEngine:
         self._ids: set[str] = set()
         self._aborts: set[str] = set()
         self._closed = False
+        # Ensemble counters, written by the worker and read by stats(), both under self._cond.
+        self._pooled_tokens = 0
+        self._agreement = {m.spec.name: 0 for m in self.members}
+        self._pooling_seconds = 0.0
+        self._pooling_steps = 0
         self._thread = threading.Thread(target=self._loop, name="reference-engine", daemon=True)
         self._thread.start()
 
@@ -246,13 +256,20 @@ class ReferenceEngine:
         self._request_abort(request_id)
 
     def stats(self) -> EngineStats:
-        """Requests running / waiting, and cached tokens over `max_num_seqs * max_model_len`."""
+        """Requests running / waiting, cached tokens over `max_num_seqs * max_model_len`, and the
+        ensemble counters: pooled tokens, per-member agreement, pooling time and steps."""
         with self._cond:
             running = list(self._running)
             waiting = len(self._waiting)
+            counters = dict(
+                pooled_tokens=self._pooled_tokens,
+                member_agreement=dict(self._agreement),
+                pooling_seconds=self._pooling_seconds,
+                pooling_steps=self._pooling_steps,
+            )
         cached = sum(len(r.prompt) + len(s.token_ids) for r in running for s in r.sequences if not s.finished)
         usage = min(1.0, cached / (self.max_num_seqs * self.max_model_len))
-        return EngineStats(num_running=len(running), num_waiting=waiting, kv_cache_usage=usage)
+        return EngineStats(num_running=len(running), num_waiting=waiting, kv_cache_usage=usage, **counters)
 
     async def shutdown(self) -> None:
         """Abort everything in flight and stop the worker thread."""
@@ -441,10 +458,15 @@ class ReferenceEngine:
         if not seqs:
             return
         member_rows = [torch.stack([s.rows[k] for _, s in seqs]) for k in range(len(self.members))]
+        start = time.perf_counter()
         pooled = self._pool(member_rows, [r for r, _ in seqs])
+        pooling_seconds = time.perf_counter() - start
+        member_top = [rows.argmax(dim=-1).tolist() for rows in member_rows]  # each member's top-1 per row
+        chosen: list[int] = []
         for i, (request, seq) in enumerate(seqs):
             options = request.options
             token = sample_token(pooled[i], options, seq.token_ids, seq.generator)
+            chosen.append(token)
             if seq.logprobs is not None:
                 rows = [m[i] for m in member_rows] if options.member_logprobs else None
                 seq.logprobs.append(self._token_logprob(pooled[i], token, options.logprobs, rows))
@@ -458,3 +480,13 @@ class ReferenceEngine:
             for k, member in enumerate(self.members):
                 logits, seq.caches[k] = member.forward([token], seq.caches[k])
                 seq.rows[k] = logits[-1]
+        self._count_pooling(chosen, member_top, pooling_seconds)
+
+    def _count_pooling(self, chosen: list[int], member_top: list[list[int]], seconds: float) -> None:
+        """Add one decode step to the ensemble counters (tokens chosen, agreement, pooling time)."""
+        with self._cond:
+            self._pooled_tokens += len(chosen)
+            for member, tops in zip(self.members, member_top):
+                self._agreement[member.spec.name] += sum(t == c for t, c in zip(tops, chosen))
+            self._pooling_seconds += seconds
+            self._pooling_steps += 1

@@ -286,6 +286,37 @@ def test_per_request_weights_change_the_distribution(self_engine: ReferenceEngin
         assert abs(a.logprob - b.logprob) < 1e-4
 
 
+# ----------------------------------------------------------------------------- ensemble counters
+
+
+def _counter_deltas(before, after) -> tuple[int, dict[str, int], float, int]:
+    agreement = {m: after.member_agreement[m] - before.member_agreement.get(m, 0) for m in after.member_agreement}
+    return (after.pooled_tokens - before.pooled_tokens, agreement,
+            after.pooling_seconds - before.pooling_seconds, after.pooling_steps - before.pooling_steps)
+
+
+def test_model_ensembled_with_itself_agrees_on_every_token(self_engine: ReferenceEngine) -> None:
+    before = self_engine.stats()
+    out = _final(self_engine, _ids(self_engine, PROMPTS[1]), SamplingOptions(max_tokens=7, temperature=0.0,
+                                                                             ignore_eos=True))
+    tokens, agreement, seconds, steps = _counter_deltas(before, self_engine.stats())
+    assert len(out.outputs[0].token_ids) == 7
+    assert tokens == 7 and steps == 7 and agreement == {"member_a": 7, "member_b": 7}
+    assert seconds > 0.0
+
+
+def test_agreement_counts_each_members_own_top_token(trio_engine: ReferenceEngine) -> None:
+    """Weights (0, 1, 0) pool qwen alone: qwen agrees on every greedy token, the others on some."""
+    before = trio_engine.stats()
+    options = SamplingOptions(n=2, max_tokens=5, temperature=0.0, ignore_eos=True, weights=(0.0, 1.0, 0.0))
+    out = _final(trio_engine, _ids(trio_engine, PROMPTS[0]), options)
+    tokens, agreement, seconds, steps = _counter_deltas(before, trio_engine.stats())
+    assert sum(len(c.token_ids) for c in out.outputs) == tokens == 10
+    assert steps == 5 and seconds > 0.0  # both completions pool in one step
+    assert agreement["qwen"] == 10 and set(agreement) == {"llama", "qwen", "gemma"}
+    assert all(0 <= agreement[m] <= 10 for m in ("llama", "gemma"))
+
+
 def test_shutdown_aborts_in_flight_requests(tiny_self_ensemble: Path) -> None:
     engine = ReferenceEngine(tiny_self_ensemble)
     prompt = _ids(engine, PROMPTS[0])

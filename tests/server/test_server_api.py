@@ -8,6 +8,7 @@ import math
 import httpx
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from ensemble.protocol import RequestOutput, SamplingOptions
 
@@ -54,6 +55,26 @@ def test_completion_basic_with_usage(client: openai.OpenAI, torch_server) -> Non
     assert out.usage.completion_tokens == 5 and out.usage.prompt_tokens == 4 and out.usage.total_tokens == 9
     assert torch_server.metric("vllm:generation_tokens_total") - before == 5
     assert torch_server.metric("vllm:request_success_total", finished_reason="length") >= 1
+
+
+def test_metrics_export_the_ensemble_counters(client: openai.OpenAI, torch_server) -> None:
+    """After a completion, /metrics carries pooled tokens, per-member agreement and pooling time."""
+    before = {name: torch_server.metric(name) for name in ("chorus:pooled_tokens_total",
+                                                           "chorus:pooling_time_seconds_count")}
+    out = client.completions.create(model="pair", prompt=PROMPT, max_tokens=4, temperature=0,
+                                    extra_body={"ignore_eos": True})
+    assert out.usage.completion_tokens == 4
+    pooled = torch_server.metric("chorus:pooled_tokens_total")
+    assert pooled - before["chorus:pooled_tokens_total"] == 4
+    assert torch_server.metric("chorus:pooling_time_seconds_count") - before["chorus:pooling_time_seconds_count"] == 4
+    assert torch_server.metric("chorus:pooling_time_seconds_sum") > 0.0
+    families = text_string_to_metric_families(httpx.get(f"{torch_server.url}/metrics").text)
+    members = {s.labels["member"] for f in families for s in f.samples if s.name == "chorus:member_agreement_total"}
+    assert members == {"alpha", "beta"}
+    for member in members:
+        agreed = torch_server.metric("chorus:member_agreement_total", member=member)
+        assert 0 <= agreed <= pooled
+        assert torch_server.metric("chorus:member_agreement_ratio", member=member) == pytest.approx(agreed / pooled)
 
 
 def test_completion_logprobs_equal_the_engines(client: openai.OpenAI, torch_server) -> None:

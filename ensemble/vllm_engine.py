@@ -318,7 +318,16 @@ class VLLMEngine:
             await self._llm.abort(request_id)
 
     def stats(self) -> EngineStats:
-        """Running / waiting requests and KV-cache usage from vLLM's latest scheduler stats."""
+        """Running / waiting requests and KV-cache usage from vLLM's latest scheduler stats.
+
+        The optional ensemble counters of `EngineStats` (pooled tokens, per-member agreement,
+        pooling time) are not reported yet: they stay None, so the server exports no ``chorus:``
+        agreement or pooling-time series for this engine (the reference engine reports them).
+        Measuring them lives in the worker's ``compute_logits``, which sees rows, not requests:
+        it also pools prompt-logprob rows and vLLM's start-up profiling rows, and knows the pooled
+        argmax but not the token vLLM's sampler then draws; reading the counters back needs a
+        ``worker_extension_cls`` and ``collective_rpc`` (asynchronous, while this method is not).
+        """
         latest = self._stats.get("latest")
         if latest is None:
             return EngineStats(num_running=0, num_waiting=0, kv_cache_usage=0.0)

@@ -21,9 +21,6 @@ MAX_TOKENS = 10
 TOP = 3  # top log-probs per generated token
 PROMPT_TOP = 2  # top log-probs per prompt token
 MAX_MODEL_LEN = 96
-# vLLM's CPU default is 1 GiB of KV cache per engine; the tests need a few thousand tokens at most,
-# and on a shared small machine 1 GiB more can be what makes an engine start fail.
-KV_CACHE_BYTES = 256 * 2**20
 
 Probe = Callable[[object, list[list[int]]], Awaitable[dict[str, object]]]
 
@@ -62,15 +59,20 @@ def run_engine(
     probe: Probe | None = None,
     tensor_parallel_size: int = 1,
     max_model_len: int = MAX_MODEL_LEN,
+    engine_args: dict[str, object] | None = None,
 ) -> EngineRun:
-    """Start a float32 VLLMEngine on `folder`, run the greedy batch (then `probe`), shut it down."""
+    """Start a float32 VLLMEngine on `folder`, run the greedy batch (then `probe`), shut it down.
+
+    `engine_args` are further vLLM engine arguments. On the CPU the KV cache is
+    VLLM_CPU_KVCACHE_SPACE GiB (tests/conftest.py sets 1), which overrides ``kv_cache_memory_bytes``.
+    """
     from ensemble.vllm_engine import VLLMEngine
 
     async def main() -> EngineRun:
         t0 = time.perf_counter()
         engine = VLLMEngine.from_folder(folder, max_model_len=max_model_len, dtype="float32",
                                         tensor_parallel_size=tensor_parallel_size,
-                                        engine_args={"kv_cache_memory_bytes": KV_CACHE_BYTES})
+                                        engine_args=dict(engine_args or {}))
         run = EngineRun(folder, [], time.perf_counter() - t0)
         try:
             run.outputs = await _greedy_batch(engine, prompts, "parity")
@@ -93,8 +95,7 @@ def run_plain_vllm(model_folder: Path, prompts: list[list[int]], max_model_len: 
 
     from ensemble.vllm_engine import OutputTranslator, sampling_params
 
-    llm = LLM(model=str(model_folder), max_model_len=max_model_len, dtype="float32", enforce_eager=True,
-              kv_cache_memory_bytes=KV_CACHE_BYTES)
+    llm = LLM(model=str(model_folder), max_model_len=max_model_len, dtype="float32", enforce_eager=True)
     try:
         outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], sampling_params(greedy()),
                             use_tqdm=False)

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The acceptance experiment of transfer/RESULTS.md: SmolLM2-135M moved onto the Qwen2 tokenizer.
+# Compares, on the same held-out bytes, the teacher (its own tokenizer), the FVT-only student, the
+# student after STEPS ALM steps and, as a baseline, after the same STEPS steps of SFT only.
+#   bench/transfer_experiment.sh [OUT_DIR]      (default runs/experiment; STEPS=100, EVAL_BYTES=20000)
+# Resumable: finished runs and evaluations are kept; a killed run continues with --resume.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN="${CHORUS_VENV:-.venv}/bin"
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+OUT="${1:-runs/experiment}"
+STEPS="${STEPS:-100}"
+EVAL_BYTES="${EVAL_BYTES:-20000}"
+CONFIG=transfer/configs/smollm2_to_qwen2.yaml
+mkdir -p "$OUT"
+
+train() {  # name, extra overrides...
+  local name="$1"; shift
+  local run="$OUT/$name"
+  if [[ -f "$run/model/config.json" ]]; then echo "[experiment] $name: done"; return; fi
+  local resume=()
+  [[ -f "$run/config.yaml" ]] && resume=(--resume)
+  local t0=$SECONDS
+  "$BIN/transfer" run "$CONFIG" "output.dir=$run" "train.steps=$STEPS" "output.eval_bytes=$EVAL_BYTES" "$@" "${resume[@]}"
+  echo "{\"run\": \"$name\", \"wall_s\": $((SECONDS - t0))}" >> "$OUT/timings.jsonl"
+}
+
+train alm
+train sft "loss.terms=[sft]"
+[[ -f "$OUT/fvt/config.json" ]] || "$BIN/transfer" init --model zoo:smollm2 --tokenizer zoo:qwen2 --out "$OUT/fvt"
+
+for text in heldout prose; do
+  for model in teacher fvt alm sft; do
+    key="$model $text"
+    grep -qF "\"key\": \"$key\"" "$OUT/eval.jsonl" 2>/dev/null && continue
+    case $model in
+      teacher) dir=zoo:smollm2 ;;
+      fvt) dir="$OUT/fvt" ;;
+      *) dir="$OUT/$model/model" ;;
+    esac
+    line="$("$BIN/transfer" eval --model "$dir" --text "zoo:$text" --max-bytes "$EVAL_BYTES" | tail -1)"
+    echo "{\"key\": \"$key\", \"model\": \"$model\", \"text\": \"$text\", \"result\": $line}" >> "$OUT/eval.jsonl"
+  done
+done
+"$BIN/python" bench/transfer_report.py "$OUT"

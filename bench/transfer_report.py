@@ -1,0 +1,73 @@
+"""Summarise a bench/transfer_experiment.sh folder as a Markdown table.
+
+    python bench/transfer_report.py runs/experiment
+
+Reads ``eval.jsonl`` (bits per byte of teacher / FVT / ALM / SFT on each held-out text),
+``timings.jsonl`` and each run's ``log.jsonl``; prints bits per byte, the share of the FVT-to-teacher
+gap each trained student closed, and the training cost (steps, wall time, tokens per second).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+LABELS = {
+    "teacher": "teacher: SmolLM2-135M, its own tokenizer",
+    "fvt": "student, FVT initialisation only",
+    "alm": "student after ALM",
+    "sft": "student after SFT only (baseline)",
+}
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Records of a JSON-lines file (missing file: none)."""
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def gap_closed(fvt: float, trained: float, teacher: float) -> float:
+    """Share of the FVT-to-teacher bits-per-byte gap a trained student closed (1.0 = all of it)."""
+    return (fvt - trained) / (fvt - teacher)
+
+
+def report(folder: Path) -> str:
+    """The Markdown summary of one experiment folder."""
+    evals = {(r["model"], r["text"]): r["result"]["bits_per_byte"] for r in read_jsonl(folder / "eval.jsonl")}
+    texts = sorted({t for _, t in evals}, key=["heldout", "prose"].index)
+    lines = ["| model | " + " | ".join(f"{t} bits/byte" for t in texts) + " |", "|---|" + "---|" * len(texts)]
+    for model, label in LABELS.items():
+        cells = [f"{evals[(model, t)]:.4f}" if (model, t) in evals else "n/a" for t in texts]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines.append("")
+    for t in texts:
+        if all((m, t) in evals for m in LABELS):
+            fvt, teacher = evals[("fvt", t)], evals[("teacher", t)]
+            parts = [f"{m.upper()} closed {100 * gap_closed(fvt, evals[(m, t)], teacher):.1f}%" for m in ("alm", "sft")]
+            lines.append(f"- {t}: FVT-to-teacher gap {fvt - teacher:.4f} bits/byte; " + ", ".join(parts) + ".")
+    timings = {r["run"]: r["wall_s"] for r in read_jsonl(folder / "timings.jsonl")}
+    for run in ("alm", "sft"):
+        log = [r for r in read_jsonl(folder / run / "log.jsonl") if "loss" in r]
+        if log:
+            last = log[-1]
+            tps = sum(r["tokens_per_s"] for r in log) / len(log)
+            lines.append(f"- {run}: {last['step']} steps, {last['tokens']} student tokens, training time "
+                         f"{last['elapsed']:.0f} s ({last['elapsed'] / last['step']:.1f} s/step, mean {tps:.0f} tokens/s)"
+                         + (f", wall time with evaluations {timings[run]} s" if run in timings else "")
+                         + f", final loss {last['loss']:.4f}.")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python bench/transfer_report.py EXPERIMENT_DIR", file=sys.stderr)
+        return 2
+    print(report(Path(args[0])))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

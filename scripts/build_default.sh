@@ -32,6 +32,7 @@ for member in smollm2 gemma3; do
   [[ -f "$run/config.yaml" ]] && resume=(--resume)   # an interrupted earlier run continues where it stopped
   "${BIN}transfer" run "$CONFIG" "model.teacher=zoo:$member" "output.dir=$run" \
     "train.steps=$STEPS" "train.warmup_steps=$((STEPS / 8))" "${resume[@]}" >&2
+  rm -rf "$run/checkpoints"   # the finished model is in $run/model; checkpoints are 2 GB each
 done
 
 members=(--member "smollm=$OUT/smollm2-qwen2/model" --member "gemma=$OUT/gemma3-qwen2/model")

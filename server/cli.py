@@ -16,7 +16,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from server.config import DTYPES, ENGINES, ConfigError, ServerConfig
+from server.config import DTYPES, ENGINES, EXECUTOR_BACKENDS, ConfigError, ServerConfig
 
 _ENV_PREFIX = "CHORUS_"
 
@@ -77,6 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="accept a chat_template in requests (templates are code) [CHORUS_TRUST_REQUEST_CHAT_TEMPLATE]")
     p.add_argument("--shutdown-timeout", type=float, default=_env("SHUTDOWN_TIMEOUT", "5"),
                    help="seconds in-flight requests get on shutdown before they are aborted [CHORUS_SHUTDOWN_TIMEOUT, 5]")
+    p.add_argument("--distributed-executor-backend", choices=EXECUTOR_BACKENDS,
+                   default=_env("DISTRIBUTED_EXECUTOR_BACKEND"),
+                   help="vLLM workers: mp (one host) or ray (multi-node) [CHORUS_DISTRIBUTED_EXECUTOR_BACKEND]")
+    p.add_argument("--kv-cache-gib", type=float, default=_env("KV_CACHE_GIB"),
+                   help="GiB of vLLM KV cache (default: vLLM's share of GPU memory, or of all RAM on a CPU) "
+                        "[CHORUS_KV_CACHE_GIB]")
     p.add_argument("--log-level", default=_env("LOG_LEVEL", "info"),
                    choices=["critical", "error", "warning", "info", "debug"], help="[CHORUS_LOG_LEVEL, info]")
     return p
@@ -103,6 +109,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         served_model_name=args.served_model_name,
         trust_request_chat_template=bool(args.trust_request_chat_template),
         shutdown_timeout=float(args.shutdown_timeout),
+        distributed_executor_backend=args.distributed_executor_backend,
+        kv_cache_gib=None if args.kv_cache_gib is None else float(args.kv_cache_gib),
     )
 
 

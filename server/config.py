@@ -8,6 +8,7 @@ from pathlib import Path
 
 ENGINES = ("vllm", "torch")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+EXECUTOR_BACKENDS = ("mp", "ray")
 
 
 class ConfigError(ValueError):
@@ -35,6 +36,10 @@ class ServerConfig:
         trust_request_chat_template: accept a `chat_template` in chat requests (off by default,
             like vLLM: templates are code).
         shutdown_timeout: seconds in-flight requests get to finish on shutdown before being aborted.
+        distributed_executor_backend: vLLM's worker backend across GPUs/hosts: ``mp`` (one host)
+            or ``ray`` (a Ray cluster, for multi-node); None = vLLM's choice (vllm engine only).
+        kv_cache_gib: GiB of KV cache vLLM reserves (its ``kv_cache_memory_bytes``); None = vLLM's
+            default (a share of GPU memory; on a CPU, of *all* RAM, which fails on a busy host).
     """
 
     ensemble: str
@@ -51,6 +56,8 @@ class ServerConfig:
     served_model_name: str | None = None
     trust_request_chat_template: bool = False
     shutdown_timeout: float = 5.0
+    distributed_executor_backend: str | None = None
+    kv_cache_gib: float | None = None
 
     def __post_init__(self) -> None:
         folder = Path(self.ensemble).expanduser()
@@ -69,6 +76,18 @@ class ServerConfig:
         _int_at_least("tensor_parallel_size", self.tensor_parallel_size, 1)
         if self.engine == "torch" and self.tensor_parallel_size != 1:
             raise ConfigError("tensor_parallel_size > 1 needs the vllm engine")
+        if self.distributed_executor_backend is not None:
+            if self.distributed_executor_backend not in EXECUTOR_BACKENDS:
+                raise ConfigError(f"distributed_executor_backend must be one of {', '.join(EXECUTOR_BACKENDS)}, "
+                                  f"got {self.distributed_executor_backend!r}")
+            if self.engine == "torch":
+                raise ConfigError("distributed_executor_backend needs the vllm engine")
+        if self.kv_cache_gib is not None:
+            if not (isinstance(self.kv_cache_gib, (int, float)) and math.isfinite(self.kv_cache_gib)
+                    and self.kv_cache_gib > 0):
+                raise ConfigError(f"kv_cache_gib must be a positive number, got {self.kv_cache_gib!r}")
+            if self.engine == "torch":
+                raise ConfigError("kv_cache_gib needs the vllm engine (the torch engine keeps plain caches)")
         if self.max_model_len is not None:
             _int_at_least("max_model_len", self.max_model_len, 2)
         if self.max_running is not None:

@@ -24,7 +24,18 @@ def _start(config: ServerConfig) -> Engine:
         tensor_parallel_size=config.tensor_parallel_size,
         max_model_len=config.max_model_len,
         dtype=config.dtype,
+        engine_args=vllm_engine_args(config),
     )
+
+
+def vllm_engine_args(config: ServerConfig) -> dict:
+    """`vllm.AsyncEngineArgs` fields the server's flags set beyond VLLMEngineConfig's own."""
+    args: dict = {}
+    if config.distributed_executor_backend is not None:
+        args["distributed_executor_backend"] = config.distributed_executor_backend
+    if config.kv_cache_gib is not None:
+        args["kv_cache_memory_bytes"] = int(config.kv_cache_gib * (1 << 30))
+    return args
 
 
 async def load_engine(config: ServerConfig) -> Engine:

@@ -413,3 +413,18 @@ def test_every_container_variable_reaches_the_config(tmp_path, monkeypatch) -> N
     monkeypatch.setenv("CHORUS_API_KEY", "")
     config = config_from_args(build_parser().parse_args([]))
     assert config.max_model_len is None and config.api_key is None
+
+
+def test_vllm_only_settings_become_engine_arguments(tmp_path, monkeypatch) -> None:
+    """--distributed-executor-backend and --kv-cache-gib reach vLLM's AsyncEngineArgs; bad ones are refused."""
+    from server.engines import vllm_engine_args
+
+    monkeypatch.setenv("CHORUS_ENSEMBLE", str(tmp_path))
+    monkeypatch.setenv("CHORUS_KV_CACHE_GIB", "1.5")
+    config = config_from_args(build_parser().parse_args(["--distributed-executor-backend", "ray"]))
+    assert vllm_engine_args(config) == {"distributed_executor_backend": "ray", "kv_cache_memory_bytes": 3 << 29}
+    assert vllm_engine_args(ServerConfig(ensemble=str(tmp_path))) == {}
+    for bad in [dict(kv_cache_gib=0), dict(kv_cache_gib=float("nan")), dict(distributed_executor_backend="slurm"),
+                dict(engine="torch", kv_cache_gib=2.0), dict(engine="torch", distributed_executor_backend="mp")]:
+        with pytest.raises(ConfigError):
+            ServerConfig(ensemble=str(tmp_path), **bad)

@@ -52,6 +52,14 @@ def is_none(value: object) -> bool:
     return value is None
 
 
+# The extras every choice (completion or chat, whole or streamed) carries.
+StopReason = Annotated[
+    int | str | None, Field(description="vLLM extra: the stop string or token id that ended the completion.")]
+MemberLogprobs = Annotated[
+    list[dict[str, float]] | None,
+    Field(exclude_if=is_none, description="chorus extra: per generated token, each member's log-prob of it.")]
+
+
 # ----------------------------------------------------------------------------- shared pieces
 
 
@@ -153,11 +161,8 @@ class CompletionResponseChoice(ResponseModel):
     text: str
     logprobs: CompletionLogProbs | None = None
     finish_reason: str | None = None
-    stop_reason: int | str | None = Field(
-        default=None, description="vLLM extra: the stop string or token id that ended the completion.")
-    member_logprobs: list[dict[str, float]] | None = Field(
-        default=None, exclude_if=is_none,
-        description="chorus extra: per generated token, each member's log-prob of it.")
+    stop_reason: StopReason = None
+    member_logprobs: MemberLogprobs = None
 
 
 class CompletionResponse(ResponseModel):
@@ -277,11 +282,8 @@ class ChatCompletionResponseChoice(ResponseModel):
     message: ChatMessage
     logprobs: ChatCompletionLogProbs | None = None
     finish_reason: str | None = "stop"
-    stop_reason: int | str | None = Field(
-        default=None, description="vLLM extra: the stop string or token id that ended the completion.")
-    member_logprobs: list[dict[str, float]] | None = Field(
-        default=None, exclude_if=is_none,
-        description="chorus extra: per generated token, each member's log-prob of it.")
+    stop_reason: StopReason = None
+    member_logprobs: MemberLogprobs = None
 
 
 class ChatCompletionResponse(ResponseModel):
@@ -299,11 +301,8 @@ class ChatCompletionResponseStreamChoice(ResponseModel):
     delta: DeltaMessage
     logprobs: ChatCompletionLogProbs | None = None
     finish_reason: str | None = None
-    stop_reason: int | str | None = Field(
-        default=None, description="vLLM extra: the stop string or token id that ended the completion.")
-    member_logprobs: list[dict[str, float]] | None = Field(
-        default=None, exclude_if=is_none,
-        description="chorus extra: per generated token, each member's log-prob of it.")
+    stop_reason: StopReason = None
+    member_logprobs: MemberLogprobs = None
 
 
 class ChatCompletionStreamResponse(ResponseModel):

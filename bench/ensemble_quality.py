@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 
 from ensemble.manifest import EnsembleManifest
-from ensemble.pooling import fit_vocab, mask_padded_vocab, pool_logprobs
+from ensemble.pooling import pool_logprobs
+from ensemble.reference import Member
 
 
 @dataclass
@@ -64,13 +65,9 @@ def fmt(weights: list[float]) -> str:
 
 
 @torch.inference_mode()
-def member_logits(model, spec, vocab: int, ids: torch.Tensor) -> torch.Tensor:
+def member_logits(member: Member, ids: torch.Tensor) -> torch.Tensor:
     """``[T, vocab]`` float32 logits of one window over the shared vocabulary."""
-    logits = model(input_ids=ids[None]).logits[0].float()
-    x = fit_vocab(logits, vocab)
-    if spec.vocab_size is not None and spec.vocab_size < vocab:
-        x = mask_padded_vocab(x, spec.vocab_size)
-    return x
+    return member.shared_logits(member.model(input_ids=ids[None]).logits[0].float())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from tqdm.auto import tqdm
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from transfer.config import resolve_text
     from transfer.evaluate import read_windows
@@ -95,10 +92,11 @@ def main(argv: list[str] | None = None) -> int:
     start = start_token_id(tokenizer)
     texts = args.text or ["zoo:heldout"]
     windows = {t: read_windows(resolve_text(t), args.window_bytes, args.max_bytes) for t in texts}
-    models = {}
+    models = {}  # members on one folder share its weights
     for spec in manifest.members:
         if spec.path not in models:
-            models[spec.path] = AutoModelForCausalLM.from_pretrained(spec.path, dtype=torch.float32).eval()
+            models[spec.path] = Member.load_model(spec.path, "cpu", torch.float32)
+    members = [Member(spec, manifest.vocab_size, models[spec.path], "cpu") for spec in manifest.members]
     settings = scorers(manifest)
     tallies = {m.name: Tally() for m in manifest.members} | {name: Tally() for name in settings}
     total = sum(len(w) for w in windows.values())
@@ -108,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
                 ids = torch.tensor([start] + tokenizer(w, add_special_tokens=False)["input_ids"])
                 target = ids[1:]
                 n_bytes = len(w.encode("utf-8"))
-                logits = [member_logits(models[m.path], m, manifest.vocab_size, ids)[:-1] for m in manifest.members]
+                logits = [member_logits(m, ids)[:-1] for m in members]
                 for spec, x in zip(manifest.members, logits):
                     lp = torch.log_softmax(x / spec.temperature, dim=-1)
                     tallies[spec.name].add(text, -float(lp.gather(1, target[:, None]).sum()) / math.log(2), n_bytes)

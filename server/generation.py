@@ -85,7 +85,10 @@ class GenerationCall:
         """Wait for an admission slot (bounded queue, bounded by the deadline), then start the
         engine requests. Raises QueueFullError or DeadlineExceeded."""
         try:
-            await asyncio.wait_for(self.admission.acquire(), self.remaining())
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for loses a cancellation (the
+            # client's disconnect) that arrives just as the awaited result does.
+            async with asyncio.timeout(self.remaining()):
+                await self.admission.acquire()
         except QueueFullError:
             self.metrics.queue_rejections.inc()
             raise
@@ -116,7 +119,8 @@ class GenerationCall:
         pending = len(self._producers)
         while pending:
             try:
-                index, item = await asyncio.wait_for(self._queue.get(), self.remaining())
+                async with asyncio.timeout(self.remaining()):  # not wait_for: see admit()
+                    index, item = await self._queue.get()
             except TimeoutError:
                 raise DeadlineExceeded(
                     f"request timed out after {time.monotonic() - self.arrival:.1f} s (--request-timeout)"

@@ -11,11 +11,12 @@ import pytest
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
-from ensemble.protocol import EngineStats, TokenLogprob
+from ensemble.protocol import CompletionOutput, EngineStats, RequestOutput, SamplingOptions, TokenLogprob
 from server.auth import is_protected, key_matches
 from server.cli import banner, build_parser, config_from_args
 from server.config import ConfigError, ServerConfig
 from server.errors import APIError, describe_validation_error, error_body
+from server.generation import GenerationCall
 from server.limits import Admission, QueueFullError
 from server.logprobs import MIN_LOGPROB, TokenNamer, chat_logprobs, completion_logprobs, member_logprobs
 from server.metrics import ServerMetrics, ensemble_families
@@ -248,6 +249,62 @@ def test_admission_timeout_while_queued() -> None:
         with pytest.raises(TimeoutError):
             await asyncio.wait_for(adm.acquire(), 0.01)
         assert adm.waiting == 0 and adm.running == 1
+
+    asyncio.run(scenario())
+
+
+class _FedEngine:
+    """Engine requests that yield exactly what the test feeds them (to time a race exactly)."""
+
+    def __init__(self) -> None:
+        self.feed: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        self.aborted: list[str] = []
+
+    async def generate(self, prompt_token_ids, options, request_id):
+        while True:
+            out = await self.feed.get()
+            yield out
+            if out.finished:
+                return
+
+    async def abort(self, request_id: str) -> None:
+        self.aborted.append(request_id)
+        self.feed.put_nowait(RequestOutput(request_id, [1], [CompletionOutput(0, "", [], finish_reason="abort")], True))
+
+
+def test_call_keeps_a_cancellation_that_arrives_with_an_output() -> None:
+    """A client's disconnect (the handler task cancelled) that lands in the same loop turn as the
+    engine's next output must still stop the call. Python 3.11's asyncio.wait_for dropped it here:
+    the request then ran to its end and was never counted as aborted."""
+
+    async def scenario() -> None:
+        engine = _FedEngine()
+        metrics = ServerMetrics("m")
+        call = GenerationCall(engine, Admission(max_running=1, max_queue=0), metrics, "cmpl-1", [[1, 2]],
+                              SamplingOptions(max_tokens=100), timeout=60.0, registry={})
+        await call.admit()
+        seen: list[int] = []
+
+        async def handler() -> None:
+            try:
+                async for _, out in call.outputs():
+                    seen.append(len(out.outputs[0].token_ids))
+            finally:
+                await call.close("client_disconnect")
+
+        task = asyncio.create_task(handler())
+        engine.feed.put_nowait(RequestOutput("cmpl-1-0", [1, 2], [CompletionOutput(0, "a", [5])], False))
+        await asyncio.sleep(0.05)
+        assert seen == [1]  # the handler is waiting for the next output
+        engine.feed.put_nowait(RequestOutput("cmpl-1-0", [1, 2], [CompletionOutput(0, "ab", [5, 6])], False))
+        await asyncio.sleep(0)  # the producer hands that output over; the handler is now due to wake
+        task.cancel()  # ... and the client's disconnect arrives in the same turn
+        with pytest.raises(asyncio.CancelledError):
+            async with asyncio.timeout(5):
+                await task
+        assert engine.aborted == ["cmpl-1-0"]
+        assert metrics.registry.get_sample_value(
+            "chorus:requests_aborted_total", {"model_name": "m", "reason": "client_disconnect"}) == 1
 
     asyncio.run(scenario())
 

@@ -93,8 +93,8 @@ class EngineStats:
     num_running: int
     num_waiting: int
     kv_cache_usage: float  # 0..1
-    pooled_tokens: int | None = None  # tokens chosen from the pooled distribution
-    member_agreement: dict[str, int] | None = None  # member name -> chosen tokens that were its own top-1
+    pooled_tokens: int | None = None  # next-token distributions pooled (rows)
+    member_agreement: dict[str, int] | None = None  # member name -> rows whose pooled top-1 was its own top-1
     pooling_seconds: float | None = None  # time spent pooling member distributions
     pooling_steps: int | None = None  # engine steps that pooled (the count behind pooling_seconds)
 

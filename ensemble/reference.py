@@ -14,9 +14,10 @@ completion by one token per step), so the asyncio event loop never waits on torc
 and clarity come before speed: members run one completion at a time; only the pooling and the
 bookkeeping are batched.
 
-Ensemble counters (`EngineStats` optional fields, cumulative since start): every decode step
-times its pooling call, and every chosen token counts, per member, whether it was that member's
-own most likely token (argmax of its fitted logits) -- the member's agreement with the ensemble.
+Ensemble counters (`EngineStats` optional fields, cumulative since start, kept by
+`ensemble.pooling_stats.PoolingCounters` as in the vLLM engine): every decode step times its
+pooling call, and every pooled row counts, per member, whether the member's own most likely token
+was the ensemble's (the pooled argmax: the chosen token under greedy decoding).
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ import asyncio
 import copy
 import secrets
 import threading
-import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
@@ -37,6 +37,7 @@ from torch import Tensor
 
 from ensemble.manifest import EnsembleManifest, MemberSpec
 from ensemble.pooling import fit_vocab, mask_padded_vocab, member_logprobs, normalise_weights, pool_logprobs
+from ensemble.pooling_stats import PoolingCounters
 from ensemble.protocol import (
     CompletionOutput,
     EngineRequestError,
@@ -206,11 +207,8 @@ class ReferenceEngine:
         self._ids: set[str] = set()
         self._aborts: set[str] = set()
         self._closed = False
-        # Ensemble counters, written by the worker and read by stats(), both under self._cond.
-        self._pooled_tokens = 0
-        self._agreement = {m.spec.name: 0 for m in self.members}
-        self._pooling_seconds = 0.0
-        self._pooling_steps = 0
+        # Ensemble counters: written by the worker thread (decode steps), read by stats().
+        self._counters = PoolingCounters([m.spec.name for m in self.members])
         self._thread = threading.Thread(target=self._loop, name="reference-engine", daemon=True)
         self._thread.start()
 
@@ -261,15 +259,10 @@ class ReferenceEngine:
         with self._cond:
             running = list(self._running)
             waiting = len(self._waiting)
-            counters = dict(
-                pooled_tokens=self._pooled_tokens,
-                member_agreement=dict(self._agreement),
-                pooling_seconds=self._pooling_seconds,
-                pooling_steps=self._pooling_steps,
-            )
         cached = sum(len(r.prompt) + len(s.token_ids) for r in running for s in r.sequences if not s.finished)
         usage = min(1.0, cached / (self.max_num_seqs * self.max_model_len))
-        return EngineStats(num_running=len(running), num_waiting=waiting, kv_cache_usage=usage, **counters)
+        return EngineStats(num_running=len(running), num_waiting=waiting, kv_cache_usage=usage,
+                           **self._counters.snapshot())
 
     async def shutdown(self) -> None:
         """Abort everything in flight and stop the worker thread."""
@@ -458,15 +451,10 @@ class ReferenceEngine:
         if not seqs:
             return
         member_rows = [torch.stack([s.rows[k] for _, s in seqs]) for k in range(len(self.members))]
-        start = time.perf_counter()
-        pooled = self._pool(member_rows, [r for r, _ in seqs])
-        pooling_seconds = time.perf_counter() - start
-        member_top = [rows.argmax(dim=-1).tolist() for rows in member_rows]  # each member's top-1 per row
-        chosen: list[int] = []
+        pooled = self._counters.timed_pool(member_rows, lambda: self._pool(member_rows, [r for r, _ in seqs]))
         for i, (request, seq) in enumerate(seqs):
             options = request.options
             token = sample_token(pooled[i], options, seq.token_ids, seq.generator)
-            chosen.append(token)
             if seq.logprobs is not None:
                 rows = [m[i] for m in member_rows] if options.member_logprobs else None
                 seq.logprobs.append(self._token_logprob(pooled[i], token, options.logprobs, rows))
@@ -480,13 +468,3 @@ class ReferenceEngine:
             for k, member in enumerate(self.members):
                 logits, seq.caches[k] = member.forward([token], seq.caches[k])
                 seq.rows[k] = logits[-1]
-        self._count_pooling(chosen, member_top, pooling_seconds)
-
-    def _count_pooling(self, chosen: list[int], member_top: list[list[int]], seconds: float) -> None:
-        """Add one decode step to the ensemble counters (tokens chosen, agreement, pooling time)."""
-        with self._cond:
-            self._pooled_tokens += len(chosen)
-            for member, tops in zip(self.members, member_top):
-                self._agreement[member.spec.name] += sum(t == c for t, c in zip(tops, chosen))
-            self._pooling_seconds += seconds
-            self._pooling_steps += 1

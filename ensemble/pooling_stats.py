@@ -1,0 +1,113 @@
+"""Ensemble counters, shared by both engines: rows pooled, member agreement, pooling time.
+
+`PoolingCounters.record` is called once per pooling call with the members' logits over the
+shared vocabulary and the pooled log-probabilities. A member *agrees* on a row when its own most
+likely token (argmax of its logits) is the ensemble's most likely token (argmax of the pooled
+distribution): the same as the token chosen under greedy decoding, and, unlike the sampled token,
+independent of temperature and seeds, so the ratio measures how often the members disagree.
+
+On an accelerator nothing here synchronises the device: agreement counts stay on the device
+until `snapshot`, and pooling time is measured with device events (folded in at `snapshot`, or
+once many are pending). On a CPU, the timings are plain wall time of the pooling call.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+# Pending device-event pairs folded into the total once this many accumulate (bounds memory when
+# nobody reads the counters).
+_MAX_PENDING_EVENTS = 256
+
+
+class PoolingCounters:
+    """Cumulative ensemble counters of one engine (thread-safe)."""
+
+    def __init__(self, member_names: Sequence[str]) -> None:
+        self.member_names = tuple(member_names)
+        self._lock = threading.Lock()
+        self._rows = 0
+        self._agree: Tensor | None = None  # int64 [K], on the logits' device
+        self._seconds = 0.0
+        self._steps = 0
+        self._events: list[tuple[Any, Any]] = []  # (start, end) device events not yet folded
+
+    def timed_pool(self, member_logits: Sequence[Tensor], pool: Callable[[], Tensor]) -> Tensor:
+        """Run `pool()` (which pools `member_logits`), time it, record it, return its result."""
+        device = member_logits[0].device
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            pooled = pool()
+            end.record()
+            self.record(member_logits, pooled, events=(start, end))
+        else:
+            began = time.perf_counter()
+            pooled = pool()
+            self.record(member_logits, pooled, seconds=time.perf_counter() - began)
+        return pooled
+
+    def record(
+        self, member_logits: Sequence[Tensor], pooled: Tensor, seconds: float = 0.0,
+        events: tuple[Any, Any] | None = None,
+    ) -> None:
+        """Count one pooling call: ``pooled`` [N, V], ``member_logits`` K tensors [N, V]."""
+        if len(member_logits) != len(self.member_names):
+            raise ValueError(f"expected {len(self.member_names)} members' logits, got {len(member_logits)}")
+        rows = int(pooled.shape[0])
+        if rows == 0:
+            return
+        with torch.no_grad():
+            top = pooled.argmax(dim=-1)
+            agree = torch.stack([(m.argmax(dim=-1) == top).sum() for m in member_logits]).to(torch.int64)
+        with self._lock:
+            self._rows += rows
+            self._agree = agree if self._agree is None else self._agree + agree.to(self._agree.device)
+            self._steps += 1
+            if events is None:
+                self._seconds += seconds
+            else:
+                self._events.append(events)
+                if len(self._events) >= _MAX_PENDING_EVENTS:
+                    self._fold_events(block=False)
+
+    def _fold_events(self, block: bool) -> None:
+        """Add finished device-event pairs to the pooling time (all of them if `block`)."""
+        left = []
+        for start, end in self._events:
+            if block:
+                end.synchronize()
+            elif not end.query():
+                left.append((start, end))
+                continue
+            self._seconds += start.elapsed_time(end) / 1000.0
+        self._events = left
+
+    def snapshot(self, reset: bool = False) -> dict[str, Any]:
+        """The counters as `EngineStats` fields (``pooled_tokens``, ``member_agreement``,
+        ``pooling_seconds``, ``pooling_steps``); `reset` zeroes them afterwards."""
+        with self._lock:
+            self._fold_events(block=True)
+            agree = [0] * len(self.member_names) if self._agree is None else self._agree.tolist()
+            out = {
+                "pooled_tokens": self._rows,
+                "member_agreement": dict(zip(self.member_names, (int(a) for a in agree))),
+                "pooling_seconds": self._seconds,
+                "pooling_steps": self._steps,
+            }
+            if reset:
+                self._rows, self._agree, self._seconds, self._steps = 0, None, 0.0, 0
+        return out
+
+
+def driver_snapshot(snapshots: Sequence[dict[str, Any] | None]) -> dict[str, Any] | None:
+    """The counters of the first worker that has any (vLLM's ``collective_rpc`` answers per worker,
+    rank 0 first). Only ranks that receive the gathered logits pool; with vLLM's all-gather they
+    all do, each the same rows, so adding the workers' counters up would count rows twice."""
+    return next((s for s in snapshots if s is not None), None)

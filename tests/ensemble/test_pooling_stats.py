@@ -1,0 +1,80 @@
+"""PoolingCounters: rows, per-member agreement with the pooled top-1, steps, time, reset."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from ensemble.pooling import pool_logprobs
+from ensemble.pooling_stats import PoolingCounters, driver_snapshot
+
+
+def _logits(rows: list[list[float]]) -> torch.Tensor:
+    return torch.tensor(rows, dtype=torch.float32)
+
+
+def test_agreement_is_with_the_pooled_top_token() -> None:
+    a = _logits([[3.0, 0.0, 0.0], [0.0, 3.0, 0.0], [0.0, 0.0, 3.0]])  # top-1: 0, 1, 2
+    b = _logits([[0.0, 5.0, 0.0], [0.0, 5.0, 0.0], [5.0, 0.0, 0.0]])  # top-1: 1, 1, 0
+    pooled = pool_logprobs([a, b], [1.0, 3.0])  # b dominates: pooled top-1 is b's on every row
+    assert pooled.argmax(dim=-1).tolist() == [1, 1, 0]
+    counters = PoolingCounters(["a", "b"])
+    counters.record([a, b], pooled, seconds=0.25)
+    counters.record([a[:1], b[:1]], pooled[:1], seconds=0.5)
+    assert counters.snapshot() == {
+        "pooled_tokens": 4,
+        "member_agreement": {"a": 1, "b": 4},  # a agrees only on row 1
+        "pooling_seconds": 0.75,
+        "pooling_steps": 2,
+    }
+
+
+def test_timed_pool_returns_the_pool_and_measures_it() -> None:
+    a, b = torch.randn(5, 7), torch.randn(5, 7)
+    counters = PoolingCounters(["a", "b"])
+    pooled = counters.timed_pool([a, b], lambda: pool_logprobs([a, b], [1.0, 1.0]))
+    torch.testing.assert_close(pooled, pool_logprobs([a, b], [1.0, 1.0]))
+    snap = counters.snapshot()
+    assert snap["pooled_tokens"] == 5 and snap["pooling_steps"] == 1 and snap["pooling_seconds"] > 0.0
+
+
+def test_reset_and_empty_calls() -> None:
+    counters = PoolingCounters(["x"])
+    assert counters.snapshot() == {"pooled_tokens": 0, "member_agreement": {"x": 0},
+                                   "pooling_seconds": 0.0, "pooling_steps": 0}
+    x = torch.randn(3, 4)
+    counters.record([x], torch.log_softmax(x, dim=-1), seconds=1.0)
+    counters.record([x[:0]], x[:0], seconds=9.0)  # no rows: not a pooling step
+    assert counters.snapshot(reset=True)["member_agreement"] == {"x": 3}
+    assert counters.snapshot()["pooled_tokens"] == 0 and counters.snapshot()["pooling_steps"] == 0
+
+
+def test_wrong_member_count_is_refused() -> None:
+    with pytest.raises(ValueError, match="expected 2 members"):
+        PoolingCounters(["a", "b"]).record([torch.zeros(1, 2)], torch.zeros(1, 2))
+
+
+def test_concurrent_records_are_all_counted() -> None:
+    counters = PoolingCounters(["a"])
+    x = torch.randn(2, 3)
+    pooled = torch.log_softmax(x, dim=-1)
+
+    def work() -> None:
+        for _ in range(200):
+            counters.record([x], pooled, seconds=0.001)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    snap = counters.snapshot()
+    assert snap["pooled_tokens"] == 1600 and snap["pooling_steps"] == 800 and snap["member_agreement"] == {"a": 1600}
+
+
+def test_driver_snapshot_takes_the_first_worker_that_pools() -> None:
+    one = {"pooled_tokens": 3, "member_agreement": {"a": 2}, "pooling_seconds": 0.1, "pooling_steps": 1}
+    assert driver_snapshot([None, one, dict(one, pooled_tokens=9)]) is one
+    assert driver_snapshot([None, None]) is None and driver_snapshot([]) is None

@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # The acceptance experiment of transfer/RESULTS.md: SmolLM2-135M moved onto the Qwen2 tokenizer.
 # Compares, on the same held-out bytes, the teacher (its own tokenizer), the FVT-only student, the
-# student after STEPS ALM steps and, as a baseline, after the same STEPS steps of SFT only.
-#   bench/transfer_experiment.sh [OUT_DIR]      (default runs/experiment; STEPS=100, EVAL_BYTES=20000)
+# student after STEPS ALM steps and, as a baseline, after the same STEPS steps of SFT only; plus
+# ALM combined with SFT or with the hidden-state term (gradient-magnitude balanced, as tokenkit's
+# tokenizer-transfer recipes do). Held-out texts: plays (the training domain), modern prose, and
+# text sampled from the teacher (bench/teacher_text.py).
+#   bench/transfer_experiment.sh [OUT_DIR]      (default runs/experiment; STEPS=100, EVAL_BYTES=20000,
+#                                                METHODS="alm sft alm_sft alm_latents")
 # Resumable: finished runs and evaluations are kept; a killed run continues with --resume.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,6 +15,7 @@ export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 OUT="${1:-runs/experiment}"
 STEPS="${STEPS:-100}"
 EVAL_BYTES="${EVAL_BYTES:-20000}"
+METHODS="${METHODS:-alm sft alm_sft alm_latents}"
 CONFIG=transfer/configs/smollm2_to_qwen2.yaml
 mkdir -p "$OUT"
 
@@ -25,12 +30,25 @@ train() {  # name, extra overrides...
   echo "{\"run\": \"$name\", \"wall_s\": $((SECONDS - t0))}" >> "$OUT/timings.jsonl"
 }
 
-train alm
-train sft "loss.terms=[sft]"
+for method in $METHODS; do
+  case $method in
+    alm) train alm ;;
+    sft) train sft "loss.terms=[sft]" ;;
+    alm_sft) train alm_sft "loss.terms=[alm,sft]" loss.balance=true ;;
+    alm_latents) train alm_latents "loss.terms=[alm,latents]" loss.balance=true ;;
+    *) echo "[experiment] unknown method $method (alm, sft, alm_sft, alm_latents)" >&2; exit 2 ;;
+  esac
+done
 [[ -f "$OUT/fvt/config.json" ]] || "$BIN/transfer" init --model zoo:smollm2 --tokenizer zoo:qwen2 --out "$OUT/fvt"
 
-for text in heldout prose; do
-  for model in teacher fvt alm sft; do
+# What the teacher itself writes (sampled at temperature 1 from prose openings): how faithfully each
+# student reproduces its teacher.
+[[ -f "$OUT/teacher_text.txt" ]] || "$BIN/python" bench/teacher_text.py "$OUT/teacher_text.txt"
+
+for text in heldout prose teacher_text; do
+  source="zoo:$text"
+  [[ $text == teacher_text ]] && source="$OUT/teacher_text.txt"
+  for model in teacher fvt $METHODS; do
     key="$model $text"
     grep -qF "\"key\": \"$key\"" "$OUT/eval.jsonl" 2>/dev/null && continue
     case $model in
@@ -38,7 +56,7 @@ for text in heldout prose; do
       fvt) dir="$OUT/fvt" ;;
       *) dir="$OUT/$model/model" ;;
     esac
-    line="$("$BIN/transfer" eval --model "$dir" --text "zoo:$text" --max-bytes "$EVAL_BYTES" | tail -1)"
+    line="$("$BIN/transfer" eval --model "$dir" --text "$source" --max-bytes "$EVAL_BYTES" | tail -1)"
     echo "{\"key\": \"$key\", \"model\": \"$model\", \"text\": \"$text\", \"result\": $line}" >> "$OUT/eval.jsonl"
   done
 done

@@ -2,7 +2,7 @@
 
     python bench/transfer_report.py runs/experiment
 
-Reads ``eval.jsonl`` (bits per byte of teacher / FVT / ALM / SFT on each held-out text),
+Reads ``eval.jsonl`` (bits per byte of teacher / FVT / each trained run on each held-out text),
 ``timings.jsonl`` and each run's ``log.jsonl``; prints bits per byte, the share of the FVT-to-teacher
 gap each trained student closed, and the training cost (steps, wall time, tokens per second).
 """
@@ -18,7 +18,10 @@ LABELS = {
     "fvt": "student, FVT initialisation only",
     "alm": "student after ALM",
     "sft": "student after SFT only (baseline)",
+    "alm_sft": "student after ALM + SFT (balanced)",
+    "alm_latents": "student after ALM + latents (balanced)",
 }
+TRAINED = ("alm", "sft", "alm_sft", "alm_latents")
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -36,19 +39,22 @@ def gap_closed(fvt: float, trained: float, teacher: float) -> float:
 def report(folder: Path) -> str:
     """The Markdown summary of one experiment folder."""
     evals = {(r["model"], r["text"]): r["result"]["bits_per_byte"] for r in read_jsonl(folder / "eval.jsonl")}
-    texts = sorted({t for _, t in evals}, key=["heldout", "prose"].index)
+    texts = sorted({t for _, t in evals}, key=["heldout", "prose", "teacher_text"].index)
     lines = ["| model | " + " | ".join(f"{t} bits/byte" for t in texts) + " |", "|---|" + "---|" * len(texts)]
     for model, label in LABELS.items():
+        if not any((model, t) in evals for t in texts):
+            continue
         cells = [f"{evals[(model, t)]:.4f}" if (model, t) in evals else "n/a" for t in texts]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines.append("")
     for t in texts:
-        if all((m, t) in evals for m in LABELS):
+        if ("fvt", t) in evals and ("teacher", t) in evals:
             fvt, teacher = evals[("fvt", t)], evals[("teacher", t)]
-            parts = [f"{m.upper()} closed {100 * gap_closed(fvt, evals[(m, t)], teacher):.1f}%" for m in ("alm", "sft")]
+            parts = [f"{m.upper().replace('_', '+')} closed {100 * gap_closed(fvt, evals[(m, t)], teacher):.1f}%"
+                     for m in TRAINED if (m, t) in evals]
             lines.append(f"- {t}: FVT-to-teacher gap {fvt - teacher:.4f} bits/byte; " + ", ".join(parts) + ".")
     timings = {r["run"]: r["wall_s"] for r in read_jsonl(folder / "timings.jsonl")}
-    for run in ("alm", "sft"):
+    for run in TRAINED:
         log = [r for r in read_jsonl(folder / run / "log.jsonl") if "loss" in r]
         if log:
             last = log[-1]

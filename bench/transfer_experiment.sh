@@ -3,7 +3,7 @@
 # Compares, on the same held-out bytes, the teacher (its own tokenizer), the FVT-only student, the
 # student after STEPS ALM steps and, as a baseline, after the same STEPS steps of SFT only; plus
 # ALM combined with SFT or with the hidden-state term (gradient-magnitude balanced, as tokenkit's
-# tokenizer-transfer recipes do). Held-out texts: plays (the training domain), modern prose, and
+# tokenizer-transfer recipes do; alm1_sft3 gives ALM a quarter of the gradient instead of half). Held-out texts: plays (the training domain), modern prose, and
 # text sampled from the teacher (bench/teacher_text.py).
 #   bench/transfer_experiment.sh [OUT_DIR]      (default runs/experiment; STEPS=100, EVAL_BYTES=20000,
 #                                                METHODS="alm sft alm_sft alm_latents")
@@ -36,7 +36,8 @@ for method in $METHODS; do
     sft) train sft "loss.terms=[sft]" ;;
     alm_sft) train alm_sft "loss.terms=[alm,sft]" loss.balance=true ;;
     alm_latents) train alm_latents "loss.terms=[alm,latents]" loss.balance=true ;;
-    *) echo "[experiment] unknown method $method (alm, sft, alm_sft, alm_latents)" >&2; exit 2 ;;
+    alm1_sft3) train alm1_sft3 "loss.terms=[alm,sft]" loss.balance=true "loss.weights={alm: 1, sft: 3}" ;;
+    *) echo "[experiment] unknown method $method (alm, sft, alm_sft, alm_latents, alm1_sft3)" >&2; exit 2 ;;
   esac
 done
 [[ -f "$OUT/fvt/config.json" ]] || "$BIN/transfer" init --model zoo:smollm2 --tokenizer zoo:qwen2 --out "$OUT/fvt"

@@ -20,8 +20,9 @@ LABELS = {
     "sft": "student after SFT only (baseline)",
     "alm_sft": "student after ALM + SFT (balanced)",
     "alm_latents": "student after ALM + latents (balanced)",
+    "alm1_sft3": "student after ALM + SFT (balanced 1:3)",
 }
-TRAINED = ("alm", "sft", "alm_sft", "alm_latents")
+TRAINED = ("alm", "sft", "alm_sft", "alm_latents", "alm1_sft3")
 
 
 def read_jsonl(path: Path) -> list[dict]:

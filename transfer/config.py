@@ -103,7 +103,7 @@ class LossConfig:
     balance: bool = False  # weight each term by 1 / ||grad|| over the last layer
     gamma: float = 0.1
     tau: float = 100.0
-    distance: Literal["binary_ce", "abs"] = "binary_ce"
+    distance: Literal["binary_kl", "binary_ce", "abs"] = "binary_kl"  # binary_kl: binary_ce minus its floor
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,9 @@ ALM in four steps:
    chunk; group score = sum of its chunks' log-probs + log p_sp at the group's end, each side
    with its own p_sp. Chunks after the last marked one form no group. A group is valid when all
    its chunks are valid (and inside `chunk_mask`, if given);
-4. distance per valid group (binarised divergence at temperature tau, or |lpT - lpS|),
-   averaged over all valid groups of the batch.
+4. distance per valid group (binarised divergence at temperature tau, by default minus its
+   floor, the teacher's binary entropy, which leaves the gradient unchanged and makes a perfect
+   match score 0; or |lpT - lpS|), averaged over all valid groups of the batch.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import torch
 from torch import Tensor
 
 DEBIAS_MODES = ("space", "none")
-DISTANCES = ("binary_ce", "binarised", "abs")
+DISTANCES = ("binary_kl", "binary_ce", "binarised", "abs")
 _LOG_FLOOR = -1e30  # -inf log-probs become this, so that 0 * log(0) stays 0, not NaN
 
 
@@ -250,6 +251,16 @@ def binarised_divergence(lp_teacher: Tensor, lp_student: Tensor, tau: float = 10
     return -(u * log_w + one_minus_u * log1mexp(log_w))
 
 
+def binary_kl_divergence(lp_teacher: Tensor, lp_student: Tensor, tau: float = 100.0) -> Tensor:
+    """Elementwise KL(Bern(u) || Bern(w)) = `binarised_divergence` - `binary_entropy` of the teacher.
+
+    The same gradient w.r.t. lpS as the binarised divergence (the subtracted floor depends on the
+    teacher only), but 0 where the two sides agree, so a logged ALM loss shows the remaining gap
+    instead of the teacher's own uncertainty.
+    """
+    return binarised_divergence(lp_teacher, lp_student, tau) - binary_entropy(lp_teacher, tau)
+
+
 def abs_divergence(lp_teacher: Tensor, lp_student: Tensor) -> Tensor:
     """Elementwise |lpT - lpS| (the design's alternative distance)."""
     return (_floor(lp_teacher.float()).clamp(max=0.0) - _floor(lp_student.float()).clamp(max=0.0)).abs()
@@ -367,13 +378,17 @@ def alm_group_scores(
     return GroupScores(torch.where(valid, t_group, zero_g), torch.where(valid, s_group, zero_g), valid, group)
 
 
-def group_distance(scores: GroupScores, distance: str = "binary_ce", tau: float = 100.0) -> Tensor:
+def group_distance(scores: GroupScores, distance: str = "binary_kl", tau: float = 100.0) -> Tensor:
     """Scalar: the distance between teacher and student group scores, averaged over valid groups.
 
-    distance: "binary_ce" (alias "binarised": `binarised_divergence` at temperature tau) or
-    "abs". With no valid group the result is 0 (still attached to the student's graph).
+    distance: "binary_kl" (`binary_kl_divergence`: 0 at a match), "binary_ce" (alias
+    "binarised": `binarised_divergence`, the same gradient plus the teacher's binary entropy),
+    both at temperature tau, or "abs". With no valid group the result is 0 (still attached to the
+    student's graph).
     """
-    if distance in ("binary_ce", "binarised"):
+    if distance == "binary_kl":
+        per_group = binary_kl_divergence(scores.teacher, scores.student, tau)
+    elif distance in ("binary_ce", "binarised"):
         per_group = binarised_divergence(scores.teacher, scores.student, tau)
     elif distance == "abs":
         per_group = abs_divergence(scores.teacher, scores.student)
@@ -398,7 +413,7 @@ def alm_loss(
     *,
     debias: str = "space",
     gamma: float = 0.1,
-    distance: str = "binary_ce",
+    distance: str = "binary_kl",
     tau: float = 100.0,
 ) -> Tensor:
     """Scalar ALM loss of a batch: `alm_group_scores` then `group_distance` (see their shapes).

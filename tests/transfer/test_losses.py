@@ -130,18 +130,21 @@ def _same_tokenizer_inputs(batch=2, length=9, vocab=13, scale=3.0):
 
 @pytest.mark.parametrize("debias", ["space", "none"])
 def test_student_equal_to_teacher(debias):
-    """Same tokenizer and student == teacher: abs loss is exactly 0; the binarised loss equals the
-    mean binary entropy of the teacher's group probabilities and its gradient w.r.t. the student
-    logits vanishes (the student sits at the minimum)."""
+    """Same tokenizer and student == teacher: the default ALM loss (binary KL) and the abs loss
+    are 0; the raw binarised loss equals the mean binary entropy of the teacher's group
+    probabilities; the gradient w.r.t. the student logits vanishes (the student sits at the
+    minimum)."""
     logits_t, ids, a, b, space = _same_tokenizer_inputs()
     student = logits_t.clone().requires_grad_(True)
     kw = dict(student_space_mask=space, teacher_space_mask=space, debias=debias)
     assert losses.alm_loss(student, logits_t, ids, ids, a, b, distance="abs", **kw) == 0
-    loss = losses.alm_loss(student, logits_t, ids, ids, a, b, **kw)
+    raw = losses.alm_loss(student, logits_t, ids, ids, a, b, distance="binary_ce", **kw)
     scores = losses.alm_group_scores(student, logits_t, ids, ids, a, b, **kw)
     assert scores.valid.any()
     expected = losses.binary_entropy(scores.teacher)[scores.valid].mean()
-    assert torch.isclose(loss, expected, rtol=1e-5)
+    assert torch.isclose(raw, expected, rtol=1e-5)
+    loss = losses.alm_loss(student, logits_t, ids, ids, a, b, **kw)
+    assert abs(float(loss)) < 1e-6
     loss.backward()
     assert student.grad.abs().max() < 1e-6
     # A perturbed student has a larger loss and a non-zero gradient.
@@ -151,13 +154,26 @@ def test_student_equal_to_teacher(debias):
     assert worse > loss and other.grad.abs().max() > 1e-6
 
 
+def test_binary_kl_is_the_binarised_divergence_minus_its_floor():
+    """Non-negative, 0 only at equality, and with exactly the binarised divergence's gradient."""
+    lp_t = -torch.rand(64) * 20
+    lp_s = (-torch.rand(64) * 20).requires_grad_(True)
+    kl = losses.binary_kl_divergence(lp_t, lp_s)
+    assert (kl >= -1e-7).all() and kl.max() > 0
+    assert losses.binary_kl_divergence(lp_t, lp_t).abs().max() < 1e-7
+    (g_kl,) = torch.autograd.grad(kl.sum(), lp_s)
+    (g_ce,) = torch.autograd.grad(losses.binarised_divergence(lp_t, lp_s).sum(), lp_s)
+    torch.testing.assert_close(g_kl, g_ce)
+
+
 def test_same_tokenizer_reduces_to_token_level_matching():
     """Every chunk is one token, so ALM without debiasing is the per-token distance at t >= 1."""
     logits_t, ids, a, b, _ = _same_tokenizer_inputs()
     logits_s = torch.randn_like(logits_t)
     lp_t = losses.token_logprobs(logits_t, ids)[:, 1:]
     lp_s = losses.token_logprobs(logits_s, ids)[:, 1:]
-    for distance, fn in (("binary_ce", losses.binarised_divergence), ("abs", losses.abs_divergence)):
+    for distance, fn in (("binary_kl", losses.binary_kl_divergence), ("binary_ce", losses.binarised_divergence),
+                         ("abs", losses.abs_divergence)):
         got = losses.alm_loss(logits_s, logits_t, ids, ids, a, b, debias="none", distance=distance)
         assert torch.isclose(got, fn(lp_t, lp_s).mean(), rtol=1e-6)
 
@@ -243,11 +259,11 @@ def test_batched_loss_with_padding_equals_the_pooled_single_rows():
                                          ids_t[i:i + 1, :nt], a[i:i + 1, :ns, :k], b[i:i + 1, :nt, :k], **kw)
         assert torch.equal(single.valid[0], batched.valid[i, :k]) and not batched.valid[i, k:].any()
         assert torch.allclose(single.student[0], batched.student[i, :k], atol=1e-6)
-        total += float(losses.binarised_divergence(single.teacher, single.student)[single.valid].sum())
+        total += float(losses.binary_kl_divergence(single.teacher, single.student)[single.valid].sum())
         count += int(single.valid.sum())
     assert count > 0
     loss = losses.alm_loss(logits_s, logits_t, ids_s, ids_t, a, b, mask_s, mask_t, **kw)
-    assert math.isclose(float(loss), total / count, rel_tol=1e-5)
+    assert math.isclose(float(loss), total / count, rel_tol=1e-5, abs_tol=1e-7)
 
 
 def test_alm_is_differentiable_wrt_the_student_only_and_finite_at_extremes():

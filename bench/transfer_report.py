@@ -21,8 +21,9 @@ LABELS = {
     "alm_sft": "student after ALM + SFT (balanced)",
     "alm_latents": "student after ALM + latents (balanced)",
     "alm1_sft3": "student after ALM + SFT (balanced 1:3)",
+    "alm_abs": "student after ALM, distance |lpT - lpS|",
 }
-TRAINED = ("alm", "sft", "alm_sft", "alm_latents", "alm1_sft3")
+TRAINED = ("alm", "sft", "alm_sft", "alm_latents", "alm1_sft3", "alm_abs")
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -1,0 +1,83 @@
+"""How closely students match their teacher's chunk likelihoods on held-out text: the quantity ALM
+trains, measured where bits per byte is measured.
+
+    python bench/alm_fidelity.py --teacher zoo:smollm2 --text zoo:heldout \\
+        fvt=runs/experiment/fvt alm=runs/experiment/alm/model sft=runs/experiment/sft/model
+
+For each student, the held-out text is cut into examples, tokenized by teacher and student,
+aligned into chunks and grouped by the teacher's space probability exactly as in training
+(`transfer.data.PairCollator`, `transfer.losses.alm_group_scores`, gamma 0.1). Printed per
+student, over all valid groups: the mean |log P_T - log P_S| (nats), the mean of log P_S - log P_T
+(negative: the student gives the text less probability than the teacher) and the mean binary KL
+at tau 100 (the default ALM distance).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+from tqdm import tqdm
+
+
+def group_gaps(teacher, teacher_tok, student, student_tok, text: str, seq_len: int, max_examples: int,
+               batch_size: int = 4) -> dict[str, float]:
+    """Mean |dlogP|, mean signed dlogP (student - teacher) and mean binary KL over valid groups."""
+    from transfer import losses
+    from transfer.data import PairCollator, Side, load_examples
+    from transfer.tokens import space_token_mask
+
+    examples = load_examples(text, fmt="text")[:max_examples]
+    collate = PairCollator(Side(teacher_tok), Side(student_tok), seq_len)
+    t_space = space_token_mask(teacher_tok, teacher.get_output_embeddings().weight.shape[0])
+    s_space = space_token_mask(student_tok, student.get_output_embeddings().weight.shape[0])
+    diffs: list[torch.Tensor] = []
+    kls: list[torch.Tensor] = []
+    for start in tqdm(range(0, len(examples), batch_size), desc="groups", unit="batch", file=sys.stderr):
+        batch = collate(examples[start : start + batch_size])
+        with torch.no_grad():
+            t_logits = teacher(input_ids=batch["teacher_input_ids"], attention_mask=batch["teacher_attention_mask"]).logits
+            s_logits = student(input_ids=batch["student_input_ids"], attention_mask=batch["student_attention_mask"]).logits
+            scores = losses.alm_group_scores(
+                s_logits, t_logits, batch["student_input_ids"], batch["teacher_input_ids"],
+                batch["student_chunks"], batch["teacher_chunks"], batch["student_attention_mask"],
+                batch["teacher_attention_mask"], s_space, t_space, batch["chunk_mask"], gamma=0.1)
+        valid = scores.valid
+        diffs.append((scores.student - scores.teacher)[valid])
+        kls.append(losses.binary_kl_divergence(scores.teacher, scores.student)[valid])
+    d, k = torch.cat(diffs), torch.cat(kls)
+    return {"groups": int(d.numel()), "mean_abs_dlogp": float(d.abs().mean()),
+            "mean_dlogp": float(d.mean()), "mean_binary_kl": float(k.mean())}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from transfer.config import resolve_model, resolve_text
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("students", nargs="+", help="NAME=MODEL_DIR (each folder holds its tokenizer)")
+    p.add_argument("--teacher", default="zoo:smollm2")
+    p.add_argument("--text", default="zoo:heldout")
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--examples", type=int, default=64, help="held-out examples (about 2 KB each, cut to seq-len)")
+    args = p.parse_args(argv)
+    pairs = [s.split("=", 1) for s in args.students]
+    if any(len(pair) != 2 for pair in pairs):
+        p.error("students are NAME=MODEL_DIR")
+    teacher_dir = resolve_model(args.teacher)
+    teacher_tok = AutoTokenizer.from_pretrained(teacher_dir)
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
+    text = resolve_text(args.text)
+    for name, folder in pairs:
+        student_tok = AutoTokenizer.from_pretrained(folder)
+        student = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        result = group_gaps(teacher, teacher_tok, student, student_tok, text, args.seq_len, args.examples)
+        print(json.dumps({"student": name, "text": args.text, **result}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 
 def group_gaps(teacher, teacher_tok, student, student_tok, text: str, seq_len: int, max_examples: int,
-               batch_size: int = 4) -> dict[str, float]:
+               batch_size: int = 4, debias: str = "space") -> dict[str, float]:
     """Mean |dlogP|, mean signed dlogP (student - teacher) and mean binary KL over valid groups."""
     from transfer import losses
     from transfer.data import PairCollator, Side, load_examples
@@ -43,7 +43,7 @@ def group_gaps(teacher, teacher_tok, student, student_tok, text: str, seq_len: i
             scores = losses.alm_group_scores(
                 s_logits, t_logits, batch["student_input_ids"], batch["teacher_input_ids"],
                 batch["student_chunks"], batch["teacher_chunks"], batch["student_attention_mask"],
-                batch["teacher_attention_mask"], s_space, t_space, batch["chunk_mask"], gamma=0.1)
+                batch["teacher_attention_mask"], s_space, t_space, batch["chunk_mask"], gamma=0.1, debias=debias)
         valid = scores.valid
         diffs.append((scores.student - scores.teacher)[valid])
         kls.append(losses.binary_kl_divergence(scores.teacher, scores.student)[valid])
@@ -63,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--text", default="zoo:heldout")
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--examples", type=int, default=64, help="held-out examples (about 2 KB each, cut to seq-len)")
+    p.add_argument("--debias", choices=["space", "none"], default="space",
+                   help="none: compare single chunks, without the space-probability term")
     args = p.parse_args(argv)
     pairs = [s.split("=", 1) for s in args.students]
     if any(len(pair) != 2 for pair in pairs):
@@ -74,8 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     for name, folder in pairs:
         student_tok = AutoTokenizer.from_pretrained(folder)
         student = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-        result = group_gaps(teacher, teacher_tok, student, student_tok, text, args.seq_len, args.examples)
-        print(json.dumps({"student": name, "text": args.text, **result}), flush=True)
+        result = group_gaps(teacher, teacher_tok, student, student_tok, text, args.seq_len, args.examples,
+                            debias=args.debias)
+        print(json.dumps({"student": name, "text": args.text, "debias": args.debias, **result}), flush=True)
     return 0
 
 

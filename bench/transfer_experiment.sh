@@ -38,7 +38,8 @@ for method in $METHODS; do
     alm_latents) train alm_latents "loss.terms=[alm,latents]" loss.balance=true ;;
     alm1_sft3) train alm1_sft3 "loss.terms=[alm,sft]" loss.balance=true "loss.weights={alm: 1, sft: 3}" ;;
     alm_abs) train alm_abs loss.distance=abs ;;
-    *) echo "[experiment] unknown method $method (alm, sft, alm_sft, alm_latents, alm1_sft3, alm_abs)" >&2; exit 2 ;;
+    alm_emblr) train alm_emblr train.embedding_lr=1e-3 ;;
+    *) echo "[experiment] unknown method $method (alm, sft, alm_sft, alm_latents, alm1_sft3, alm_abs, alm_emblr)" >&2; exit 2 ;;
   esac
 done
 [[ -f "$OUT/fvt/config.json" ]] || "$BIN/transfer" init --model zoo:smollm2 --tokenizer zoo:qwen2 --out "$OUT/fvt"

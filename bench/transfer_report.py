@@ -22,8 +22,9 @@ LABELS = {
     "alm_latents": "student after ALM + latents (balanced)",
     "alm1_sft3": "student after ALM + SFT (balanced 1:3)",
     "alm_abs": "student after ALM, distance |lpT - lpS|",
+    "alm_emblr": "student after ALM, embeddings at lr 1e-3",
 }
-TRAINED = ("alm", "sft", "alm_sft", "alm_latents", "alm1_sft3", "alm_abs")
+TRAINED = ("alm", "sft", "alm_sft", "alm_latents", "alm1_sft3", "alm_abs", "alm_emblr")
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -80,6 +80,7 @@ class TrainConfig:
 
     steps: int = 5000
     lr: float = 1e-5
+    embedding_lr: Optional[float] = None  # input/output embeddings' lr; None: train.lr
     betas: tuple[float, float] = (0.9, 0.95)
     weight_decay: float = 0.01
     warmup_steps: int = 2000
@@ -201,6 +202,8 @@ def validate(cfg: RunConfig) -> None:
     t, lo, d, o = cfg.train, cfg.loss, cfg.data, cfg.output
     _positive("train.steps", t.steps)
     _positive("train.lr", t.lr)
+    if t.embedding_lr is not None:
+        _positive("train.embedding_lr", t.embedding_lr)
     _positive("train.batch_size", t.batch_size)
     _positive("train.grad_accum", t.grad_accum)
     _positive("data.seq_len", d.seq_len)

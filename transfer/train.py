@@ -143,13 +143,27 @@ def last_layer_parameters(model: Any) -> list[torch.nn.Parameter]:
     return params
 
 
+def embedding_parameter_ids(model: Any) -> set[int]:
+    """ids of the input and output embedding matrices (one id when they are tied)."""
+    ids = set()
+    for layer in (model.get_input_embeddings(), model.get_output_embeddings()):
+        if layer is not None and getattr(layer, "weight", None) is not None:
+            ids.add(id(layer.weight))
+    return ids
+
+
 def make_optimizer(model: Any, cfg: RunConfig) -> torch.optim.Optimizer:
     """AdamW (fused kernel where the device has one); weight decay on matrices only (not on
-    norms and biases)."""
+    norms and biases); the embeddings at ``train.embedding_lr`` when it is set."""
     params = trainable_parameters(model)
-    decay = [p for _, p in params if p.ndim >= 2]
+    embeddings = embedding_parameter_ids(model) if cfg.train.embedding_lr is not None else set()
+    decay = [p for _, p in params if p.ndim >= 2 and id(p) not in embeddings]
     no_decay = [p for _, p in params if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}]
+    embedding_params = [p for _, p in params if id(p) in embeddings]
+    if embedding_params:
+        groups.append({"params": embedding_params, "weight_decay": cfg.train.weight_decay,
+                       "lr": cfg.train.embedding_lr})
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
     # The fused kernel (CPU and CUDA) is several times faster than the per-tensor loop on the

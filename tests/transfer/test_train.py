@@ -10,9 +10,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from transfer.config import config_from_dict
+from transfer.config import ConfigError, config_from_dict
 from transfer.evaluate import evaluate_folder
-from transfer.train import CHECKPOINTS, MODEL_DIR, add_adapters, build_models, checkpoint_dirs, lr_factor, train
+from transfer.train import (CHECKPOINTS, MODEL_DIR, add_adapters, build_models, checkpoint_dirs, lr_factor,
+                            make_optimizer, make_scheduler, train)
 
 
 class Killed(Exception):
@@ -88,6 +89,24 @@ def test_teacher_frozen_and_only_lora_and_embeddings_train(tiny_dir, corpus, tin
     full = config_from_dict(tiny_config(tiny_dir("llama-gpt2"), corpus, tmp_path / "y", train={"full_finetune": True}))
     student = add_adapters(build_models(full).student, full)
     assert all(p.requires_grad for p in student.parameters())
+
+
+def test_embedding_lr_puts_the_embeddings_in_their_own_group(tiny_dir, corpus, tiny_config, tmp_path):
+    raw = tiny_config(tiny_dir("llama-gpt2"), corpus, tmp_path / "e", train={"embedding_lr": 5e-3})
+    cfg = config_from_dict(raw)
+    student = add_adapters(build_models(cfg).student, cfg)
+    optimizer = make_optimizer(student, cfg)
+    scheduler = make_scheduler(optimizer, cfg)
+    (emb,) = [g for g in optimizer.param_groups if any(p is student.get_input_embeddings().weight for p in g["params"])]
+    assert any(p is student.get_output_embeddings().weight for p in emb["params"]) and len(emb["params"]) == 2
+    others = [g for g in optimizer.param_groups if g is not emb]
+    ratio = emb["initial_lr"] / others[0]["initial_lr"]
+    assert emb["initial_lr"] == pytest.approx(5e-3) and others[0]["initial_lr"] == pytest.approx(cfg.train.lr)
+    optimizer.step()
+    scheduler.step()  # the schedule scales both alike
+    assert emb["lr"] / others[0]["lr"] == pytest.approx(ratio)
+    with pytest.raises(ConfigError, match="train.embedding_lr must be > 0"):
+        config_from_dict(tiny_config(tiny_dir("llama-gpt2"), corpus, tmp_path / "f", train={"embedding_lr": 0}))
 
 
 def test_cross_model_distillation(tiny_dir, corpus, tiny_config, losses_by_step, tmp_path):

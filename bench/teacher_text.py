@@ -21,17 +21,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-
-def _resolve_model(spec: str) -> Path:
-    from transfer import zoo
-
-    return zoo.model_dir(spec.removeprefix("zoo:")) if spec.startswith("zoo:") else Path(spec)
-
-
-def _resolve_text(spec: str) -> Path:
-    from transfer import zoo
-
-    return zoo.corpus_path(spec.removeprefix("zoo:")) if spec.startswith("zoo:") else Path(spec)
+from transfer.config import resolve_model, resolve_text
 
 
 def paragraph_openings(text: str, count: int, min_chars: int = 40) -> list[str]:
@@ -82,10 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.samples < 1 or args.new_tokens < 1:
         p.error("--samples and --new-tokens must be at least 1")
-    prompts = paragraph_openings(_resolve_text(args.prompts).read_text(encoding="utf-8"), args.samples)
+    prompts = paragraph_openings(resolve_text(args.prompts).read_text(encoding="utf-8"), args.samples)
     if len(prompts) < args.samples:
         p.error(f"{args.prompts} has only {len(prompts)} paragraphs of 40+ characters")
-    texts = sample(_resolve_model(args.model), prompts, args.new_tokens, args.seed)
+    texts = sample(resolve_model(args.model), prompts, args.new_tokens, args.seed)
     out = Path(args.out)
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text("\n\n".join(t.strip() for t in texts) + "\n", encoding="utf-8")

@@ -24,7 +24,7 @@ LABELS = {
     "alm_abs": "student after ALM, distance |lpT - lpS|",
     "alm_emblr": "student after ALM, embeddings at lr 1e-3",
 }
-TRAINED = ("alm", "sft", "alm_sft", "alm_latents", "alm1_sft3", "alm_abs", "alm_emblr")
+TRAINED = tuple(m for m in LABELS if m not in ("teacher", "fvt"))  # the runs of the experiment
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -15,6 +15,7 @@ from ensemble.manifest import EnsembleManifest
 from ensemble.pooling import fit_vocab, pool_logprobs
 from ensemble.protocol import Engine, EngineRequestError, RequestOutput, SamplingOptions
 from ensemble.reference import ReferenceEngine
+from vllm_harness import counter_deltas
 
 VOCAB = 151_665
 PROMPTS = ("The quick brown fox", "Once upon a time, in a land far away, there lived", "Hi")
@@ -289,17 +290,11 @@ def test_per_request_weights_change_the_distribution(self_engine: ReferenceEngin
 # ----------------------------------------------------------------------------- ensemble counters
 
 
-def _counter_deltas(before, after) -> tuple[int, dict[str, int], float, int]:
-    agreement = {m: after.member_agreement[m] - before.member_agreement.get(m, 0) for m in after.member_agreement}
-    return (after.pooled_tokens - before.pooled_tokens, agreement,
-            after.pooling_seconds - before.pooling_seconds, after.pooling_steps - before.pooling_steps)
-
-
 def test_model_ensembled_with_itself_agrees_on_every_token(self_engine: ReferenceEngine) -> None:
     before = self_engine.stats()
     out = _final(self_engine, _ids(self_engine, PROMPTS[1]), SamplingOptions(max_tokens=7, temperature=0.0,
                                                                              ignore_eos=True))
-    tokens, agreement, seconds, steps = _counter_deltas(before, self_engine.stats())
+    tokens, agreement, seconds, steps = counter_deltas(before, self_engine.stats())
     assert len(out.outputs[0].token_ids) == 7
     assert tokens == 7 and steps == 7 and agreement == {"member_a": 7, "member_b": 7}
     assert seconds > 0.0
@@ -310,7 +305,7 @@ def test_agreement_counts_each_members_own_top_token(trio_engine: ReferenceEngin
     before = trio_engine.stats()
     options = SamplingOptions(n=2, max_tokens=5, temperature=0.0, ignore_eos=True, weights=(0.0, 1.0, 0.0))
     out = _final(trio_engine, _ids(trio_engine, PROMPTS[0]), options)
-    tokens, agreement, seconds, steps = _counter_deltas(before, trio_engine.stats())
+    tokens, agreement, seconds, steps = counter_deltas(before, trio_engine.stats())
     assert sum(len(c.token_ids) for c in out.outputs) == tokens == 10
     assert steps == 5 and seconds > 0.0  # both completions pool in one step
     assert agreement["qwen"] == 10 and set(agreement) == {"llama", "qwen", "gemma"}

@@ -24,6 +24,7 @@ from vllm_harness import (
     EngineRun,
     collect,
     compare,
+    counter_deltas,
     run_engine,
     run_plain_vllm,
     run_reference,
@@ -192,19 +193,13 @@ def test_abort_ends_stream_and_frees_cache(pair_run: EngineRun) -> None:
     assert idle.num_running == 0 and idle.num_waiting == 0 and idle.kv_cache_usage == 0
 
 
-def _counter_deltas(before, after) -> tuple[int, dict[str, int], float, int]:
-    return (after.pooled_tokens - before.pooled_tokens,
-            {m: after.member_agreement[m] - before.member_agreement[m] for m in after.member_agreement},
-            after.pooling_seconds - before.pooling_seconds, after.pooling_steps - before.pooling_steps)
-
-
 def test_ensemble_counters_match_the_reference_engine(pair_run: EngineRun, prompts) -> None:
     """The vLLM workers' counters, read back through collective_rpc, count one pooled row per
     generated token (prefill's row included) and the same member agreement as the reference."""
     from ensemble.reference import ReferenceEngine
 
     before, after = pair_run.probes["counters"]
-    rows, agreement, seconds, steps = _counter_deltas(before, after)
+    rows, agreement, seconds, steps = counter_deltas(before, after)
 
     async def reference():
         engine = ReferenceEngine(pair_run.folder)
@@ -215,7 +210,7 @@ def test_ensemble_counters_match_the_reference_engine(pair_run: EngineRun, promp
         finally:
             await engine.shutdown()
 
-    ref_rows, ref_agreement, _, _ = _counter_deltas(*asyncio.run(reference()))
+    ref_rows, ref_agreement, _, _ = counter_deltas(*asyncio.run(reference()))
     assert rows == ref_rows == COUNTED.max_tokens and steps == COUNTED.max_tokens and seconds > 0.0
     assert agreement == ref_agreement and set(agreement) == {"llama", "qwen"}
 

@@ -36,6 +36,15 @@ class EngineRun:
     after_shutdown: str | None = None  # the error a request got after shutdown (None: no error)
 
 
+def counter_deltas(before, after) -> tuple[int, dict[str, int], float, int]:
+    """What an engine's ensemble counters (`EngineStats`) gained between two `stats()` calls:
+    (rows pooled, agreement per member, pooling seconds, pooling steps). Also used by the
+    reference engine's tests."""
+    agreement = {m: after.member_agreement[m] - before.member_agreement.get(m, 0) for m in after.member_agreement}
+    return (after.pooled_tokens - before.pooled_tokens, agreement,
+            after.pooling_seconds - before.pooling_seconds, after.pooling_steps - before.pooling_steps)
+
+
 def greedy() -> SamplingOptions:
     """The parity request: MAX_TOKENS greedy tokens with generated and prompt log-probs."""
     return SamplingOptions(

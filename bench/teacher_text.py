@@ -3,6 +3,10 @@ student reproduces its teacher (bits per byte on what the teacher would write).
 
     python bench/teacher_text.py OUT.txt [--model zoo:smollm2] [--prompts zoo:prose]
                                  [--samples 24] [--new-tokens 200] [--seed 0]
+                                 [--skip 0] [--spread] [--batch-size 4]
+
+An OUT ending in .jsonl is written as training data instead, one {"text": ...} per sample
+(`transfer`'s jsonl format): distillation data drawn from the teacher's own distribution.
 
 Each sample opens with the first sentence of a paragraph of the prompt text and continues with
 ``--new-tokens`` tokens drawn from the model's own distribution (temperature 1, no top-p/top-k
@@ -13,6 +17,7 @@ are separated by blank lines. Progress goes to stderr; the file is written atomi
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import sys
@@ -24,18 +29,23 @@ from tqdm import tqdm
 from transfer.config import resolve_model, resolve_text
 
 
-def paragraph_openings(text: str, count: int, min_chars: int = 40) -> list[str]:
-    """The first sentence of the first `count` paragraphs of at least `min_chars` characters."""
+def paragraph_openings(text: str, count: int, min_chars: int = 40, skip: int = 0, spread: bool = False) -> list[str]:
+    """The first sentence of `count` paragraphs of at least `min_chars` characters.
+
+    The first `count` such paragraphs after the first `skip`; with `spread`, `count` openings
+    evenly spaced over all of them (cycling through them again when there are fewer than `count`).
+    """
     openings = []
     for para in re.split(r"\n\s*\n", text):
         para = " ".join(para.split())
         if len(para) < min_chars:
             continue
-        sentence = re.split(r"(?<=[.!?])\s", para, maxsplit=1)[0]
-        openings.append(sentence[:300])
-        if len(openings) == count:
-            break
-    return openings
+        openings.append(re.split(r"(?<=[.!?])\s", para, maxsplit=1)[0][:300])
+    openings = openings[skip:]
+    if not spread or not openings:
+        return openings[:count]
+    n = len(openings)
+    return [openings[i * n // count] if count <= n else openings[i % n] for i in range(count)]
 
 
 def sample(model_dir: Path, prompts: list[str], new_tokens: int, seed: int, batch_size: int = 4) -> list[str]:
@@ -61,6 +71,18 @@ def sample(model_dir: Path, prompts: list[str], new_tokens: int, seed: int, batc
     return out
 
 
+def write_samples(out: Path, texts: list[str]) -> Path:
+    """Write the samples atomically: a .jsonl file gets one ``{"text": ...}`` per sample
+    (transfer's jsonl data format), any other file the samples separated by blank lines."""
+    tmp = out.with_name(out.name + ".tmp")
+    if out.suffix == ".jsonl":
+        tmp.write_text("".join(json.dumps({"text": t.strip()}) + "\n" for t in texts), encoding="utf-8")
+    else:
+        tmp.write_text("\n\n".join(t.strip() for t in texts) + "\n", encoding="utf-8")
+    os.replace(tmp, out)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("out", help="the text file to write")
@@ -69,17 +91,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samples", type=int, default=24)
     p.add_argument("--new-tokens", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip", type=int, default=0, help="leave out the first SKIP paragraph openings")
+    p.add_argument("--spread", action="store_true",
+                   help="openings evenly spaced over the whole prompt text (cycled if too few)")
+    p.add_argument("--batch-size", type=int, default=4)
     args = p.parse_args(argv)
-    if args.samples < 1 or args.new_tokens < 1:
-        p.error("--samples and --new-tokens must be at least 1")
-    prompts = paragraph_openings(resolve_text(args.prompts).read_text(encoding="utf-8"), args.samples)
+    if args.samples < 1 or args.new_tokens < 1 or args.batch_size < 1 or args.skip < 0:
+        p.error("--samples, --new-tokens and --batch-size must be at least 1, --skip at least 0")
+    prompts = paragraph_openings(resolve_text(args.prompts).read_text(encoding="utf-8"), args.samples,
+                                 skip=args.skip, spread=args.spread)
     if len(prompts) < args.samples:
-        p.error(f"{args.prompts} has only {len(prompts)} paragraphs of 40+ characters")
-    texts = sample(resolve_model(args.model), prompts, args.new_tokens, args.seed)
-    out = Path(args.out)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text("\n\n".join(t.strip() for t in texts) + "\n", encoding="utf-8")
-    os.replace(tmp, out)
+        p.error(f"{args.prompts} has only {len(prompts)} paragraphs of 40+ characters after --skip {args.skip}")
+    texts = sample(resolve_model(args.model), prompts, args.new_tokens, args.seed, args.batch_size)
+    out = write_samples(Path(args.out), texts)
     print(f"wrote {out}: {len(texts)} samples, {out.stat().st_size} bytes", file=sys.stderr)
     return 0
 

@@ -6,7 +6,11 @@
 # tokenizer-transfer recipes do; alm1_sft3 gives ALM a quarter of the gradient instead of half). Held-out texts: plays (the training domain), modern prose, and
 # text sampled from the teacher (bench/teacher_text.py).
 #   bench/transfer_experiment.sh [OUT_DIR]      (default runs/experiment; STEPS=100, EVAL_BYTES=20000,
-#                                                METHODS="alm sft alm_sft alm_latents")
+#                                                METHODS="alm sft alm_sft alm_latents", DATA=plays)
+# DATA=teacher trains every run on text the teacher itself wrote instead of the plays (distillation
+# data: 800 samples of 128 tokens at temperature 1, prompted by openings of the training plays and
+# of prose paragraphs that no held-out text uses), so that neither loss can learn more than the
+# teacher knows and the held-out teacher_text is in the training distribution.
 # Resumable: finished runs and evaluations are kept; a killed run continues with --resume.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,8 +20,28 @@ OUT="${1:-runs/experiment}"
 STEPS="${STEPS:-100}"
 EVAL_BYTES="${EVAL_BYTES:-20000}"
 METHODS="${METHODS:-alm sft alm_sft alm_latents}"
+DATA="${DATA:-plays}"
 CONFIG=transfer/configs/smollm2_to_qwen2.yaml
 mkdir -p "$OUT"
+
+DATA_ARGS=()
+case $DATA in
+  plays) ;;
+  teacher)
+    # 600 continuations of play openings (spread over the training plays) and 200 of prose
+    # openings after the 24 that prompt the held-out teacher_text (the prose evaluation reads the
+    # first 18 paragraphs); seeds differ from teacher_text's.
+    if [[ ! -f "$OUT/teacher_train.jsonl" ]]; then
+      [[ -f "$OUT/train_plays.jsonl" ]] || "$BIN/python" bench/teacher_text.py "$OUT/train_plays.jsonl" \
+        --prompts zoo:train --spread --samples 600 --new-tokens 128 --seed 1 --batch-size 16
+      [[ -f "$OUT/train_prose.jsonl" ]] || "$BIN/python" bench/teacher_text.py "$OUT/train_prose.jsonl" \
+        --prompts zoo:prose --skip 24 --spread --samples 200 --new-tokens 128 --seed 2 --batch-size 16
+      cat "$OUT/train_plays.jsonl" "$OUT/train_prose.jsonl" > "$OUT/teacher_train.jsonl.tmp"
+      mv "$OUT/teacher_train.jsonl.tmp" "$OUT/teacher_train.jsonl"
+    fi
+    DATA_ARGS=("data.train=$OUT/teacher_train.jsonl") ;;
+  *) echo "[experiment] unknown DATA $DATA (plays, teacher)" >&2; exit 2 ;;
+esac
 
 train() {  # name, extra overrides...
   local name="$1"; shift
@@ -26,7 +50,7 @@ train() {  # name, extra overrides...
   local resume=()
   [[ -f "$run/config.yaml" ]] && resume=(--resume)
   local t0=$SECONDS
-  "$BIN/transfer" run "$CONFIG" "output.dir=$run" "train.steps=$STEPS" "output.eval_bytes=$EVAL_BYTES" "$@" "${resume[@]}"
+  "$BIN/transfer" run "$CONFIG" "output.dir=$run" "train.steps=$STEPS" "output.eval_bytes=$EVAL_BYTES" "${DATA_ARGS[@]}" "$@" "${resume[@]}"
   echo "{\"run\": \"$name\", \"wall_s\": $((SECONDS - t0))}" >> "$OUT/timings.jsonl"
 }
 

@@ -23,6 +23,7 @@ LABELS = {
     "alm1_sft3": "student after ALM + SFT (balanced 1:3)",
     "alm_abs": "student after ALM, distance |lpT - lpS|",
     "alm_emblr": "student after ALM, embeddings at lr 1e-3",
+    "alm_scaled": "student after ALM, loss x 10,000 (clipped like SFT)",
 }
 TRAINED = tuple(m for m in LABELS if m not in ("teacher", "fvt"))  # the runs of the experiment
 

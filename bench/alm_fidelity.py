@@ -9,7 +9,9 @@ aligned into chunks and grouped by the teacher's space probability exactly as in
 (`transfer.data.PairCollator`, `transfer.losses.alm_group_scores`, gamma 0.1). Printed per
 student, over all valid groups: the mean |log P_T - log P_S| (nats), the mean of log P_S - log P_T
 (negative: the student gives the text less probability than the teacher) and the mean binary KL
-at tau 100 (the default ALM distance).
+at tau 100 (the default ALM distance). With ``--debias none`` every chunk is its own group, and
+the summed gaps are also split by the kind of chunk (`chunk_kinds`): the same single token on both
+sides, one student token for several teacher tokens, or several student tokens.
 """
 
 from __future__ import annotations
@@ -20,6 +22,24 @@ import sys
 
 import torch
 from tqdm import tqdm
+
+
+KINDS = ("same_token", "one_student_token", "several_student_tokens")
+
+
+def chunk_kinds(student_matrix: torch.Tensor, teacher_matrix: torch.Tensor, student_mask: torch.Tensor,
+                teacher_mask: torch.Tensor) -> torch.Tensor:
+    """Long [B, K]: each chunk's kind as an index into `KINDS`, from its scored tokens per side
+    (the start token at position 0 and padding do not count): 0 when one token on each side (the
+    same token, as the chunk's bytes are the same), 1 when one student token covers several
+    teacher tokens, 2 when the student needs several tokens."""
+    from transfer.losses import scored_positions
+
+    def count(matrix: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("bt,btk->bk", scored_positions(mask.bool()).float(), matrix.float())
+
+    s_count, t_count = count(student_matrix, student_mask), count(teacher_matrix, teacher_mask)
+    return torch.where(s_count > 1, 2, torch.where(t_count > 1, 1, 0))
 
 
 def group_gaps(teacher, teacher_tok, student, student_tok, text: str, seq_len: int, max_examples: int,
@@ -35,6 +55,7 @@ def group_gaps(teacher, teacher_tok, student, student_tok, text: str, seq_len: i
     s_space = space_token_mask(student_tok, student.get_output_embeddings().weight.shape[0])
     diffs: list[torch.Tensor] = []
     kls: list[torch.Tensor] = []
+    kinds: list[torch.Tensor] = []
     for start in tqdm(range(0, len(examples), batch_size), desc="groups", unit="batch", file=sys.stderr):
         batch = collate(examples[start : start + batch_size])
         with torch.no_grad():
@@ -47,9 +68,17 @@ def group_gaps(teacher, teacher_tok, student, student_tok, text: str, seq_len: i
         valid = scores.valid
         diffs.append((scores.student - scores.teacher)[valid])
         kls.append(losses.binary_kl_divergence(scores.teacher, scores.student)[valid])
+        if debias == "none":  # groups are chunks: [B, K] like the chunk matrices' columns
+            kinds.append(chunk_kinds(batch["student_chunks"], batch["teacher_chunks"], batch["student_attention_mask"],
+                                     batch["teacher_attention_mask"])[valid])
     d, k = torch.cat(diffs), torch.cat(kls)
-    return {"groups": int(d.numel()), "mean_abs_dlogp": float(d.abs().mean()),
-            "mean_dlogp": float(d.mean()), "mean_binary_kl": float(k.mean())}
+    result = {"groups": int(d.numel()), "mean_abs_dlogp": float(d.abs().mean()),
+              "mean_dlogp": float(d.mean()), "mean_binary_kl": float(k.mean())}
+    if kinds:
+        kind = torch.cat(kinds)
+        result["by_kind"] = {name: {"chunks": int((kind == i).sum()), "sum_dlogp": float(d[kind == i].sum())}
+                             for i, name in enumerate(KINDS)}
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import json
 
-from bench.alm_fidelity import main
+import torch
+
+from bench.alm_fidelity import chunk_kinds, main
+from transfer.align import chunk_matrices
 
 
 def test_fidelity_of_self_and_of_another_tokenizer(tiny_dir, corpus, capsys) -> None:
@@ -17,3 +20,13 @@ def test_fidelity_of_self_and_of_another_tokenizer(tiny_dir, corpus, capsys) -> 
     assert rows["self"]["groups"] > 0 and rows["other"]["groups"] > 0
     assert rows["self"]["mean_abs_dlogp"] < 1e-4 and abs(rows["self"]["mean_binary_kl"]) < 1e-6
     assert rows["other"]["mean_abs_dlogp"] > 0.01 and rows["other"]["mean_binary_kl"] >= 0.0
+
+
+def test_chunk_kinds_count_scored_tokens_per_side() -> None:
+    # Teacher tokens: start, "a", "b", "c", "de". Student tokens: start, "ab", "c", "d", "e".
+    # Chunks: (start + "a" + "b" | start + "ab"), ("c" | "c"), ("de" | "d" + "e").
+    chunks = [((0, 3), (0, 2)), ((3, 4), (2, 3)), ((4, 5), (3, 5))]
+    s_matrix, t_matrix = chunk_matrices(chunks, 5, 5)
+    mask = torch.ones(1, 5, dtype=torch.long)
+    kinds = chunk_kinds(s_matrix[None], t_matrix[None], mask, mask)
+    assert kinds.tolist() == [[1, 0, 2]]

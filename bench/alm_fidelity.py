@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -43,8 +44,9 @@ def chunk_kinds(student_matrix: torch.Tensor, teacher_matrix: torch.Tensor, stud
 
 
 def group_gaps(teacher, teacher_tok, student, student_tok, text: str, seq_len: int, max_examples: int,
-               batch_size: int = 4, debias: str = "space") -> dict[str, float]:
-    """Mean |dlogP|, mean signed dlogP (student - teacher) and mean binary KL over valid groups."""
+               batch_size: int = 4, debias: str = "space") -> dict[str, Any]:
+    """Mean |dlogP|, mean signed dlogP (student - teacher) and mean binary KL over valid groups;
+    with debias="none" also "by_kind": the chunks and summed dlogP of each kind (`chunk_kinds`)."""
     from transfer import losses
     from transfer.data import PairCollator, Side, load_examples
     from transfer.tokens import space_token_mask

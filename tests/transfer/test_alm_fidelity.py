@@ -22,6 +22,18 @@ def test_fidelity_of_self_and_of_another_tokenizer(tiny_dir, corpus, capsys) -> 
     assert rows["other"]["mean_abs_dlogp"] > 0.01 and rows["other"]["mean_binary_kl"] >= 0.0
 
 
+def test_single_chunks_split_the_gap_by_kind(tiny_dir, corpus, capsys) -> None:
+    """--debias none: every chunk lands in exactly one kind, and the kinds' gaps add up."""
+    teacher, other = tiny_dir("llama-gpt2"), tiny_dir("qwen2-qwen2")
+    assert main([f"other={other}", "--teacher", str(teacher), "--text", str(corpus["heldout"]),
+                 "--examples", "3", "--seq-len", "48", "--debias", "none"]) == 0
+    (row,) = map(json.loads, capsys.readouterr().out.splitlines())
+    kinds = row["by_kind"]
+    assert set(kinds) == {"same_token", "one_student_token", "several_student_tokens"}
+    assert sum(k["chunks"] for k in kinds.values()) == row["groups"] > 0
+    assert abs(sum(k["sum_dlogp"] for k in kinds.values()) - row["mean_dlogp"] * row["groups"]) < 1e-3 * row["groups"]
+
+
 def test_chunk_kinds_count_scored_tokens_per_side() -> None:
     # Teacher tokens: start, "a", "b", "c", "de". Student tokens: start, "ab", "c", "d", "e".
     # Chunks: (start + "a" + "b" | start + "ab"), ("c" | "c"), ("de" | "d" + "e").

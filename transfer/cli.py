@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -174,12 +175,19 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespa
 
 
 def _quiet_libraries() -> None:
-    """Only our own progress bar and messages: no per-tensor loading bars or info logs from
+    """Only our own progress bar and messages (``chorus.*`` loggers, INFO, on stderr): no per-tensor loading bars or info logs from
     transformers (a bad input then prints exactly one line)."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    # Our own decisions (e.g. the precision `train.dtype: auto` chose) as one line each.
+    ours = logging.getLogger("chorus")
+    if not ours.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("[%(name)s] %(message)s"))
+        ours.addHandler(handler)
+        ours.setLevel(logging.INFO)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

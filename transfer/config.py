@@ -88,7 +88,7 @@ class TrainConfig:
     clip: float = 1.0
     batch_size: int = 64
     grad_accum: int = 1
-    dtype: Literal["bf16", "fp32"] = "bf16"
+    dtype: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 where native (transfer.precision)
     full_finetune: bool = False
     lora: LoraSettings = field(default_factory=LoraSettings)
     seed: int = 0

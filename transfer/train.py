@@ -11,7 +11,8 @@ several CPU processes: ``accelerate launch --cpu --num_processes N -m transfer.c
 * each optimizer step takes ``train.batch_size`` examples from a resumable shuffled order
   (split over processes and ``grad_accum`` micro-batches); the collator tokenizes with both
   tokenizers and aligns on the CPU (:mod:`transfer.data`); the loss terms come from
-  :mod:`transfer.losses`; AdamW, warmup + linear decay, gradient clipping, bf16 autocast or fp32;
+  :mod:`transfer.losses`; AdamW, warmup + linear decay, gradient clipping, bf16 autocast or fp32
+  (``train.dtype: auto``: bf16 where the hardware has it natively, :mod:`transfer.precision`);
 * checkpoints (trainable weights, optimizer, scheduler, RNG states, data position, step) are
   written to a temporary folder and renamed into place; ``resume=True`` continues from the
   newest one exactly where the run stopped;
@@ -41,6 +42,7 @@ from .data import Example, PairCollator, ShuffledOrder, Side, load_examples
 from .errors import ConfigError, DataError, UserInputError
 from .evaluate import bits_per_byte, read_windows
 from .fvt import init_student, load_target_tokenizer, save_model_folder, transfer_chat_template
+from .precision import choose_dtype, short_name
 from .runlog import RunLog, plot_losses, write_csv
 from .tokens import space_token_mask
 
@@ -68,16 +70,16 @@ class Models:
 # Setup
 
 
-def build_models(cfg: RunConfig) -> Models:
-    """Load the teacher, build the student (FVT when its tokenizer changes) and the space masks."""
+def build_models(cfg: RunConfig, dtype: torch.dtype = torch.float32) -> Models:
+    """Load the teacher (in `dtype`, the run's compute precision), build the student (fp32
+    master weights; FVT when its tokenizer changes) and the space masks."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     teacher_dir = resolve_model(cfg.model.teacher)
     student_dir = resolve_model(cfg.model.student) if cfg.model.student else teacher_dir
     teacher_tok = AutoTokenizer.from_pretrained(teacher_dir)
     student_own_tok = teacher_tok if student_dir == teacher_dir else AutoTokenizer.from_pretrained(student_dir)
-    teacher_dtype = torch.bfloat16 if cfg.train.dtype == "bf16" else torch.float32
-    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=teacher_dtype)
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=dtype)
     teacher.eval().requires_grad_(False)
     student = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32)
     if cfg.model.tokenizer is not None:
@@ -320,18 +322,22 @@ def _to(batch: dict[str, torch.Tensor], device: Any) -> dict[str, torch.Tensor]:
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def _accelerator(cfg: RunConfig) -> Any:
-    """The run's Accelerator (bf16 autocast or none; processes from ``accelerate launch``)."""
+def _accelerator(cfg: RunConfig) -> tuple[Any, torch.dtype]:
+    """The run's Accelerator (processes from ``accelerate launch``) and compute dtype: bf16
+    autocast or none, ``train.dtype: auto`` decided from the device the process runs on."""
     from accelerate import Accelerator, PartialState
     from accelerate.state import AcceleratorState
-    from accelerate.utils import DistributedType
+    from accelerate.utils import DistributedType, parse_flag_from_env
 
     if PartialState._shared_state.get("distributed_type") == DistributedType.NO:
         # A single process may run several trainings (tests, notebooks): accelerate keeps the
         # first one's mixed precision in a process-wide singleton, so start each run afresh.
-        # (Never created here before the Accelerator: that would hide `accelerate launch --cpu`.)
         AcceleratorState._reset_state(reset_partial_state=True)
-    return Accelerator(mixed_precision="bf16" if cfg.train.dtype == "bf16" else "no")
+    # The process state first, to learn the device; `cpu` as the Accelerator itself would read it
+    # (`accelerate launch --cpu` sets ACCELERATE_USE_CPU), so the Accelerator below reuses it.
+    device = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU")).device
+    dtype = choose_dtype(cfg.train.dtype, device, what=f"training on {device}")
+    return Accelerator(mixed_precision="bf16" if dtype == torch.bfloat16 else "no"), dtype
 
 
 def _export_log(log: RunLog, out: Path, cfg: RunConfig) -> None:
@@ -366,7 +372,7 @@ def train(cfg: RunConfig, resume: bool = False, on_step: Optional[Callable[[int,
     examples = load_examples(train_path, cfg.data.format, chunk_bytes)
     eval_windows = read_windows(eval_path, max_bytes=cfg.output.eval_bytes) if eval_path and cfg.output.eval_bytes else []
 
-    accelerator = _accelerator(cfg)
+    accelerator, dtype = _accelerator(cfg)
     per_process = cfg.train.batch_size // accelerator.num_processes
     if cfg.train.batch_size % (accelerator.num_processes * cfg.train.grad_accum):
         raise ConfigError(
@@ -374,7 +380,7 @@ def train(cfg: RunConfig, resume: bool = False, on_step: Optional[Callable[[int,
             f"({accelerator.num_processes} x {cfg.train.grad_accum})"
         )
     set_seed(cfg.train.seed)
-    models = build_models(cfg)
+    models = build_models(cfg, dtype)
     _check_chat(examples, models)
     student = add_adapters(models.student, cfg)
     optimizer = make_optimizer(student, cfg)
@@ -421,7 +427,7 @@ def train(cfg: RunConfig, resume: bool = False, on_step: Optional[Callable[[int,
             bar.write(f"step {at}: held-out bits per byte {result.bits_per_byte:.4f}")
 
     stop = cfg.train.stop_after or cfg.train.steps
-    bar = tqdm(total=cfg.train.steps, initial=step, desc="transfer", unit="step",
+    bar = tqdm(total=cfg.train.steps, initial=step, desc=f"transfer ({short_name(dtype)})", unit="step",
                disable=not accelerator.is_main_process, dynamic_ncols=True)
     if step == 0:
         evaluate_now(0)
@@ -488,7 +494,7 @@ def train(cfg: RunConfig, resume: bool = False, on_step: Optional[Callable[[int,
         if accelerator.is_main_process:
             merged = final.merge_and_unload() if hasattr(final, "merge_and_unload") else final
             merged.requires_grad_(False)
-            if cfg.train.dtype == "bf16":
+            if dtype == torch.bfloat16:
                 merged = merged.to(torch.bfloat16)
             target = out / MODEL_DIR
             if target.exists():

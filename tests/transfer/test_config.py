@@ -37,7 +37,7 @@ def test_defaults_follow_the_paper(tmp_path):
     assert cfg.train.lora.r == 64 and cfg.train.lora.alpha == 64
     assert "gate_proj" in cfg.train.lora.targets and "q_proj" in cfg.train.lora.targets
     assert cfg.loss.terms == ("alm",) and cfg.loss.gamma == 0.1 and cfg.loss.tau == 100.0
-    assert cfg.train.dtype == "bf16" and cfg.self_transfer
+    assert cfg.train.dtype == "auto" and cfg.self_transfer
     assert cfg.loss_weight("alm") == 1.0
 
 
@@ -77,7 +77,7 @@ def test_overrides_do_not_touch_the_input():
         (["train.lr=abc"], "train.lr must be a number"),
         (["train.lr=-1"], "train.lr must be > 0"),
         (["train.steps=1.5"], "train.steps must be an integer"),
-        (["train.dtype=fp8"], "train.dtype must be one of ['bf16', 'fp32']"),
+        (["train.dtype=fp8"], "train.dtype must be one of ['auto', 'bf16', 'fp32']"),
         (["loss.terms=[alm, kl]"], "unknown term 'kl'"),
         (["loss.weights.sft=2"], "'sft' is not in loss.terms"),
         (["train.batch_size=6", "train.grad_accum=4"], "must be a multiple of train.grad_accum"),

@@ -177,7 +177,8 @@ def test_two_process_ddp_run_resumes_exactly(tiny_dir, corpus, tiny_config, loss
 
 @pytest.mark.slow
 def test_real_smollm2_to_qwen2_config_trains_and_saves(tmp_path):
-    """The shipped SmolLM2 -> Qwen2 config on the real zoo model, shortened to 2 small steps (bf16)."""
+    """The shipped SmolLM2 -> Qwen2 config on the real zoo model, shortened to 2 small steps (in
+    the precision its `train.dtype: auto` picks on this machine)."""
     from transfer.config import load_config
 
     out = tmp_path / "smollm2"

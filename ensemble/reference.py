@@ -200,6 +200,7 @@ class ReferenceEngine:
             "vocab_size": self.manifest.vocab_size,
             "max_model_len": self.max_model_len,
             "chat_template": bool(getattr(self.tokenizer, "chat_template", None)),
+            "dtype": str(dtype).removeprefix("torch."),
         }
         self._cond = threading.Condition()
         self._waiting: deque[_Request] = deque()

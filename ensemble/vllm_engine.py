@@ -59,7 +59,9 @@ class VLLMEngineConfig:
         tensor_parallel_size: vLLM tensor parallelism (every member is split across the ranks).
         max_model_len: prompt + completion limit; None = the ensemble's (min over members).
         enforce_eager: skip torch.compile and CUDA graphs; None = True on a CPU, False elsewhere.
-        dtype: weight/activation dtype (``auto`` = the ensemble config's, ``bfloat16``, ...).
+        dtype: weight/activation dtype: ``auto`` = bfloat16 where the device has native bf16,
+            else float32 (`transfer.precision.choose_dtype`; vLLM's own ``auto`` would pick
+            bfloat16 on any x86 CPU, native or emulated); or explicit ``bfloat16``, ``float32``...
         engine_args: further ``vllm.AsyncEngineArgs`` fields, passed through unchanged
             (e.g. ``gpu_memory_utilization``, ``max_num_seqs``, ``enable_prefix_caching``).
     """
@@ -90,6 +92,18 @@ class VLLMEngineConfig:
         if clash:
             raise ValueError(f"set {', '.join(clash)} through VLLMEngineConfig's own fields, not engine_args")
         object.__setattr__(self, "engine_args", dict(self.engine_args))
+
+
+def engine_dtype(requested: str, device_type: str, native: bool | None = None) -> str:
+    """vLLM's ``dtype`` argument for `requested`: ``auto`` decided by the hardware (bfloat16 only
+    where `device_type` has native bf16; `native` injects the capability in tests), any other
+    value passed on as it is (vLLM validates it)."""
+    if requested != "auto":
+        return requested
+    from transfer.precision import choose_dtype
+
+    chosen = choose_dtype("auto", device_type, native=native, what="the vLLM engine")
+    return str(chosen).removeprefix("torch.")
 
 
 def _check_fixed_pooling(options: SamplingOptions, manifest: EnsembleManifest) -> None:
@@ -256,6 +270,7 @@ class VLLMEngine:
             [MemberShape.from_folder(m.name, m.path) for m in self.manifest.members],
         )
         enforce_eager = current_platform.is_cpu() if config.enforce_eager is None else config.enforce_eager
+        self.dtype = engine_dtype(config.dtype, current_platform.device_type)
         valid = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
         unknown = sorted(set(config.engine_args) - valid)
         if unknown:
@@ -266,7 +281,7 @@ class VLLMEngine:
             tensor_parallel_size=config.tensor_parallel_size,
             max_model_len=config.max_model_len or self.manifest.max_model_len,
             enforce_eager=enforce_eager,
-            dtype=config.dtype,
+            dtype=self.dtype,
             worker_extension_cls=WORKER_EXTENSION,
             **{"disable_log_stats": True, **config.engine_args},
         )
@@ -291,6 +306,7 @@ class VLLMEngine:
             "max_model_len": self.max_model_len,
             "chat_template": bool(getattr(self.tokenizer, "chat_template", None)),
             "tensor_parallel_size": config.tensor_parallel_size,
+            "dtype": str(self._llm.model_config.dtype).removeprefix("torch."),
             "per_request_pooling": False,
         }
 

@@ -2,7 +2,7 @@
 
 Our `SamplingOptions` -> vLLM `SamplingParams`, vLLM's cumulative outputs -> ours (including
 ``n > 1``, where vLLM's outputs carry only the completions that changed), the refusal of
-per-request pooling, engine-config validation, the plugin's config class and the pooling
+per-request pooling, engine-config validation, the engine's dtype decision, the plugin's config class and the pooling
 buffer bound.
 """
 
@@ -23,6 +23,7 @@ from ensemble.vllm_engine import (
     OutputTranslator,
     VLLMEngineConfig,
     _check_fixed_pooling,
+    engine_dtype,
     sampling_params,
     token_logprob,
 )
@@ -158,3 +159,15 @@ def test_pool_chunk_rows_bounds_the_buffer() -> None:
     rows = pool_chunk_rows(num_members=3, vocab_size=151_936)
     assert rows >= 1 and 4 * 3 * rows * 151_936 <= 256 * 2**20
     assert pool_chunk_rows(num_members=2, vocab_size=10**9) == 1
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_engine_dtype_auto_is_bfloat16_only_where_native(device):
+    # vLLM's own "auto" would make the members' float32 config bfloat16 on every x86 CPU.
+    assert engine_dtype("auto", device, native=False) == "float32"
+    assert engine_dtype("auto", device, native=True) == "bfloat16"
+
+
+@pytest.mark.parametrize("explicit", ["float32", "bfloat16", "float16"])
+def test_engine_dtype_explicit_passes_through(explicit):
+    assert engine_dtype(explicit, "cpu", native=True) == engine_dtype(explicit, "cpu", native=False) == explicit

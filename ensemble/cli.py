@@ -4,6 +4,8 @@
                    [--tokenizer-from NAME] [--chat-template-from NAME] [--name NAME]
                    [--temperature NAME=T] [--overwrite]
     ensemble show FOLDER
+    ensemble fit FOLDER [--text zoo:dev] [--max-bytes 8000] [--rule R ...] [--keep-temperatures]
+                 [--max-iter 25] [--dry-run]
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from collections.abc import Sequence
 
 from ensemble.manifest import EnsembleManifest, ManifestError, MemberSpec
 from ensemble.pooling import POOLING_RULES
+from transfer.errors import UserInputError
 
 
 def parse_member(text: str) -> MemberSpec:
@@ -58,6 +61,14 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--overwrite", action="store_true", help="replace an existing folder")
     show = sub.add_parser("show", help="print an ensemble folder's manifest")
     show.add_argument("folder")
+    fit = sub.add_parser("fit", help="choose the pooling rule, weights and temperatures on a dev text")
+    fit.add_argument("folder", help="an ensemble folder (its manifest is rewritten; fit.json records the fit)")
+    fit.add_argument("--text", default="zoo:dev", help="dev text, disjoint from training and held-out text (zoo:dev)")
+    fit.add_argument("--max-bytes", type=int, default=8_000, help="bytes of the dev text scored (8000)")
+    fit.add_argument("--rule", action="append", choices=POOLING_RULES, help="rule(s) to try (default: all)")
+    fit.add_argument("--keep-temperatures", action="store_true", help="fit the weights only")
+    fit.add_argument("--max-iter", type=int, default=25, help="L-BFGS iterations per rule (25)")
+    fit.add_argument("--dry-run", action="store_true", help="print the fit, change nothing")
     return parser
 
 
@@ -83,15 +94,38 @@ def _build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fit(args: argparse.Namespace) -> int:
+    from ensemble.fit import FitConfig, fit_ensemble
+
+    config = FitConfig(text=args.text, max_bytes=args.max_bytes, rules=tuple(args.rule or POOLING_RULES),
+                       temperatures=not args.keep_temperatures, max_iter=args.max_iter)
+    report = fit_ensemble(args.folder, config, write=not args.dry_run)
+    print(f"dev text {report.text}: {report.bytes} bytes, {report.tokens} tokens")
+    print(f"  as built  {report.before.rule:<13} weights {fmt(report.before.weights)} "
+          f"temperatures {fmt(report.before.temperatures)}: {report.before.bits_per_byte:.4f} bits/byte")
+    for f in report.fits:
+        mark = "  <- chosen" if f is report.chosen else ""
+        print(f"  fitted    {f.rule:<13} weights {fmt(f.weights)} temperatures {fmt(f.temperatures)}: "
+              f"{f.bits_per_byte:.4f} bits/byte{mark}")
+    print("dry run: nothing written" if args.dry_run else f"wrote {args.folder}/chorus_ensemble.json and fit.json")
+    return 0
+
+
+def fmt(values: Sequence[float]) -> str:
+    return "(" + ", ".join(f"{v:g}" for v in values) + ")"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``ensemble`` console script; returns the exit status."""
     args = _parser().parse_args(argv)
     try:
         if args.command == "build":
             return _build(args)
+        if args.command == "fit":
+            return _fit(args)
         print(json.dumps(EnsembleManifest.load(args.folder).to_dict(), indent=2))
         return 0
-    except ManifestError as err:
+    except (ManifestError, UserInputError) as err:
         print(f"ensemble: error: {err}", file=sys.stderr)
         return 2
 

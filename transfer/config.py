@@ -269,9 +269,17 @@ def _zoo():
     return zoo
 
 
+def _zoo_path(kind: str, name: str) -> Path:
+    """The zoo's `kind` (model_dir, tokenizer_dir, corpus_path) for `name`; ConfigError if unknown."""
+    try:
+        return Path(getattr(_zoo(), kind)(name))
+    except ValueError as err:  # an unknown zoo name: the zoo's message lists the known ones
+        raise ConfigError(f"zoo:{name}: {err}") from None
+
+
 def resolve_model(spec: str) -> Path:
     """A model folder from a path or ``zoo:NAME``; error if it is not an HF model folder."""
-    path = Path(_zoo().model_dir(spec[4:])) if spec.startswith("zoo:") else Path(spec).expanduser()
+    path = _zoo_path("model_dir", spec[4:]) if spec.startswith("zoo:") else Path(spec).expanduser()
     if not (path / "config.json").is_file():
         raise ConfigError(f"model folder {path} not found or has no config.json")
     return path
@@ -281,7 +289,7 @@ def resolve_tokenizer(spec: str) -> Path | str:
     """A tokenizer folder from a path or ``zoo:NAME``; ``bytes`` stays ``"bytes"``."""
     if spec == "bytes":
         return spec
-    path = Path(_zoo().tokenizer_dir(spec[4:])) if spec.startswith("zoo:") else Path(spec).expanduser()
+    path = _zoo_path("tokenizer_dir", spec[4:]) if spec.startswith("zoo:") else Path(spec).expanduser()
     if not path.is_dir() or not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
         raise ConfigError(f"tokenizer folder {path} not found or holds no tokenizer files")
     return path
@@ -289,7 +297,7 @@ def resolve_tokenizer(spec: str) -> Path | str:
 
 def resolve_text(spec: str) -> Path:
     """A text/jsonl file from a path or ``zoo:train`` / ``zoo:heldout``."""
-    path = Path(_zoo().corpus_path(spec[4:])) if spec.startswith("zoo:") else Path(spec).expanduser()
+    path = _zoo_path("corpus_path", spec[4:]) if spec.startswith("zoo:") else Path(spec).expanduser()
     if not path.is_file():
         raise ConfigError(f"data file {path} not found")
     return path

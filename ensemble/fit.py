@@ -1,0 +1,248 @@
+"""``ensemble fit``: choose an ensemble's pooling rule, member weights and temperatures on a dev text.
+
+The members score the dev text once, in float32, on the ensemble's shared tokenizer (one start
+token in front of each ~1 KB window, as ``transfer eval`` and ``bench/ensemble_quality.py`` score
+held-out text). Their logits are kept (float16, half the memory) and, for each pooling rule, the
+member weights (a softmax of K free parameters: positive, summing to one) and temperatures (the
+exponential of K free parameters) that minimise the pooled bits per byte are found by L-BFGS. The
+rule with the fewest bits wins; the manifest is rewritten with it, and ``fit.json`` beside it
+records the dev text (path, sha256, bytes) and the bits per byte before and after, per rule.
+
+The dev text must be disjoint from the members' training text and from every held-out text that
+is reported (the zoo's ``dev`` split: one play kept out of both, see `transfer.zoo`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ensemble.manifest import MANIFEST_FILE, EnsembleManifest, ManifestError
+from ensemble.pooling import POOLING_RULES, check_rule
+
+FIT_FILE = "fit.json"
+# Masked vocabulary entries are -inf; a finite floor keeps the gradients finite and still gives
+# them zero probability after the softmax (exp(-1e4) underflows to 0 in float32).
+_FLOOR = -1e4
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    """What `fit_ensemble` fits and on which text.
+
+    Attributes:
+        text: the dev text (a UTF-8 file; ``zoo:dev`` resolves to the zoo's dev split).
+        max_bytes: bytes of the dev text scored (its first ones, in whole windows).
+        window_bytes: bytes per scored window (each starts with one start token).
+        rules: the pooling rules tried; the one with the fewest bits per byte is kept.
+        temperatures: fit per-member temperatures too (else they stay as they are).
+        max_iter: L-BFGS iterations per rule.
+    """
+
+    text: str = "zoo:dev"
+    max_bytes: int = 8_000
+    window_bytes: int = 1024
+    rules: tuple[str, ...] = POOLING_RULES
+    temperatures: bool = True
+    max_iter: int = 25
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "rules", tuple(self.rules))
+        if not self.rules:
+            raise ManifestError("fit needs at least one pooling rule")
+        for rule in self.rules:
+            try:
+                check_rule(rule)
+            except ValueError as err:
+                raise ManifestError(str(err)) from None
+        if self.max_bytes < self.window_bytes or self.window_bytes < 16:
+            raise ManifestError(
+                f"fit needs max_bytes >= window_bytes >= 16, got {self.max_bytes} and {self.window_bytes}"
+            )
+        if self.max_iter < 1:
+            raise ManifestError(f"max_iter must be >= 1, got {self.max_iter}")
+
+
+@dataclass(frozen=True)
+class RuleFit:
+    """The best weights and temperatures found for one rule, and their dev bits per byte."""
+
+    rule: str
+    weights: tuple[float, ...]
+    temperatures: tuple[float, ...]
+    bits_per_byte: float
+
+
+@dataclass(frozen=True)
+class FitReport:
+    """What `fit_ensemble` did: the dev text, the manifest's own score, and every rule's fit."""
+
+    text: str
+    sha256: str
+    bytes: int
+    tokens: int
+    before: RuleFit
+    fits: tuple[RuleFit, ...]
+    chosen: RuleFit = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "chosen", min(self.fits, key=lambda f: f.bits_per_byte))
+
+    def to_dict(self) -> dict:
+        """JSON-ready form (the content of ``fit.json``)."""
+        return asdict(self)
+
+
+# ----------------------------------------------------------------------------- maths
+
+
+def pooled_target_logprobs(
+    logits: Tensor, targets: Tensor, weights: Tensor, temperatures: Tensor, rule: str
+) -> Tensor:
+    """Pooled log-probability of each row's target token, differentiable in weights and temperatures.
+
+    Args:
+        logits: ``[K, R, V]`` member logits over the shared vocabulary (-inf where masked).
+        targets: ``[R]`` token ids.
+        weights: ``[K]`` member weights, positive and summing to one.
+        temperatures: ``[K]`` member temperatures, positive.
+        rule: ``prob_mean`` (linear pool) or ``logprob_mean`` (geometric pool, renormalised).
+
+    Returns:
+        ``[R]`` float32 log-probabilities; the same numbers as
+        ``pool_logprobs(...).gather(1, targets)`` of `ensemble.pooling`, up to the masked floor.
+    """
+    check_rule(rule)
+    x = logits.to(torch.float32).clamp_min(_FLOOR)
+    lp = torch.log_softmax(x / temperatures[:, None, None], dim=-1)
+    if rule == "prob_mean":
+        picked = lp.gather(2, targets.expand(lp.shape[0], -1)[:, :, None])[:, :, 0]  # [K, R]
+        return torch.logsumexp(picked + torch.log(weights)[:, None], dim=0)
+    scores = (weights[:, None, None] * lp).sum(dim=0)  # [R, V]
+    return scores.gather(1, targets[:, None])[:, 0] - torch.logsumexp(scores, dim=-1)
+
+
+def bits_per_byte(
+    windows: Sequence[tuple[Tensor, Tensor]], n_bytes: int, weights: Tensor, temperatures: Tensor, rule: str,
+    backward: bool = False,
+) -> float:
+    """Pooled bits per byte over scored windows ``(logits [K, R, V], targets [R])``.
+
+    With `backward`, the gradient of that number is accumulated into the leaves that `weights`
+    and `temperatures` come from, window by window (one window's graph in memory at a time).
+    """
+    total = 0.0
+    for logits, targets in windows:
+        bits = -pooled_target_logprobs(logits, targets, weights, temperatures, rule).sum() / (math.log(2) * n_bytes)
+        if backward:
+            bits.backward(retain_graph=True)
+        total += float(bits.detach())
+    return total
+
+
+def fit_rule(
+    windows: Sequence[tuple[Tensor, Tensor]], n_bytes: int, rule: str, temperatures: Sequence[float] | None,
+    max_iter: int = 25,
+) -> RuleFit:
+    """The weights (and temperatures, unless given) minimising the dev bits per byte under `rule`.
+
+    L-BFGS (strong Wolfe line search) from equal weights and temperature 1, over unconstrained
+    parameters: weights = softmax(a), temperatures = exp(t).
+    """
+    k = windows[0][0].shape[0]
+    a = torch.zeros(k, requires_grad=True)
+    fixed = temperatures is not None
+    t = (torch.tensor([math.log(x) for x in temperatures]) if fixed else torch.zeros(k)).requires_grad_(not fixed)
+    params = [a] if fixed else [a, t]
+    opt = torch.optim.LBFGS(params, lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure() -> Tensor:
+        opt.zero_grad()
+        return torch.tensor(bits_per_byte(windows, n_bytes, torch.softmax(a, 0), torch.exp(t), rule, backward=True))
+
+    opt.step(closure)
+    with torch.no_grad():
+        w, temps = torch.softmax(a, 0), torch.exp(t)
+        bpb = bits_per_byte(windows, n_bytes, w, temps, rule)
+    return RuleFit(rule, tuple(round(float(x), 4) for x in w), tuple(round(float(x), 4) for x in temps), bpb)
+
+
+# ----------------------------------------------------------------------------- the command
+
+
+@torch.no_grad()  # not inference_mode: the fit differentiates through these logits' pooling
+def score_windows(manifest: EnsembleManifest, texts: Sequence[str], tokenizer) -> list[tuple[Tensor, Tensor]]:
+    """Every member's float32 logits on each window (kept as float16 ``[K, R, V]``) and the targets."""
+    from tqdm.auto import tqdm
+
+    from ensemble.reference import Member
+    from transfer.tokens import start_token_id
+
+    start = start_token_id(tokenizer)
+    models = {}
+    for spec in manifest.members:
+        if spec.path not in models:
+            models[spec.path] = Member.load_model(spec.path, "cpu", torch.float32)
+    members = [Member(spec, manifest.vocab_size, models[spec.path], "cpu") for spec in manifest.members]
+    out = []
+    for text in tqdm(texts, desc="scoring the dev text", unit="window"):
+        ids = torch.tensor([start] + tokenizer(text, add_special_tokens=False)["input_ids"])
+        logits = [m.shared_logits(m.model(input_ids=ids[None]).logits[0].float())[:-1] for m in members]
+        out.append((torch.stack(logits).to(torch.float16), ids[1:]))
+    return out
+
+
+def fit_ensemble(folder: str | Path, config: FitConfig = FitConfig(), write: bool = True) -> FitReport:
+    """Fit `folder`'s pooling on `config.text`; rewrite its manifest (when `write`) and ``fit.json``."""
+    from transformers import AutoTokenizer
+
+    from transfer.config import resolve_text
+    from transfer.evaluate import byte_windows
+
+    folder = Path(folder)
+    manifest = EnsembleManifest.load(folder)
+    path = resolve_text(config.text)
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ManifestError(f"dev text {path} is not UTF-8 (byte {err.start})") from None
+    texts = byte_windows(text, config.window_bytes, config.max_bytes)
+    if not texts:
+        raise ManifestError(f"dev text {path} has no text to score")
+    n_bytes = sum(len(t.encode("utf-8")) for t in texts)
+    windows = score_windows(manifest, texts, AutoTokenizer.from_pretrained(folder))
+
+    own_w = torch.tensor(manifest.weights) / sum(manifest.weights)
+    own_t = torch.tensor(manifest.temperatures)
+    before = RuleFit(manifest.rule, tuple(manifest.weights), tuple(manifest.temperatures),
+                     bits_per_byte(windows, n_bytes, own_w, own_t, manifest.rule))
+    keep = None if config.temperatures else list(manifest.temperatures)
+    fits = tuple(fit_rule(windows, n_bytes, rule, keep, config.max_iter) for rule in config.rules)
+    report = FitReport(str(path), hashlib.sha256(raw).hexdigest(), n_bytes,
+                       sum(len(t) for _, t in windows), before, fits)
+    if write:
+        _write(folder, report.chosen, report)
+    return report
+
+
+def _write(folder: Path, best: RuleFit, report: FitReport) -> None:
+    """Store `best` in the folder's manifest (member paths kept as written) and the report beside it."""
+    path = folder / MANIFEST_FILE
+    stored = json.loads(path.read_text())
+    for member, w, t in zip(stored["members"], best.weights, best.temperatures, strict=True):
+        member["weight"], member["temperature"] = w, t
+    stored["rule"] = best.rule
+    EnsembleManifest.from_dict(stored)  # validate before anything is replaced
+    for target, content in ((path, stored), (folder / FIT_FILE, report.to_dict())):
+        tmp = target.with_suffix(".tmp")
+        tmp.write_text(json.dumps(content, indent=2) + "\n")
+        tmp.replace(target)
+    return report

@@ -1,0 +1,106 @@
+"""`ensemble fit`: the differentiable pooled score, the fit itself, and the command on a tiny ensemble."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from ensemble.cli import main as cli_main
+from ensemble.fit import FitConfig, bits_per_byte, fit_ensemble, fit_rule, pooled_target_logprobs
+from ensemble.manifest import EnsembleManifest, ManifestError
+from ensemble.pooling import pool_logprobs
+
+
+@pytest.mark.parametrize("rule", ["prob_mean", "logprob_mean"])
+def test_pooled_target_logprobs_equal_the_engines_pooling(rule: str) -> None:
+    gen = torch.Generator().manual_seed(0)
+    k, r, v = 3, 7, 40
+    logits = torch.randn(k, r, v, generator=gen) * 3
+    logits[1, :, 35:] = float("-inf")  # a member lacking the last ids (masked, never a target)
+    targets = torch.randint(0, 35, (r,), generator=gen)
+    weights, temps = torch.tensor([0.5, 0.2, 0.3]), torch.tensor([0.7, 1.0, 1.6])
+    ours = pooled_target_logprobs(logits, targets, weights, temps, rule)
+    engines = pool_logprobs(list(logits), weights.tolist(), rule, temps.tolist()).gather(1, targets[:, None])[:, 0]
+    torch.testing.assert_close(ours, engines, atol=1e-5, rtol=1e-5)
+
+
+def _sampled(rows: int = 3000, vocab: int = 30, seed: int = 0):
+    """Targets drawn from softmax(z); member 0 has logits 2z (overconfident by 2), member 1 noise."""
+    gen = torch.Generator().manual_seed(seed)
+    z = torch.randn(rows, vocab, generator=gen) * 1.5
+    targets = torch.multinomial(torch.softmax(z, -1), 1, generator=gen)[:, 0]
+    logits = torch.stack([2 * z, torch.randn(rows, vocab, generator=gen)])
+    return [(logits[:, i:i + 500], targets[i:i + 500]) for i in range(0, rows, 500)], rows
+
+
+@pytest.mark.parametrize("rule", ["prob_mean", "logprob_mean"])
+def test_fit_finds_the_true_member_and_its_temperature(rule: str) -> None:
+    windows, n = _sampled()
+    equal = bits_per_byte(windows, n, torch.tensor([0.5, 0.5]), torch.ones(2), rule)
+    fit = fit_rule(windows, n, rule, temperatures=None)
+    assert fit.bits_per_byte < equal
+    assert fit.weights[0] > 0.8, fit
+    assert fit.temperatures[0] == pytest.approx(2.0, rel=0.2), fit
+    # Weights only: the temperatures stay as given.
+    kept = fit_rule(windows, n, rule, temperatures=[1.0, 1.0])
+    assert kept.temperatures == (1.0, 1.0)
+    assert fit.bits_per_byte <= kept.bits_per_byte + 1e-6
+
+
+def test_fit_config_rejects_bad_values() -> None:
+    with pytest.raises(ManifestError, match="unknown pooling rule 'median'"):
+        FitConfig(rules=("median",))
+    with pytest.raises(ManifestError, match="max_bytes >= window_bytes"):
+        FitConfig(max_bytes=100)
+    with pytest.raises(ManifestError, match="max_iter"):
+        FitConfig(max_iter=0)
+
+
+@pytest.fixture
+def dev_text(tmp_path: Path) -> Path:
+    path = tmp_path / "dev.txt"
+    path.write_text("The quick brown fox jumps over the lazy dog. " * 60, encoding="utf-8")
+    return path
+
+
+def test_fit_command_rewrites_the_manifest(make_ensemble, tiny_models, dev_text: Path, capsys) -> None:
+    folder = make_ensemble([("llama", tiny_models["llama"], 1.0), ("gemma", tiny_models["gemma3"], 1.0)])
+    status = cli_main(["fit", str(folder), "--text", str(dev_text), "--max-bytes", "1024", "--max-iter", "3"])
+    out = capsys.readouterr().out
+    assert status == 0, out
+    report = json.loads((folder / "fit.json").read_text())
+    manifest = EnsembleManifest.load(folder)
+    chosen = min(report["fits"], key=lambda f: f["bits_per_byte"])
+    assert manifest.rule == chosen["rule"]
+    assert list(manifest.weights) == chosen["weights"] and list(manifest.temperatures) == chosen["temperatures"]
+    assert chosen["bits_per_byte"] <= report["before"]["bits_per_byte"] + 1e-6
+    assert 900 < report["bytes"] <= 1024 and report["sha256"] and "<- chosen" in out
+    # Relative member paths and the rest of the manifest survive.
+    stored = json.loads((folder / "chorus_ensemble.json").read_text())
+    assert [m["name"] for m in stored["members"]] == ["llama", "gemma"]
+
+
+def test_fit_dry_run_writes_nothing(make_ensemble, tiny_models, dev_text: Path) -> None:
+    folder = make_ensemble([("llama", tiny_models["llama"], 1.0), ("gemma", tiny_models["gemma3"], 3.0)])
+    before = (folder / "chorus_ensemble.json").read_text()
+    report = fit_ensemble(folder, FitConfig(text=str(dev_text), max_bytes=1024, max_iter=2,
+                                            rules=("prob_mean",)), write=False)
+    assert (folder / "chorus_ensemble.json").read_text() == before and not (folder / "fit.json").exists()
+    assert report.before.weights == (1.0, 3.0) and math.isfinite(report.chosen.bits_per_byte)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["{tmp}"], "is not an ensemble folder: chorus_ensemble.json is missing"),
+    (["{ens}", "--text", "{tmp}/missing.txt"], "data file {tmp}/missing.txt not found"),
+    (["{ens}", "--text", "zoo:nonsense"], "zoo:nonsense: unknown corpus split 'nonsense'"),
+])
+def test_fit_errors_are_one_line(args, message, tiny_ensemble: Path, tmp_path: Path, capsys) -> None:
+    fill = {"tmp": str(tmp_path), "ens": str(tiny_ensemble)}
+    status = cli_main(["fit"] + [a.format(**fill) for a in args])
+    err = capsys.readouterr().err
+    assert status == 2
+    assert err.count("\n") == 1 and message.format(**fill) in err, err

@@ -59,9 +59,9 @@ class VLLMEngineConfig:
         tensor_parallel_size: vLLM tensor parallelism (every member is split across the ranks).
         max_model_len: prompt + completion limit; None = the ensemble's (min over members).
         enforce_eager: skip torch.compile and CUDA graphs; None = True on a CPU, False elsewhere.
-        dtype: weight/activation dtype: ``auto`` = bfloat16 where the device has native bf16,
-            else float32 (`transfer.precision.choose_dtype`; vLLM's own ``auto`` would pick
-            bfloat16 on any x86 CPU, native or emulated); or explicit ``bfloat16``, ``float32``...
+        dtype: weight/activation dtype: ``auto`` = float32 on a CPU, bfloat16 on a GPU with native
+            bf16 (see `engine_dtype`; vLLM's own ``auto`` would pick bfloat16 on any x86 CPU); or
+            explicit ``bfloat16``, ``float32``...
         engine_args: further ``vllm.AsyncEngineArgs`` fields, passed through unchanged
             (e.g. ``gpu_memory_utilization``, ``max_num_seqs``, ``enable_prefix_caching``).
     """
@@ -95,13 +95,23 @@ class VLLMEngineConfig:
 
 
 def engine_dtype(requested: str, device_type: str, native: bool | None = None) -> str:
-    """vLLM's ``dtype`` argument for `requested`: ``auto`` decided by the hardware (bfloat16 only
-    where `device_type` has native bf16; `native` injects the capability in tests), any other
-    value passed on as it is (vLLM validates it)."""
+    """vLLM's ``dtype`` argument for `requested`; any value but ``auto`` is passed on as it is.
+
+    ``auto`` on a GPU: bfloat16 where it is native (`transfer.precision.choose_dtype`; `native`
+    injects the capability in tests), else float32. ``auto`` on a CPU: float32, with or without
+    native bf16, as measured by ``bench/vllm_dtype.py`` on the default ensemble (README, "Precision
+    and hardware"): with native bf16, bfloat16 was 1.22x faster but its log-probs differed from the
+    float32 reference by 0.1 (the parity tolerance is 1e-4) and greedy tokens diverged; without it,
+    bfloat16 was 0.35x as fast. (vLLM's own ``auto`` picks bfloat16 on every x86 CPU.)
+    """
     if requested != "auto":
         return requested
-    from transfer.precision import choose_dtype
+    from transfer.precision import choose_dtype, log
 
+    if device_type == "cpu":
+        log.info("precision for the vLLM engine: float32 (auto on a CPU: bfloat16 is not within the "
+                 "1e-4 reference tolerance, and without native bf16 it is slower)")
+        return "float32"
     chosen = choose_dtype("auto", device_type, native=native, what="the vLLM engine")
     return str(chosen).removeprefix("torch.")
 

@@ -61,8 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-model-len", type=_int, default=_env("MAX_MODEL_LEN"),
                    help="prompt + completion limit (default: the shortest member context) [CHORUS_MAX_MODEL_LEN]")
     p.add_argument("--dtype", choices=DTYPES, default=_env("DTYPE", "auto"),
-                   help="weights/activations dtype (auto: bfloat16 on vLLM where the hardware has native bf16, "
-                        "else float32; float32 for torch) [CHORUS_DTYPE, auto]")
+                   help="weights/activations dtype (auto: float32 on a CPU; on a GPU bfloat16 where native; "
+                        "float32 for torch) [CHORUS_DTYPE, auto]")
     p.add_argument("--api-key", default=_env("API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1/*, /tokenize, /detokenize [CHORUS_API_KEY]")
     p.add_argument("--max-running", type=_int, default=_env("MAX_RUNNING"),

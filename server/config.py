@@ -25,8 +25,8 @@ class ServerConfig:
         engine: ``vllm`` (continuous batching, paged KV cache) or ``torch`` (the reference engine).
         tensor_parallel_size: vLLM tensor parallelism (vllm engine only).
         max_model_len: prompt + completion limit; None = the engine's (shortest member context).
-        dtype: weights/activations: ``auto`` (vLLM: bfloat16 where the hardware has native bf16, else
-            float32, see `transfer.precision`; float32 for the torch engine),
+        dtype: weights/activations: ``auto`` (vLLM: float32 on a CPU, bfloat16 on a GPU with native
+            bf16, see `ensemble.vllm_engine.engine_dtype`; float32 for the torch engine),
             ``float32``, ``bfloat16`` or ``float16``.
         api_key: when set, `/v1/*`, `/tokenize` and `/detokenize` need `Authorization: Bearer <key>`.
         max_running: HTTP requests let into the engine at once; None = the engine's `max_num_seqs`

@@ -11,8 +11,10 @@ The capability is what torch itself will use: on a CPU, ``torch.ops.mkldnn._is_m
 bf16 machine behave, and decide, like an AVX2-only one); on CUDA, ``torch.cuda.is_bf16_supported``
 without emulation.
 
-Used by ``transfer run`` (training precision) and by the vLLM engine of ``ensemble``/``serve``
-(the members' dtype); ``transfer eval``, the ensemble build and the reference engine stay fp32.
+Used by ``transfer run`` (training precision) and by the vLLM engine of ``ensemble``/``serve`` on
+a GPU (the members' dtype; on a CPU that engine's ``auto`` is float32, see
+``ensemble.vllm_engine.engine_dtype``); ``transfer eval``, the ensemble build and fit and the
+reference engine stay fp32.
 """
 
 from __future__ import annotations

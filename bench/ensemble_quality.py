@@ -9,8 +9,13 @@ a rule is scored on exactly the bytes and tokens each member is scored on. Rules
 ``prob_mean`` and ``logprob_mean`` with the manifest's weights, and ``prob_mean`` with the weight
 of each member doubled in turn (a cheap look at whether weighting towards one member helps).
 
-Prints a Markdown table (rows: members, then the ensemble rules; columns: one per text) and writes
-the same numbers as JSON when ``--out`` is given.
+``--original NAME=MODEL`` (repeatable; a folder or ``zoo:NAME``) adds a model scored with its *own*
+tokenizer on the same bytes (``transfer eval``'s measure): the originals the members were moved
+from, the baseline a user could serve instead. The summary line then compares the ensemble (its
+manifest's own rule, weights and temperatures) with the best original on each text.
+
+Prints a Markdown table (rows: originals, members, then the ensemble rules; columns: one per text)
+and writes the same numbers as JSON when ``--out`` is given.
 """
 
 from __future__ import annotations
@@ -47,13 +52,11 @@ class Tally:
 
 
 def scorers(manifest: EnsembleManifest) -> dict[str, tuple[str, list[float]]]:
-    """Pooling settings to score: name -> (rule, weights)."""
+    """Pooling settings to score: name -> (rule, weights); the manifest's own setting first."""
     names = [m.name for m in manifest.members]
     weights = list(manifest.weights)
-    out = {
-        f"ensemble prob_mean {fmt(weights)}": ("prob_mean", weights),
-        f"ensemble logprob_mean {fmt(weights)}": ("logprob_mean", weights),
-    }
+    rules = [manifest.rule] + [r for r in ("prob_mean", "logprob_mean") if r != manifest.rule]
+    out = {f"ensemble {rule} {fmt(weights)}": (rule, weights) for rule in rules}  # the manifest's rule first
     for i, name in enumerate(names):
         w = [2.0 * x if j == i else x for j, x in enumerate(weights)]
         out[f"ensemble prob_mean, {name} x2 {fmt(w)}"] = ("prob_mean", w)
@@ -76,14 +79,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--text", action="append", help="text file or zoo:NAME (repeatable; default zoo:heldout)")
     p.add_argument("--max-bytes", type=int, default=20_000, help="bytes scored per text (default 20000)")
     p.add_argument("--window-bytes", type=int, default=1024)
+    p.add_argument("--original", action="append", default=[], metavar="NAME=MODEL",
+                   help="also score MODEL (folder or zoo:NAME) with its own tokenizer (repeatable)")
     p.add_argument("--out", help="write the results as JSON here")
     args = p.parse_args(argv)
 
     from tqdm.auto import tqdm
     from transformers import AutoTokenizer
 
-    from transfer.config import resolve_text
-    from transfer.evaluate import read_windows
+    from transfer.config import resolve_model, resolve_text
+    from transfer.evaluate import evaluate_folder, read_windows
     from transfer.tokens import start_token_id
 
     torch.manual_seed(0)
@@ -97,6 +102,14 @@ def main(argv: list[str] | None = None) -> int:
         if spec.path not in models:
             models[spec.path] = Member.load_model(spec.path, "cpu", torch.float32)
     members = [Member(spec, manifest.vocab_size, models[spec.path], "cpu") for spec in manifest.members]
+    originals = {}
+    for item in args.original:
+        name, sep, model = item.partition("=")
+        if not sep or not name or not model:
+            p.error(f"--original {item!r}: expected NAME=MODEL")
+        originals[f"original {name} (own tokenizer)"] = {
+            t: evaluate_folder(resolve_model(model), resolve_text(t), max_bytes=args.max_bytes,
+                               window_bytes=args.window_bytes).bits_per_byte for t in texts}
     settings = scorers(manifest)
     tallies = {m.name: Tally() for m in manifest.members} | {name: Tally() for name in settings}
     total = sum(len(w) for w in windows.values())
@@ -116,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
                     tallies[name].add(text, -float(lp.gather(1, target[:, None]).sum()) / math.log(2), n_bytes)
                 bar.update(1)
 
-    rows = {name: {t: tally.bpb(t) for t in texts} for name, tally in tallies.items()}
+    rows = originals | {name: {t: tally.bpb(t) for t in texts} for name, tally in tallies.items()}
     print(f"\nbits per byte (lower is better), {args.max_bytes} bytes per text, ensemble {args.ensemble}\n")
     print("| scorer | " + " | ".join(texts) + " |")
     print("|---|" + "---|" * len(texts))
@@ -124,10 +137,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {name} | " + " | ".join(f"{row[t]:.4f}" for t in texts) + " |")
     best = {t: min(rows[m.name][t] for m in manifest.members) for t in texts}
     print("\nbest member per text: " + ", ".join(f"{t} {best[t]:.4f}" for t in texts))
+    if originals:
+        own = next(iter(settings))  # the manifest's own rule, weights and temperatures
+        for t in texts:
+            name, value = min(((n, r[t]) for n, r in originals.items()), key=lambda x: x[1])
+            change = 100 * (rows[own][t] / value - 1)
+            print(f"{t}: {own} {rows[own][t]:.4f} vs best {name} {value:.4f}: {change:+.1f}% bits")
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        record = {"ensemble": str(args.ensemble), "max_bytes": args.max_bytes,
+        record = {"ensemble": str(args.ensemble), "max_bytes": args.max_bytes, "originals": args.original,
                   "members": [{"name": m.name, "path": m.path, "weight": m.weight} for m in manifest.members],
                   "bits_per_byte": rows}
         out.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")

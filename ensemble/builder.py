@@ -74,9 +74,9 @@ def _tokenizer_digest(path: Path) -> str:
 @lru_cache(maxsize=8)
 def _load_tokenizer(digest: str, path: str) -> tuple[Any, TokenTable]:
     """Load a tokenizer and its byte table once per distinct content (both treated read-only)."""
-    from transformers import AutoTokenizer
+    from transfer.tokens import load_tokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = load_tokenizer(path)
     if not hasattr(tokenizer, "backend_tokenizer"):
         raise ManifestError(f"the tokenizer in {path} is not a fast (tokenizers) tokenizer")
     return tokenizer, token_bytes_table(tokenizer)

@@ -105,17 +105,18 @@ def _init_args(p: argparse.ArgumentParser) -> None:
 
 def _init(args: argparse.Namespace) -> int:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from .config import resolve_model, resolve_tokenizer
     from .fvt import init_student, load_target_tokenizer, save_model_folder
+    from .tokens import load_tokenizer
 
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserInputError(f"output folder {out} exists and is not empty; choose a new --out")
     model_dir = resolve_model(args.model)
     tok_spec = resolve_tokenizer(args.tokenizer)
-    old_tok = AutoTokenizer.from_pretrained(model_dir)
+    old_tok = load_tokenizer(model_dir)
     new_tok = load_target_tokenizer(tok_spec, old_tok)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "auto": "auto"}[args.dtype]
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)

@@ -24,7 +24,7 @@ import torch
 from .data import split_text
 from .errors import DataError
 from .losses import token_logprobs
-from .tokens import start_token_id
+from .tokens import load_tokenizer, start_token_id
 
 
 @dataclass(frozen=True)
@@ -129,7 +129,7 @@ def evaluate_folder(
     show_progress: bool = True,
 ) -> BitsPerByte:
     """Load an HF model folder (and its tokenizer, or ``tokenizer_dir``) and measure bits per byte."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
@@ -138,7 +138,7 @@ def evaluate_folder(
     if not tok_dir.is_dir():
         raise DataError(f"tokenizer folder {tok_dir} not found")
     windows = read_windows(text_path, window_bytes, max_bytes)
-    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    tokenizer = load_tokenizer(tok_dir)
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype)
     if model.get_input_embeddings().weight.shape[0] < len(tokenizer):

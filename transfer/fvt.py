@@ -26,9 +26,8 @@ from typing import Any, Optional
 
 import torch
 from torch import nn
-from transformers import AutoTokenizer
 
-from .tokens import ByteTokenizer, special_map, special_roles, token_bytes, tokenize_bytes
+from .tokens import ByteTokenizer, load_tokenizer, special_map, special_roles, token_bytes, tokenize_bytes
 
 _BATCH = 4096
 
@@ -239,7 +238,7 @@ def load_target_tokenizer(spec: Any, old_tok: Any) -> Any:
     role tokens, anything else is an HF tokenizer folder."""
     if str(spec) == "bytes":
         return ByteTokenizer.like(old_tok)
-    return AutoTokenizer.from_pretrained(str(spec))
+    return load_tokenizer(spec)
 
 
 def init_student(model: Any, old_tok: Any, new_tok: Any) -> tuple[Any, Any]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import weakref
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -315,6 +316,27 @@ def special_map(source: Any, target: Any) -> dict[int, int]:
         if role in src and role in dst and src[role] not in out:
             out[src[role]] = dst[role]
     return out
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_tokenizer(folder: str | Path) -> Any:
+    """A folder's tokenizer exactly as saved: the class its ``tokenizer_config.json`` names.
+
+    ``AutoTokenizer`` in transformers 5 overrides that class for some model types (qwen2, phi3 and
+    others in its ``MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS``) and rebuilds their pipeline: a
+    Qwen2.5 model moved onto Gemma-3's tokenizer would tokenize as byte-level BPE over Gemma's
+    vocabulary ("to be" as different ids). Every model folder chorus writes or reads goes
+    through here; folders without a named class fall back to ``AutoTokenizer``.
+    """
+    from transformers import AutoTokenizer
+    from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
+
+    config = Path(folder) / "tokenizer_config.json"
+    name = json.loads(config.read_text(encoding="utf-8")).get("tokenizer_class") if config.is_file() else None
+    cls = tokenizer_class_from_name(name) if name else None
+    return (cls or AutoTokenizer).from_pretrained(str(folder))
 
 
 # --------------------------------------------------------------------------- byte tokenizer

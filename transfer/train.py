@@ -44,7 +44,7 @@ from .evaluate import bits_per_byte, read_windows
 from .fvt import init_student, load_target_tokenizer, save_model_folder, transfer_chat_template
 from .precision import choose_dtype, short_name
 from .runlog import RunLog, plot_losses, write_csv
-from .tokens import space_token_mask
+from .tokens import load_tokenizer, space_token_mask
 
 CHECKPOINTS = "checkpoints"
 TRAINABLE_FILE = "trainable.safetensors"
@@ -73,12 +73,12 @@ class Models:
 def build_models(cfg: RunConfig, dtype: torch.dtype = torch.float32) -> Models:
     """Load the teacher (in `dtype`, the run's compute precision), build the student (fp32
     master weights; FVT when its tokenizer changes) and the space masks."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     teacher_dir = resolve_model(cfg.model.teacher)
     student_dir = resolve_model(cfg.model.student) if cfg.model.student else teacher_dir
-    teacher_tok = AutoTokenizer.from_pretrained(teacher_dir)
-    student_own_tok = teacher_tok if student_dir == teacher_dir else AutoTokenizer.from_pretrained(student_dir)
+    teacher_tok = load_tokenizer(teacher_dir)
+    student_own_tok = teacher_tok if student_dir == teacher_dir else load_tokenizer(student_dir)
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=dtype)
     teacher.eval().requires_grad_(False)
     student = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32)
@@ -86,7 +86,7 @@ def build_models(cfg: RunConfig, dtype: torch.dtype = torch.float32) -> Models:
         student_tok = load_target_tokenizer(resolve_tokenizer(cfg.model.tokenizer), student_own_tok)
         student, student_tok = init_student(student, student_own_tok, student_tok)
     else:
-        student_tok = AutoTokenizer.from_pretrained(student_dir)
+        student_tok = load_tokenizer(student_dir)
     # The student speaks the teacher's chat format, written with its own special tokens.
     template = transfer_chat_template(teacher_tok, student_tok)
     if template:

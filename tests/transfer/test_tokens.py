@@ -269,3 +269,19 @@ def test_byte_tokenizer_rejects_unknown_role_tokens():
 def test_non_fast_tokenizers_are_refused():
     with pytest.raises(TypeError, match="fast"):
         tokens.token_bytes(object())
+
+
+def test_load_tokenizer_keeps_the_saved_tokenizer_whatever_the_model_type(tmp_path) -> None:
+    # A Qwen2 model moved onto Gemma-3's tokenizer: transformers 5's AutoTokenizer would load a
+    # Qwen2Tokenizer (byte-level BPE) over Gemma's vocabulary because of the folder's model type.
+    import json
+    import shutil
+
+    gemma = zoo.tokenizer_dir("gemma3")
+    for f in gemma.iterdir():
+        shutil.copy(f, tmp_path / f.name)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
+    text = "Hello  world, to be or not"
+    want = AutoTokenizer.from_pretrained(gemma)(text)["input_ids"]
+    assert tokens.load_tokenizer(tmp_path)(text)["input_ids"] == want
+    assert AutoTokenizer.from_pretrained(tmp_path)(text)["input_ids"] != want  # the trap itself

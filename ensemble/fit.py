@@ -131,19 +131,25 @@ def pooled_target_logprobs(
 
 def bits_per_byte(
     windows: Sequence[tuple[Tensor, Tensor]], n_bytes: int, weights: Tensor, temperatures: Tensor, rule: str,
-    backward: bool = False,
+    backward: bool = False, buffer_bytes: int = 1 << 26,
 ) -> float:
     """Pooled bits per byte over scored windows ``(logits [K, R, V], targets [R])``.
 
-    With `backward`, the gradient of that number is accumulated into the leaves that `weights`
-    and `temperatures` come from, window by window (one window's graph in memory at a time).
+    Rows are pooled a few at a time (each float32 ``[K, rows, V]`` buffer at most `buffer_bytes`).
+    With `backward`, the gradient of that number is accumulated into the leaves that `weights` and
+    `temperatures` come from, chunk by chunk (one chunk's graph in memory at a time).
     """
     total = 0.0
     for logits, targets in windows:
-        bits = -pooled_target_logprobs(logits, targets, weights, temperatures, rule).sum() / (math.log(2) * n_bytes)
-        if backward:
-            bits.backward(retain_graph=True)
-        total += float(bits.detach())
+        k, r, v = logits.shape
+        rows = max(1, buffer_bytes // (4 * k * v))
+        for start in range(0, r, rows):
+            part = pooled_target_logprobs(logits[:, start:start + rows], targets[start:start + rows],
+                                          weights, temperatures, rule)
+            bits = -part.sum() / (math.log(2) * n_bytes)
+            if backward:
+                bits.backward(retain_graph=True)
+            total += float(bits.detach())
     return total
 
 

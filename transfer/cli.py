@@ -175,6 +175,19 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespa
     return args
 
 
+class _StderrHandler(logging.StreamHandler):
+    """A handler writing to whatever ``sys.stderr`` is when a record is emitted (not the stream of
+    the first call: tests and notebooks swap it)."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def _quiet_libraries() -> None:
     """Only our own progress bar and messages (``chorus.*`` loggers, INFO, on stderr): no per-tensor loading bars or info logs from
     transformers (a bad input then prints exactly one line)."""
@@ -185,7 +198,7 @@ def _quiet_libraries() -> None:
     # Our own decisions (e.g. the precision `train.dtype: auto` chose) as one line each.
     ours = logging.getLogger("chorus")
     if not ours.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("[%(name)s] %(message)s"))
         ours.addHandler(handler)
         ours.setLevel(logging.INFO)

@@ -45,6 +45,30 @@ def native_bf16(device: torch.device | str = "cpu") -> bool:
     return False  # mps, xpu, ...: not measured here, fp32 is the safe side
 
 
+def decide(requested: str, device: torch.device | str = "cpu", *, native: Optional[bool] = None) -> tuple[torch.dtype, str]:
+    """The dtype for `requested` (``auto`` or an explicit spelling such as ``bf16``) and why.
+
+    ``auto`` is bf16 where `device` has native bf16 (:func:`native_bf16`, or `native` when a test
+    injects it) and fp32 elsewhere; any other spelling is returned as it is. Logs nothing.
+    """
+    key = str(requested).lower()
+    if key != "auto":
+        if key not in _ALIASES:
+            raise ValueError(f"unknown dtype {requested!r}: use one of {', '.join(SPELLINGS)}")
+        return _ALIASES[key], "set explicitly"
+    kind = torch.device(device).type
+    has = native_bf16(device) if native is None else native
+    dtype = torch.bfloat16 if has else torch.float32
+    why = (f"this {kind} has native bf16" if has
+           else f"this {kind} has no native bf16: emulated bf16 would be tens of times slower than fp32")
+    return dtype, f"auto: {why}"
+
+
+def announce(what: str, dtype: torch.dtype, why: str) -> None:
+    """Log the one line that says which precision `what` uses and why."""
+    log.info("precision for %s: %s (%s)", what, _name(dtype), why)
+
+
 def choose_dtype(
     requested: str,
     device: torch.device | str = "cpu",
@@ -52,25 +76,9 @@ def choose_dtype(
     native: Optional[bool] = None,
     what: str = "compute",
 ) -> torch.dtype:
-    """The dtype to use for `requested` (``auto`` or an explicit spelling such as ``bf16``).
-
-    ``auto`` is bf16 where `device` has native bf16 (:func:`native_bf16`, or `native` when a test
-    injects it) and fp32 elsewhere; any other spelling is returned as it is. Logs one line saying
-    what was chosen for `what` and why.
-    """
-    key = str(requested).lower()
-    if key != "auto":
-        if key not in _ALIASES:
-            raise ValueError(f"unknown dtype {requested!r}: use one of {', '.join(SPELLINGS)}")
-        dtype = _ALIASES[key]
-        log.info("precision for %s: %s (set explicitly)", what, _name(dtype))
-        return dtype
-    kind = torch.device(device).type
-    has = native_bf16(device) if native is None else native
-    dtype = torch.bfloat16 if has else torch.float32
-    why = (f"this {kind} has native bf16" if has
-           else f"this {kind} has no native bf16: emulated bf16 would be tens of times slower than fp32")
-    log.info("precision for %s: %s (auto: %s)", what, _name(dtype), why)
+    """:func:`decide`, then :func:`announce` the choice for `what`; returns the dtype."""
+    dtype, why = decide(requested, device, native=native)
+    announce(what, dtype, why)
     return dtype
 
 

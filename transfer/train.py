@@ -42,7 +42,7 @@ from .data import Example, PairCollator, ShuffledOrder, Side, load_examples
 from .errors import ConfigError, DataError, UserInputError
 from .evaluate import bits_per_byte, read_windows
 from .fvt import init_student, load_target_tokenizer, save_model_folder, transfer_chat_template
-from .precision import choose_dtype, short_name
+from .precision import announce, decide, short_name
 from .runlog import RunLog, plot_losses, write_csv
 from .tokens import load_tokenizer, space_token_mask
 
@@ -322,9 +322,9 @@ def _to(batch: dict[str, torch.Tensor], device: Any) -> dict[str, torch.Tensor]:
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def _accelerator(cfg: RunConfig) -> tuple[Any, torch.dtype]:
-    """The run's Accelerator (processes from ``accelerate launch``) and compute dtype: bf16
-    autocast or none, ``train.dtype: auto`` decided from the device the process runs on."""
+def _accelerator(cfg: RunConfig) -> tuple[Any, torch.dtype, str]:
+    """The run's Accelerator (processes from ``accelerate launch``), compute dtype (bf16 autocast
+    or none, ``train.dtype: auto`` decided from the device the process runs on) and why."""
     from accelerate import Accelerator, PartialState
     from accelerate.state import AcceleratorState
     from accelerate.utils import DistributedType, parse_flag_from_env
@@ -336,8 +336,8 @@ def _accelerator(cfg: RunConfig) -> tuple[Any, torch.dtype]:
     # The process state first, to learn the device; `cpu` as the Accelerator itself would read it
     # (`accelerate launch --cpu` sets ACCELERATE_USE_CPU), so the Accelerator below reuses it.
     device = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU")).device
-    dtype = choose_dtype(cfg.train.dtype, device, what=f"training on {device}")
-    return Accelerator(mixed_precision="bf16" if dtype == torch.bfloat16 else "no"), dtype
+    dtype, why = decide(cfg.train.dtype, device)
+    return Accelerator(mixed_precision="bf16" if dtype == torch.bfloat16 else "no"), dtype, why
 
 
 def _export_log(log: RunLog, out: Path, cfg: RunConfig) -> None:
@@ -372,7 +372,7 @@ def train(cfg: RunConfig, resume: bool = False, on_step: Optional[Callable[[int,
     examples = load_examples(train_path, cfg.data.format, chunk_bytes)
     eval_windows = read_windows(eval_path, max_bytes=cfg.output.eval_bytes) if eval_path and cfg.output.eval_bytes else []
 
-    accelerator, dtype = _accelerator(cfg)
+    accelerator, dtype, why = _accelerator(cfg)
     per_process = cfg.train.batch_size // accelerator.num_processes
     if cfg.train.batch_size % (accelerator.num_processes * cfg.train.grad_accum):
         raise ConfigError(
@@ -427,6 +427,8 @@ def train(cfg: RunConfig, resume: bool = False, on_step: Optional[Callable[[int,
             bar.write(f"step {at}: held-out bits per byte {result.bits_per_byte:.4f}")
 
     stop = cfg.train.stop_after or cfg.train.steps
+    if accelerator.is_main_process:  # said once everything is loaded: bad input stays a one-line error
+        announce(f"training on {accelerator.device}", dtype, why)
     bar = tqdm(total=cfg.train.steps, initial=step, desc=f"transfer ({short_name(dtype)})", unit="step",
                disable=not accelerator.is_main_process, dynamic_ncols=True)
     if step == 0:

@@ -75,8 +75,9 @@ def test_training_accelerator_follows_the_hardware(tiny_dir, corpus, tiny_config
                                                    native, mixed, dtype):
     monkeypatch.setattr(precision, "native_bf16", lambda device="cpu": native)
     raw = tiny_config(tiny_dir("llama-gpt2"), corpus, tmp_path / "run", train={"dtype": "auto"})
-    accelerator, chosen = _accelerator(config_from_dict(raw))
+    accelerator, chosen, why = _accelerator(config_from_dict(raw))
     assert chosen == dtype and accelerator.mixed_precision == mixed
+    assert why.startswith("auto: this cpu has")
 
 
 def test_a_run_left_at_auto_trains_and_exports_fp32_without_native_bf16(tiny_dir, corpus, tiny_config, tmp_path,

@@ -121,7 +121,9 @@ class CompletionRequest(RequestModel):
     frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = 0.0
     logit_bias: dict[str, float] | None = None
     logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
-    max_tokens: Annotated[int, Field(ge=1)] | None = 16
+    max_tokens: Annotated[int, Field(ge=0)] | None = Field(
+        default=16, description="Tokens to generate; 0 only with `echo` (vLLM's behaviour): the prompt alone "
+                                "comes back, with its log-probs when `logprobs` is set.")
     n: Annotated[int, Field(ge=1, le=MAX_N)] = 1
     presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = 0.0
     seed: Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)] | None = None

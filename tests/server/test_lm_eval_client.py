@@ -1,0 +1,81 @@
+"""EleutherAI's lm-eval, unchanged, against the server: its `local-completions` model (one
+/v1/completions request per answer choice, token-id prompts, `echo`, `logprobs: 1`,
+`max_tokens: 1`) on the task files of bench/downstream.py and the zoo's data, scored by the tiny
+pair on the reference engine. Keeps the client path of the downstream benchmark from rotting."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from bench import downstream
+from server_harness import API_KEY, ServerThread
+
+LIMIT = 4
+TASKS = ["piqa", "lambada_openai"]
+REQUESTS_PER_DOC = {"piqa": 2, "lambada_openai": 1}  # answer choices per document
+
+
+@pytest.fixture()
+def seen_prompts(torch_server: ServerThread, monkeypatch: pytest.MonkeyPatch) -> list[tuple[list[int], object]]:
+    """(prompt token ids, SamplingOptions) of every engine request the server makes meanwhile."""
+    engine = torch_server.engine
+    seen: list[tuple[list[int], object]] = []
+    generate = engine.generate
+
+    def spy(prompt, options, request_id):
+        seen.append((list(prompt), options))
+        return generate(prompt, options, request_id)
+
+    monkeypatch.setattr(engine, "generate", spy)
+    return seen
+
+
+def test_lm_eval_local_completions_scores_tasks_through_the_server(
+    torch_server: ServerThread, server_ensemble: Path, tmp_path: Path, seen_prompts: list
+) -> None:
+    task_dir = downstream.render_tasks(tmp_path / "tasks", TASKS)
+    tokenizer, start = downstream.start_token_tokenizer(server_ensemble, tmp_path / "tokenizer")
+    assert start == 151_643  # Qwen2's <|endoftext|>
+    results = downstream.run_lm_eval(torch_server.url, "pair", tokenizer, TASKS, task_dir, LIMIT,
+                                     api_key=API_KEY, max_length=torch_server.state.ready.max_model_len)
+    for task in TASKS:
+        values = results["results"][task]
+        assert 0.0 <= values["acc,none"] <= 1.0
+        assert values["acc_stderr,none"] >= 0.0 and math.isfinite(values["acc_stderr,none"])
+        assert len(results["samples"][task]) == LIMIT
+    assert math.isfinite(results["results"]["lambada_openai"]["perplexity,none"])
+
+    # The server saw exactly lm-eval's requests: one per choice, scoring the prompt.
+    assert len(seen_prompts) == sum(LIMIT * REQUESTS_PER_DOC[t] for t in TASKS)
+    for prompt, options in seen_prompts:
+        assert options.prompt_logprobs == 1 and options.max_tokens == 1 and options.temperature == 0.0
+        assert prompt[0] == start and start not in prompt[1:]
+    # Each log-likelihood lm-eval reports is a sum of the server's (finite, negative) log-probs.
+    for task in TASKS:
+        for sample in results["samples"][task]:
+            for loglikelihood, is_greedy in sample["filtered_resps"]:
+                assert math.isfinite(float(loglikelihood)) and float(loglikelihood) < 0.0
+                assert isinstance(is_greedy, bool)
+
+    summary = downstream.summarise(results, TASKS)
+    assert 0.0 <= summary["piqa"]["ece"] <= 1.0 and "ece" not in summary["lambada_openai"]
+    json.dumps(summary)  # JSON-ready
+
+
+def test_downstream_bench_serves_and_tabulates(server_ensemble: Path, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """bench/downstream.py end to end: `serve` (torch engine) in a subprocess on a free port, lm-eval
+    against it, the JSON and the Markdown table."""
+    out = tmp_path / "downstream.json"
+    code = downstream.main(["--scorer", f"pair={server_ensemble}", "--tasks", "winogrande", "--limit", "2",
+                            "--engine", "torch", "--work-dir", str(tmp_path / "work"), "--out", str(out)])
+    assert code == 0
+    record = json.loads(out.read_text())
+    row = record["scorers"]["pair"]["tasks"]["winogrande"]
+    assert row["n"] == 2 and 0.0 <= row["acc"] <= 1.0 and "acc_stderr" in row and 0.0 <= row["ece"] <= 1.0
+    table = capsys.readouterr().out
+    assert "| scorer | winogrande | mean acc |" in table and "| pair | " in table

@@ -4,7 +4,7 @@
                    [--tokenizer-from NAME] [--chat-template-from NAME] [--name NAME]
                    [--temperature NAME=T] [--overwrite]
     ensemble show FOLDER
-    ensemble fit FOLDER [--text zoo:dev] [--max-bytes 8000] [--rule R ...] [--keep-temperatures]
+    ensemble fit FOLDER [--text zoo:dev --text zoo:treebank_dev] [--max-bytes 4000] [--rule R ...] [--keep-temperatures]
                  [--max-iter 25] [--dry-run]
 """
 
@@ -63,8 +63,10 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("folder")
     fit = sub.add_parser("fit", help="choose the pooling rule, weights and temperatures on a dev text")
     fit.add_argument("folder", help="an ensemble folder (its manifest is rewritten; fit.json records the fit)")
-    fit.add_argument("--text", default="zoo:dev", help="dev text, disjoint from training and held-out text (zoo:dev)")
-    fit.add_argument("--max-bytes", type=int, default=8_000, help="bytes of the dev text scored (8000)")
+    fit.add_argument("--text", action="append", metavar="TEXT",
+                     help="a dev text, disjoint from training and held-out text (repeatable; "
+                          "default zoo:dev and zoo:treebank_dev)")
+    fit.add_argument("--max-bytes", type=int, default=4_000, help="bytes scored per dev text (4000)")
     fit.add_argument("--rule", action="append", choices=POOLING_RULES, help="rule(s) to try (default: all)")
     fit.add_argument("--keep-temperatures", action="store_true", help="fit the weights only")
     fit.add_argument("--max-iter", type=int, default=25, help="L-BFGS iterations per rule (25)")
@@ -97,10 +99,10 @@ def _build(args: argparse.Namespace) -> int:
 def _fit(args: argparse.Namespace) -> int:
     from ensemble.fit import FitConfig, fit_ensemble
 
-    config = FitConfig(text=args.text, max_bytes=args.max_bytes, rules=tuple(args.rule or POOLING_RULES),
+    config = FitConfig(texts=tuple(args.text or FitConfig.texts), max_bytes=args.max_bytes, rules=tuple(args.rule or POOLING_RULES),
                        temperatures=not args.keep_temperatures, max_iter=args.max_iter)
     report = fit_ensemble(args.folder, config, write=not args.dry_run)
-    print(f"dev text {report.text}: {report.bytes} bytes, {report.tokens} tokens")
+    print(f"dev text {', '.join(report.texts)}: {report.bytes} bytes, {report.tokens} tokens")
     print(f"  as built  {report.before.rule:<13} weights {fmt(report.before.weights)} "
           f"temperatures {fmt(report.before.temperatures)}: {report.before.bits_per_byte:.4f} bits/byte")
     for f in report.fits:

@@ -1,15 +1,17 @@
 """``ensemble fit``: choose an ensemble's pooling rule, member weights and temperatures on a dev text.
 
-The members score the dev text once, in float32, on the ensemble's shared tokenizer (one start
+The members score the dev texts once, in float32, on the ensemble's shared tokenizer (one start
 token in front of each ~1 KB window, as ``transfer eval`` and ``bench/ensemble_quality.py`` score
 held-out text). Their logits are kept (float16, half the memory) and, for each pooling rule, the
 member weights (a softmax of K free parameters: positive, summing to one) and temperatures (the
 exponential of K free parameters) that minimise the pooled bits per byte are found by L-BFGS. The
 rule with the fewest bits wins; the manifest is rewritten with it, and ``fit.json`` beside it
-records the dev text (path, sha256, bytes) and the bits per byte before and after, per rule.
+records the dev texts (path, sha256, bytes) and the bits per byte before and after, per rule.
 
-The dev text must be disjoint from the members' training text and from every held-out text that
-is reported (the zoo's ``dev`` split: one play kept out of both, see `transfer.zoo`).
+The dev texts must be disjoint from the members' training text and from every held-out text that
+is reported: by default the zoo's ``dev`` split (a play kept out of both) and ``treebank_dev``
+(the Penn Treebank's validation text; its test text is held out), so that the fit sees verse and
+news and does not tune the temperatures to one register (see `transfer.zoo`).
 """
 
 from __future__ import annotations
@@ -38,16 +40,16 @@ class FitConfig:
     """What `fit_ensemble` fits and on which text.
 
     Attributes:
-        text: the dev text (a UTF-8 file; ``zoo:dev`` resolves to the zoo's dev split).
-        max_bytes: bytes of the dev text scored (its first ones, in whole windows).
+        texts: the dev texts (UTF-8 files or ``zoo:SPLIT``), scored together.
+        max_bytes: bytes scored per dev text (its first ones, in whole windows).
         window_bytes: bytes per scored window (each starts with one start token).
         rules: the pooling rules tried; the one with the fewest bits per byte is kept.
         temperatures: fit per-member temperatures too (else they stay as they are).
         max_iter: L-BFGS iterations per rule.
     """
 
-    text: str = "zoo:dev"
-    max_bytes: int = 8_000
+    texts: tuple[str, ...] = ("zoo:dev", "zoo:treebank_dev")
+    max_bytes: int = 4_000
     window_bytes: int = 1024
     rules: tuple[str, ...] = POOLING_RULES
     temperatures: bool = True
@@ -55,6 +57,9 @@ class FitConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "rules", tuple(self.rules))
+        object.__setattr__(self, "texts", tuple(self.texts))
+        if not self.texts:
+            raise ManifestError("fit needs at least one dev text")
         if not self.rules:
             raise ManifestError("fit needs at least one pooling rule")
         for rule in self.rules:
@@ -82,10 +87,10 @@ class RuleFit:
 
 @dataclass(frozen=True)
 class FitReport:
-    """What `fit_ensemble` did: the dev text, the manifest's own score, and every rule's fit."""
+    """What `fit_ensemble` did: the dev texts, the manifest's own score, and every rule's fit."""
 
-    text: str
-    sha256: str
+    texts: tuple[str, ...]
+    sha256: tuple[str, ...]
     bytes: int
     tokens: int
     before: RuleFit
@@ -206,7 +211,7 @@ def score_windows(manifest: EnsembleManifest, texts: Sequence[str], tokenizer) -
 
 
 def fit_ensemble(folder: str | Path, config: FitConfig = FitConfig(), write: bool = True) -> FitReport:
-    """Fit `folder`'s pooling on `config.text`; rewrite its manifest (when `write`) and ``fit.json``."""
+    """Fit `folder`'s pooling on `config.texts`; rewrite its manifest (when `write`) and ``fit.json``."""
     from transformers import AutoTokenizer
 
     from transfer.config import resolve_text
@@ -214,15 +219,20 @@ def fit_ensemble(folder: str | Path, config: FitConfig = FitConfig(), write: boo
 
     folder = Path(folder)
     manifest = EnsembleManifest.load(folder)
-    path = resolve_text(config.text)
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise ManifestError(f"dev text {path} is not UTF-8 (byte {err.start})") from None
-    texts = byte_windows(text, config.window_bytes, config.max_bytes)
-    if not texts:
-        raise ManifestError(f"dev text {path} has no text to score")
+    paths, digests, texts = [], [], []
+    for spec in config.texts:
+        path = resolve_text(spec)
+        raw = path.read_bytes()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise ManifestError(f"dev text {path} is not UTF-8 (byte {err.start})") from None
+        windows = byte_windows(text, config.window_bytes, config.max_bytes)
+        if not windows:
+            raise ManifestError(f"dev text {path} has no text to score")
+        paths.append(str(path))
+        digests.append(hashlib.sha256(raw).hexdigest())
+        texts += windows
     n_bytes = sum(len(t.encode("utf-8")) for t in texts)
     windows = score_windows(manifest, texts, AutoTokenizer.from_pretrained(folder))
 
@@ -232,7 +242,7 @@ def fit_ensemble(folder: str | Path, config: FitConfig = FitConfig(), write: boo
                      bits_per_byte(windows, n_bytes, own_w, own_t, manifest.rule))
     keep = None if config.temperatures else list(manifest.temperatures)
     fits = tuple(fit_rule(windows, n_bytes, rule, keep, config.max_iter) for rule in config.rules)
-    report = FitReport(str(path), hashlib.sha256(raw).hexdigest(), n_bytes,
+    report = FitReport(tuple(paths), tuple(digests), n_bytes,
                        sum(len(t) for _, t in windows), before, fits)
     if write:
         _write(folder, report.chosen, report)

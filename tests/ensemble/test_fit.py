@@ -58,6 +58,8 @@ def test_fit_config_rejects_bad_values() -> None:
         FitConfig(max_bytes=100)
     with pytest.raises(ManifestError, match="max_iter"):
         FitConfig(max_iter=0)
+    with pytest.raises(ManifestError, match="at least one dev text"):
+        FitConfig(texts=())
 
 
 @pytest.fixture
@@ -78,7 +80,7 @@ def test_fit_command_rewrites_the_manifest(make_ensemble, tiny_models, dev_text:
     assert manifest.rule == chosen["rule"]
     assert list(manifest.weights) == chosen["weights"] and list(manifest.temperatures) == chosen["temperatures"]
     assert chosen["bits_per_byte"] <= report["before"]["bits_per_byte"] + 1e-6
-    assert 900 < report["bytes"] <= 1024 and report["sha256"] and "<- chosen" in out
+    assert 900 < report["bytes"] <= 1024 and len(report["sha256"][0]) == 64 and "<- chosen" in out
     # Relative member paths and the rest of the manifest survive.
     stored = json.loads((folder / "chorus_ensemble.json").read_text())
     assert [m["name"] for m in stored["members"]] == ["llama", "gemma"]
@@ -87,7 +89,7 @@ def test_fit_command_rewrites_the_manifest(make_ensemble, tiny_models, dev_text:
 def test_fit_dry_run_writes_nothing(make_ensemble, tiny_models, dev_text: Path) -> None:
     folder = make_ensemble([("llama", tiny_models["llama"], 1.0), ("gemma", tiny_models["gemma3"], 3.0)])
     before = (folder / "chorus_ensemble.json").read_text()
-    report = fit_ensemble(folder, FitConfig(text=str(dev_text), max_bytes=1024, max_iter=2,
+    report = fit_ensemble(folder, FitConfig(texts=(str(dev_text),), max_bytes=1024, max_iter=2,
                                             rules=("prob_mean",)), write=False)
     assert (folder / "chorus_ensemble.json").read_text() == before and not (folder / "fit.json").exists()
     assert report.before.weights == (1.0, 3.0) and math.isfinite(report.chosen.bits_per_byte)

@@ -22,6 +22,16 @@ def test_corpus_split_is_disjoint_and_deterministic():
     # A long held-out passage never appears in the training text.
     probe = heldout[len(heldout) // 2 : len(heldout) // 2 + 200]
     assert probe not in train
+    # The tuning text (ensemble fit) is in neither.
+    dev = zoo.corpus_path("dev").read_text(encoding="utf-8")
+    assert "MACBETH" in dev and "MACBETH" not in train and "MACBETH" not in heldout
+    probe = dev[len(dev) // 2 : len(dev) // 2 + 200]
+    assert probe not in train and probe not in heldout
+    tree_dev = zoo.corpus_path("treebank_dev").read_text(encoding="utf-8").splitlines()
+    tree_test = set(zoo.corpus_path("treebank").read_text(encoding="utf-8").splitlines())
+    # Only the paper's recurring boilerplate ("terms were n't disclosed", the money-market rates
+    # line) occurs in both Treebank splits: 28 of 3,370 lines.
+    assert len(tree_dev) == 3370 and sum(line in tree_test for line in tree_dev) < len(tree_dev) // 100
 
 
 def test_checksum_mismatch_names_the_package_and_leaves_nothing(tmp_path, monkeypatch):
@@ -67,7 +77,10 @@ def test_a_corpus_without_a_newer_split_is_rebuilt(tmp_path):
     for split in ("train", "heldout", "prose"):
         (folder / f"{split}.txt").write_text("x")
     assert zoo.is_built(folder) and not zoo._item_ready("corpus", folder)
-    (folder / "treebank.txt").write_text("x")
+    for split in ("treebank", "dev"):
+        (folder / f"{split}.txt").write_text("x")
+        assert not zoo._item_ready("corpus", folder)
+    (folder / "treebank_dev.txt").write_text("x")
     assert zoo._item_ready("corpus", folder)
 
 

@@ -3,9 +3,11 @@
 The members score the dev texts once, in float32, on the ensemble's shared tokenizer (one start
 token in front of each ~1 KB window, as ``transfer eval`` and ``bench/ensemble_quality.py`` score
 held-out text). Their logits are kept (float16, half the memory) and, for each pooling rule, the
-member weights (a softmax of K free parameters: positive, summing to one) and temperatures (the
-exponential of K free parameters) that minimise the pooled bits per byte are found by L-BFGS. The
-rule with the fewest bits wins; the manifest is rewritten with it, and ``fit.json`` beside it
+member weights (positive, summing to one) and temperatures that minimise the pooled bits per byte
+are found: under ``prob_mean`` the temperatures come from a grid (each member's log-probability
+of every target is tabulated once per grid temperature) and the weights, for each choice, by EM;
+under ``logprob_mean`` by L-BFGS on the K products weight / temperature, the only quantities that
+pool depends on (a convex problem). The rule with the fewest bits wins; the manifest is rewritten with it, and ``fit.json`` beside it
 records the dev texts (path, sha256, bytes) and the bits per byte before and after, per rule.
 
 The dev texts must be disjoint from the members' training text and from every held-out text that
@@ -158,31 +160,122 @@ def bits_per_byte(
     return total
 
 
+# Temperatures tried per member under prob_mean (the mixture couples them; see `fit_prob_mean`).
+TEMPERATURE_GRID = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.25, 1.4, 1.6, 1.8, 2.0)
+
+
+def _chunks(windows: Sequence[tuple[Tensor, Tensor]], buffer_bytes: int = 1 << 26):
+    """``(float32 logits [K, rows, V] floored, targets [rows])`` a few rows at a time."""
+    for logits, targets in windows:
+        k, r, v = logits.shape
+        rows = max(1, buffer_bytes // (4 * k * v))
+        for start in range(0, r, rows):
+            yield logits[:, start:start + rows].to(torch.float32).clamp_min(_FLOOR), targets[start:start + rows]
+
+
+@torch.no_grad()
+def target_logprob_table(windows: Sequence[tuple[Tensor, Tensor]], grid: Sequence[float]) -> Tensor:
+    """``[K, G, N]``: each member's log-probability of every target at each temperature of `grid`."""
+    parts = []
+    for x, t in _chunks(windows):
+        picked = x.gather(2, t.expand(x.shape[0], -1)[:, :, None])[:, :, 0]  # [K, rows]
+        parts.append(torch.stack([picked / g - torch.logsumexp(x / g, dim=-1) for g in grid], dim=1))
+    return torch.cat(parts, dim=2)
+
+
+def mixture_weights(logprobs: Tensor, iters: int = 200) -> Tensor:
+    """Maximum-likelihood weights ``[K]`` of a mixture whose members give the targets `logprobs` ``[K, N]`` (EM)."""
+    w = torch.full((logprobs.shape[0],), 1.0 / logprobs.shape[0], dtype=torch.float64)
+    lp = logprobs.to(torch.float64)
+    for _ in range(iters):
+        post = torch.softmax(lp + w.log()[:, None], dim=0)
+        w = post.mean(dim=1).clamp_min(1e-12)
+    return (w / w.sum()).to(torch.float32)
+
+
+def _mixture_bits(logprobs: Tensor, w: Tensor) -> float:
+    return -float(torch.logsumexp(logprobs + w.log()[:, None], dim=0).sum()) / math.log(2)
+
+
+def fit_prob_mean(table: Tensor, grid: Sequence[float], n_bytes: int, fixed: Sequence[int] | None = None) -> RuleFit:
+    """Linear pool: temperatures from `grid` (coordinate descent from each member's own best, two
+    rounds; or the `fixed` grid indices) and, for each choice, the maximum-likelihood weights."""
+    k = table.shape[0]
+    if fixed is not None:
+        choice = list(fixed)
+    else:
+        choice = [int(table[i].sum(dim=1).argmax()) for i in range(k)]  # each member's own calibration
+        for _ in range(2):
+            for i in range(k):
+                best = None
+                for g in range(len(grid)):
+                    trial = choice[:i] + [g] + choice[i + 1:]
+                    rows = table[torch.arange(k), torch.tensor(trial)]
+                    bits = _mixture_bits(rows, mixture_weights(rows))
+                    if best is None or bits < best[0]:
+                        best = (bits, g)
+                choice[i] = best[1]
+    rows = table[torch.arange(k), torch.tensor(choice)]
+    w = mixture_weights(rows)
+    return RuleFit("prob_mean", tuple(round(float(x), 4) for x in w),
+                   tuple(float(grid[g]) for g in choice), _mixture_bits(rows, w) / n_bytes)
+
+
+def fit_logprob_mean(
+    windows: Sequence[tuple[Tensor, Tensor]], n_bytes: int, temperatures: Sequence[float] | None, max_iter: int = 25,
+) -> RuleFit:
+    """Geometric pool by L-BFGS. Renormalised, it is ``softmax(sum_k c_k x_k)`` with ``c_k = w_k / T_k``
+    (each member's log-normaliser cancels), so only the K products matter: without fixed
+    temperatures they are fitted freely and reported as weights ``c / sum(c)`` with one shared
+    temperature ``1 / sum(c)``; with fixed ones, the weights alone are fitted."""
+    k = windows[0][0].shape[0]
+    fixed = None if temperatures is None else torch.tensor(list(temperatures), dtype=torch.float32)
+    a = torch.full((k,), -math.log(k) if fixed is None else 0.0, requires_grad=True)
+
+    def coefficients() -> Tensor:
+        return torch.exp(a) if fixed is None else torch.softmax(a, 0) / fixed
+
+    def bits(backward: bool) -> float:
+        total = 0.0
+        for x, t in _chunks(windows):
+            c = coefficients()
+            scores = (c[:, None, None] * x).sum(dim=0)  # [rows, V]
+            part = -(scores.gather(1, t[:, None])[:, 0] - torch.logsumexp(scores, dim=-1)).sum()
+            part = part / (math.log(2) * n_bytes)
+            if backward:
+                part.backward()
+            total += float(part.detach())
+        return total
+
+    opt = torch.optim.LBFGS([a], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure() -> Tensor:
+        opt.zero_grad()
+        return torch.tensor(bits(backward=True))
+
+    opt.step(closure)
+    with torch.no_grad():
+        c = coefficients()
+        if fixed is None:
+            w, temps = c / c.sum(), torch.full((k,), float(1 / c.sum()))
+        else:
+            w, temps = torch.softmax(a, 0), fixed
+        bpb = bits(backward=False)
+    return RuleFit("logprob_mean", tuple(round(float(x), 4) for x in w), tuple(round(float(x), 4) for x in temps), bpb)
+
+
 def fit_rule(
     windows: Sequence[tuple[Tensor, Tensor]], n_bytes: int, rule: str, temperatures: Sequence[float] | None,
     max_iter: int = 25,
 ) -> RuleFit:
-    """The weights (and temperatures, unless given) minimising the dev bits per byte under `rule`.
-
-    L-BFGS (strong Wolfe line search) from equal weights and temperature 1, over unconstrained
-    parameters: weights = softmax(a), temperatures = exp(t).
-    """
-    k = windows[0][0].shape[0]
-    a = torch.zeros(k, requires_grad=True)
-    fixed = temperatures is not None
-    t = (torch.tensor([math.log(x) for x in temperatures]) if fixed else torch.zeros(k)).requires_grad_(not fixed)
-    params = [a] if fixed else [a, t]
-    opt = torch.optim.LBFGS(params, lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
-
-    def closure() -> Tensor:
-        opt.zero_grad()
-        return torch.tensor(bits_per_byte(windows, n_bytes, torch.softmax(a, 0), torch.exp(t), rule, backward=True))
-
-    opt.step(closure)
-    with torch.no_grad():
-        w, temps = torch.softmax(a, 0), torch.exp(t)
-        bpb = bits_per_byte(windows, n_bytes, w, temps, rule)
-    return RuleFit(rule, tuple(round(float(x), 4) for x in w), tuple(round(float(x), 4) for x in temps), bpb)
+    """The weights (and temperatures, unless given) minimising the dev bits per byte under `rule`."""
+    check_rule(rule)
+    if rule == "logprob_mean":
+        return fit_logprob_mean(windows, n_bytes, temperatures, max_iter)
+    grid = sorted(set(TEMPERATURE_GRID) | set(temperatures or ()))
+    table = target_logprob_table(windows, grid)
+    fixed = None if temperatures is None else [grid.index(t) for t in temperatures]
+    return fit_prob_mean(table, grid, n_bytes, fixed)
 
 
 # ----------------------------------------------------------------------------- the command

@@ -106,3 +106,15 @@ def test_fit_errors_are_one_line(args, message, tiny_ensemble: Path, tmp_path: P
     err = capsys.readouterr().err
     assert status == 2
     assert err.count("\n") == 1 and message.format(**fill) in err, err
+
+
+def test_mixture_weights_recover_the_mixing_proportions() -> None:
+    from ensemble.fit import mixture_weights
+
+    gen = torch.Generator().manual_seed(1)
+    a, b = torch.softmax(torch.randn(20000, 8, generator=gen) * 2, -1), torch.softmax(torch.randn(20000, 8, generator=gen) * 2, -1)
+    which = torch.rand(20000, generator=gen) < 0.3
+    targets = torch.multinomial(torch.where(which[:, None], a, b), 1, generator=gen)[:, 0]
+    logprobs = torch.stack([a.log().gather(1, targets[:, None])[:, 0], b.log().gather(1, targets[:, None])[:, 0]])
+    w = mixture_weights(logprobs)
+    assert w.sum().item() == pytest.approx(1.0) and w[0].item() == pytest.approx(0.3, abs=0.03)

@@ -1,12 +1,18 @@
 #!/usr/bin/env bash
-# Build the default three-family ensemble (idempotent, resumable) and print its folder:
-#   SmolLM2-135M (Llama) and Gemma-3 270M moved onto Qwen2's tokenizer by FVT and a short ALM
-#   run (CHORUS_ALM_STEPS steps of transfer/configs/default_member.yaml on the zoo's training
-#   text), plus Qwen2.5-Coder-0.5B as it is (left out when the zoo could not build it).
+# Build the default three-family ensemble (idempotent, resumable) and print its folder.
+# Every member is moved onto one pivot tokenizer, CHORUS_PIVOT:
+#   qwen2 (the default): SmolLM2-135M and Gemma-3 270M by FVT and CHORUS_ALM_STEPS ALM steps of
+#     transfer/configs/default_member.yaml on the zoo's training text; Qwen2.5-Coder-0.5B (left
+#     out when the zoo could not build it) as it is; prob_mean, equal weights, ChatML.
+#   gemma3 (ensemble/RESULTS.md): the strongest member's own tokenizer, so Gemma-3 stays exactly
+#     itself; SmolLM2 by FVT + CHORUS_ALM_STEPS steps, Qwen2.5 by FVT + CHORUS_QWEN_STEPS steps
+#     (0: FVT only); then `ensemble fit` (CHORUS_FIT=1, this pivot's default) chooses the pooling
+#     rule, weights and temperatures on the zoo's dev texts; the Gemma turn template.
 # Used by `make serve` (scripts/serve_default.sh) and by the images (`default-ensemble`).
 # Settings: CHORUS_CACHE (zoo), CHORUS_DEFAULT_DIR (runs, default $CHORUS_CACHE/default),
-# CHORUS_DEFAULT_ENSEMBLE (the folder, default $CHORUS_DEFAULT_DIR/ensemble), CHORUS_ALM_STEPS (40),
-# CHORUS_DEFAULT_CONFIG (the run config), CHORUS_VENV (where the console scripts are; else PATH).
+# CHORUS_DEFAULT_ENSEMBLE (the folder, default $CHORUS_DEFAULT_DIR/ensemble, or ensemble-gemma3),
+# CHORUS_ALM_STEPS (40), CHORUS_QWEN_STEPS (0), CHORUS_FIT, CHORUS_DEFAULT_CONFIG (the run config),
+# CHORUS_VENV (where the console scripts are; else PATH).
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 if [[ -n "${CHORUS_VENV:-}" ]]; then BIN="$CHORUS_VENV/bin/"
@@ -16,31 +22,51 @@ export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 CACHE="${CHORUS_CACHE:-$HOME/.cache/chorus}"
 ZOO="$CACHE/zoo"
 OUT="${CHORUS_DEFAULT_DIR:-$CACHE/default}"
-ENSEMBLE="${CHORUS_DEFAULT_ENSEMBLE:-$OUT/ensemble}"
+PIVOT="${CHORUS_PIVOT:-qwen2}"
 CONFIG="${CHORUS_DEFAULT_CONFIG:-$here/../transfer/configs/default_member.yaml}"
-STEPS="${CHORUS_ALM_STEPS:-40}"
+case "$PIVOT" in   # the pivot's own model, whose tokenizer and chat template the ensemble uses, and fit
+  gemma3) pivot_model=gemma3; template_from=gemma; fit="${CHORUS_FIT:-1}"; folder=ensemble-gemma3 ;;
+  qwen2) pivot_model=qwen2.5; template_from=smollm; fit="${CHORUS_FIT:-0}"; folder=ensemble ;;
+  *) echo "[default] CHORUS_PIVOT must be qwen2 or gemma3, got '$PIVOT'" >&2; exit 2 ;;
+esac
+ENSEMBLE="${CHORUS_DEFAULT_ENSEMBLE:-$OUT/$folder}"
 mkdir -p "$OUT"
 
-for member in smollm2 gemma3; do
-  run="$OUT/$member-qwen2"
-  if [[ -f "$run/model/config.json" ]]; then
-    echo "[default] $member on the Qwen2 tokenizer: cached at $run/model" >&2
+# member name in the ensemble, zoo model, ALM steps
+declare -A steps=([smollm2]="${CHORUS_ALM_STEPS:-40}" [gemma3]="${CHORUS_ALM_STEPS:-40}" [qwen2.5]="${CHORUS_QWEN_STEPS:-0}")
+declare -A names=([smollm2]=smollm [gemma3]=gemma [qwen2.5]=qwen)
+members=()
+for model in gemma3 smollm2 qwen2.5; do
+  if [[ ! -f "$ZOO/models/$model/config.json" ]]; then
+    [[ "$model" == qwen2.5 ]] && continue   # optional in the zoo
+    echo "[default] zoo model $model is missing: run make zoo" >&2; exit 2
+  fi
+  if [[ "$model" == "$pivot_model" ]]; then
+    members+=(--member "${names[$model]}=$ZOO/models/$model")
     continue
   fi
-  echo "[default] moving $member onto the Qwen2 tokenizer: FVT + $STEPS ALM steps" >&2
-  resume=()
-  [[ -f "$run/config.yaml" ]] && resume=(--resume)   # an interrupted earlier run continues where it stopped
-  "${BIN}transfer" run "$CONFIG" "model.teacher=zoo:$member" "output.dir=$run" \
-    "train.steps=$STEPS" "train.warmup_steps=$((STEPS / 8))" "${resume[@]}" >&2
-  rm -rf "$run/checkpoints"   # the finished model is in $run/model; checkpoints are 2 GB each
+  run="$OUT/$model-$PIVOT"
+  n="${steps[$model]}"
+  if [[ -f "$run/model/config.json" ]]; then
+    echo "[default] $model on the $PIVOT tokenizer: cached at $run/model" >&2
+  elif [[ "$n" == 0 ]]; then
+    echo "[default] moving $model onto the $PIVOT tokenizer: FVT only" >&2
+    rm -rf "$run/model"
+    "${BIN}transfer" init --model "zoo:$model" --tokenizer "zoo:$PIVOT" --out "$run/model" >&2
+  else
+    echo "[default] moving $model onto the $PIVOT tokenizer: FVT + $n ALM steps" >&2
+    resume=()
+    [[ -f "$run/config.yaml" ]] && resume=(--resume)   # an interrupted earlier run continues where it stopped
+    "${BIN}transfer" run "$CONFIG" "model.teacher=zoo:$model" "model.tokenizer=zoo:$PIVOT" "output.dir=$run" \
+      "train.steps=$n" "train.warmup_steps=$(( (n + 7) / 8 ))" "${resume[@]}" >&2
+    rm -rf "$run/checkpoints"   # the finished model is in $run/model; checkpoints are 2 GB each
+  fi
+  members+=(--member "${names[$model]}=$run/model")
 done
 
-members=(--member "smollm=$OUT/smollm2-qwen2/model" --member "gemma=$OUT/gemma3-qwen2/model")
-if [[ -f "$ZOO/models/qwen2.5/config.json" ]]; then
-  members+=(--member "qwen=$ZOO/models/qwen2.5")
-fi
-if [[ ! -f "$ENSEMBLE/chorus_ensemble.json" ]]; then
-  "${BIN}ensemble" build "$ENSEMBLE" "${members[@]}" --rule prob_mean \
-    --tokenizer-from smollm --name chorus-default >&2
+if [[ ! -f "$ENSEMBLE/chorus_ensemble.json" || ( "$fit" == 1 && ! -f "$ENSEMBLE/fit.json" ) ]]; then
+  "${BIN}ensemble" build "$ENSEMBLE" "${members[@]}" --rule prob_mean --tokenizer-from "$template_from" \
+    --chat-template-from "$template_from" --name chorus-default --overwrite >&2
+  if [[ "$fit" == 1 ]]; then "${BIN}ensemble" fit "$ENSEMBLE" >&2; fi
 fi
 echo "$ENSEMBLE"

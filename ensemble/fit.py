@@ -136,28 +136,15 @@ def pooled_target_logprobs(
     return scores.gather(1, targets[:, None])[:, 0] - torch.logsumexp(scores, dim=-1)
 
 
+@torch.no_grad()
 def bits_per_byte(
     windows: Sequence[tuple[Tensor, Tensor]], n_bytes: int, weights: Tensor, temperatures: Tensor, rule: str,
-    backward: bool = False, buffer_bytes: int = 1 << 26,
 ) -> float:
-    """Pooled bits per byte over scored windows ``(logits [K, R, V], targets [R])``.
-
-    Rows are pooled a few at a time (each float32 ``[K, rows, V]`` buffer at most `buffer_bytes`).
-    With `backward`, the gradient of that number is accumulated into the leaves that `weights` and
-    `temperatures` come from, chunk by chunk (one chunk's graph in memory at a time).
-    """
+    """Pooled bits per byte over scored windows ``(logits [K, R, V], targets [R])``, a few rows at a time."""
     total = 0.0
-    for logits, targets in windows:
-        k, r, v = logits.shape
-        rows = max(1, buffer_bytes // (4 * k * v))
-        for start in range(0, r, rows):
-            part = pooled_target_logprobs(logits[:, start:start + rows], targets[start:start + rows],
-                                          weights, temperatures, rule)
-            bits = -part.sum() / (math.log(2) * n_bytes)
-            if backward:
-                bits.backward(retain_graph=True)
-            total += float(bits.detach())
-    return total
+    for x, t in _chunks(windows):
+        total -= float(pooled_target_logprobs(x, t, weights, temperatures, rule).sum())
+    return total / (math.log(2) * n_bytes)
 
 
 # Temperatures tried per member under prob_mean (the mixture couples them; see `fit_prob_mean`).
@@ -354,4 +341,3 @@ def _write(folder: Path, best: RuleFit, report: FitReport) -> None:
         tmp = target.with_suffix(".tmp")
         tmp.write_text(json.dumps(content, indent=2) + "\n")
         tmp.replace(target)
-    return report

@@ -69,7 +69,7 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("--max-bytes", type=int, default=4_000, help="bytes scored per dev text (4000)")
     fit.add_argument("--rule", action="append", choices=POOLING_RULES, help="rule(s) to try (default: all)")
     fit.add_argument("--keep-temperatures", action="store_true", help="fit the weights only")
-    fit.add_argument("--max-iter", type=int, default=25, help="L-BFGS iterations per rule (25)")
+    fit.add_argument("--max-iter", type=int, default=25, help="Newton iterations for logprob_mean (25)")
     fit.add_argument("--dry-run", action="store_true", help="print the fit, change nothing")
     return parser
 

@@ -6,8 +6,8 @@ held-out text). Their logits are kept (float16, half the memory) and, for each p
 member weights (positive, summing to one) and temperatures that minimise the pooled bits per byte
 are found: under ``prob_mean`` the temperatures come from a grid (each member's log-probability
 of every target is tabulated once per grid temperature) and the weights, for each choice, by EM;
-under ``logprob_mean`` by L-BFGS on the K products weight / temperature, the only quantities that
-pool depends on (a convex problem). The rule with the fewest bits wins; the manifest is rewritten with it, and ``fit.json`` beside it
+under ``logprob_mean`` by Newton's method on the K products weight / temperature, the only
+quantities that pool depends on (a convex problem). The rule with the fewest bits wins; the manifest is rewritten with it, and ``fit.json`` beside it
 records the dev texts (path, sha256, bytes) and the bits per byte before and after, per rule.
 
 The dev texts must be disjoint from the members' training text and from every held-out text that
@@ -47,7 +47,7 @@ class FitConfig:
         window_bytes: bytes per scored window (each starts with one start token).
         rules: the pooling rules tried; the one with the fewest bits per byte is kept.
         temperatures: fit per-member temperatures too (else they stay as they are).
-        max_iter: L-BFGS iterations per rule.
+        max_iter: Newton iterations for ``logprob_mean`` (each one pass over the dev logits).
     """
 
     texts: tuple[str, ...] = ("zoo:dev", "zoo:treebank_dev")
@@ -140,11 +140,14 @@ def pooled_target_logprobs(
 def bits_per_byte(
     windows: Sequence[tuple[Tensor, Tensor]], n_bytes: int, weights: Tensor, temperatures: Tensor, rule: str,
 ) -> float:
-    """Pooled bits per byte over scored windows ``(logits [K, R, V], targets [R])``, a few rows at a time."""
-    total = 0.0
-    for x, t in _chunks(windows):
-        total -= float(pooled_target_logprobs(x, t, weights, temperatures, rule).sum())
-    return total / (math.log(2) * n_bytes)
+    """Pooled bits per byte over scored windows ``(logits [K, R, V], targets [R])`` (one pass)."""
+    check_rule(rule)
+    w = weights.to(torch.float64) / weights.sum()
+    temps = temperatures.to(torch.float64)
+    if rule == "logprob_mean":
+        return _geometric_pass(windows, w / temps, hessian=False)[0] / (math.log(2) * n_bytes)
+    table = target_logprob_table(windows, temps[:, None])[:, 0]  # [K, N]
+    return _mixture_bits(table, w.to(torch.float32)) / n_bytes
 
 
 # Temperatures tried per member under prob_mean (the mixture couples them; see `fit_prob_mean`).
@@ -152,21 +155,46 @@ TEMPERATURE_GRID = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.25, 1.4, 1.6, 1.8, 2.0)
 
 
 def _chunks(windows: Sequence[tuple[Tensor, Tensor]], buffer_bytes: int = 1 << 26):
-    """``(float32 logits [K, rows, V] floored, targets [rows])`` a few rows at a time."""
+    """``(float32 logits [rows, K, V] floored, targets [rows])`` a few rows at a time.
+
+    Every chunk is a view of one reused buffer (valid until the next one is yielded): a fresh
+    64 MB tensor per chunk costs more in page faults than the arithmetic done on it.
+    """
+    k, _, v = windows[0][0].shape
+    rows = max(1, buffer_bytes // (4 * k * v))
+    buffer = torch.empty(rows * k * v)
     for logits, targets in windows:
-        k, r, v = logits.shape
-        rows = max(1, buffer_bytes // (4 * k * v))
-        for start in range(0, r, rows):
-            yield logits[:, start:start + rows].to(torch.float32).clamp_min(_FLOOR), targets[start:start + rows]
+        for start in range(0, logits.shape[1], rows):
+            part = logits[:, start:start + rows]
+            x = buffer[:part.numel()].view(part.shape[1], k, v)
+            x.copy_(part.transpose(0, 1)).clamp_min_(_FLOOR)
+            yield x, targets[start:start + rows]
 
 
 @torch.no_grad()
-def target_logprob_table(windows: Sequence[tuple[Tensor, Tensor]], grid: Sequence[float]) -> Tensor:
-    """``[K, G, N]``: each member's log-probability of every target at each temperature of `grid`."""
-    parts = []
+def target_logprob_table(windows: Sequence[tuple[Tensor, Tensor]], temperatures: Tensor | Sequence[float]) -> Tensor:
+    """``[K, G, N]``: each member's log-probability of every target at each of its temperatures.
+
+    `temperatures` is ``[G]`` (the same for every member, e.g. `TEMPERATURE_GRID`) or ``[K, G]``.
+    """
+    k = windows[0][0].shape[0]
+    temps = torch.as_tensor(temperatures, dtype=torch.float32)
+    temps = temps.expand(k, -1) if temps.dim() == 1 else temps
+    parts, scratch = [], None
     for x, t in _chunks(windows):
-        picked = x.gather(2, t.expand(x.shape[0], -1)[:, :, None])[:, :, 0]  # [K, rows]
-        parts.append(torch.stack([picked / g - torch.logsumexp(x / g, dim=-1) for g in grid], dim=1))
+        rows = x.shape[0]
+        if scratch is None or scratch.numel() < x[:, 0].numel():
+            scratch = torch.empty(x[:, 0].numel())
+        out = torch.empty(k, temps.shape[1], rows)
+        for i in range(k):
+            xi = x[:, i]  # [rows, V]
+            top = xi.amax(dim=-1, keepdim=True)
+            picked = xi.gather(1, t[:, None])[:, 0] - top[:, 0]
+            shifted = scratch[:xi.numel()].view_as(xi)
+            for g, temp in enumerate(temps[i].tolist()):
+                torch.sub(xi, top, out=shifted).mul_(1.0 / temp).exp_()  # in place: no 20 MB allocations
+                out[i, g] = picked / temp - shifted.sum(dim=-1).log()
+        parts.append(out)
     return torch.cat(parts, dim=2)
 
 
@@ -208,47 +236,104 @@ def fit_prob_mean(table: Tensor, grid: Sequence[float], n_bytes: int, fixed: Seq
                    tuple(float(grid[g]) for g in choice), _mixture_bits(rows, w) / n_bytes)
 
 
+@torch.no_grad()
+def _geometric_pass(
+    windows: Sequence[tuple[Tensor, Tensor]], c: Tensor, hessian: bool = True,
+) -> tuple[float, Tensor, Tensor]:
+    """The geometric pool's loss ``f(c) = sum_rows logsumexp(sum_k c_k x_k) - sum_k c_k x_k[target]``
+    (nats) with its gradient ``sum E_p[x_k] - x_k[target]`` and Hessian ``sum Cov_p(x_k, x_l)``
+    (``p`` the pooled distribution; float64 sums), in one pass over the logits."""
+    k = c.shape[0]
+    f, grad, hess = 0.0, torch.zeros(k, dtype=torch.float64), torch.zeros(k, k, dtype=torch.float64)
+    c32, scores, scaled = c.to(torch.float32), None, None
+    for x, t in _chunks(windows):
+        rows, _, v = x.shape
+        if scores is None or scores.numel() < rows * v:
+            scores, scaled = torch.empty(rows * v), (torch.empty(x.numel()) if hessian else None)
+        s = scores[:rows * v].view(rows, 1, v)
+        torch.bmm(c32.expand(rows, 1, k), x, out=s)
+        s = s[:, 0]
+        top = s.amax(dim=-1, keepdim=True)
+        picked = s.gather(1, t[:, None])[:, 0]
+        z = s.sub_(top).exp_().sum(dim=-1)
+        f += float((z.log() + top[:, 0] - picked).double().sum())
+        if not hessian:
+            continue
+        p = s.div_(z[:, None])  # the pooled distribution, [rows, V]
+        mean = torch.bmm(x, p[:, :, None])[:, :, 0]  # E_p[x_k], [rows, K]
+        grad += (mean - x.gather(2, t[:, None, None].expand(rows, k, 1))[:, :, 0]).double().sum(dim=0)
+        y = torch.mul(x, p.sqrt_()[:, None, :], out=scaled[:x.numel()].view_as(x))
+        second = torch.bmm(y, y.transpose(1, 2))  # E_p[x_k x_l], [rows, K, K]
+        hess += (second - mean[:, :, None] * mean[:, None, :]).double().sum(dim=0)
+    return f, grad, hess
+
+
+def _newton_direction(c: Tensor, grad: Tensor, hess: Tensor, a: Tensor | None) -> Tensor:
+    """Newton step for ``min f(c)`` over ``c >= 0`` (and ``a . c = 1`` when `a` is given), on an
+    active set: members at 0 stay there unless the gradient (with the constraint's multiplier)
+    pulls them up; members at 0 whose step would go negative are held."""
+    k = c.shape[0]
+    free = c > 0
+    for _ in range(2 * k + 1):
+        idx = free.nonzero()[:, 0]
+        n = len(idx)
+        h = hess[idx][:, idx] + 1e-9 * hess.diagonal().abs().max().clamp_min(1e-12) * torch.eye(n, dtype=hess.dtype)
+        rhs = -grad[idx]
+        if a is not None:  # KKT system [[H, a], [a^T, 0]] [d; nu] = [-g; 0]
+            h = torch.cat([torch.cat([h, a[idx, None]], 1), torch.cat([a[idx], torch.zeros(1, dtype=a.dtype)])[None]])
+            rhs = torch.cat([rhs, torch.zeros(1, dtype=rhs.dtype)])
+        sol = torch.linalg.lstsq(h, rhs[:, None]).solution[:, 0]
+        d = torch.zeros(k, dtype=c.dtype)
+        d[idx] = sol[:n]
+        nu = float(sol[n]) if a is not None else 0.0
+        held = free & (c <= 0) & (d < 0)
+        pull = (~free) & (grad + nu * (a if a is not None else 0) < 0)
+        if held.any():
+            free &= ~held
+        elif pull.any():
+            free[int(torch.where(pull, grad, torch.inf).argmin())] = True
+        else:
+            return d
+    return d
+
+
 def fit_logprob_mean(
     windows: Sequence[tuple[Tensor, Tensor]], n_bytes: int, temperatures: Sequence[float] | None, max_iter: int = 25,
 ) -> RuleFit:
-    """Geometric pool by L-BFGS. Renormalised, it is ``softmax(sum_k c_k x_k)`` with ``c_k = w_k / T_k``
-    (each member's log-normaliser cancels), so only the K products matter: without fixed
-    temperatures they are fitted freely and reported as weights ``c / sum(c)`` with one shared
-    temperature ``1 / sum(c)``; with fixed ones, the weights alone are fitted."""
+    """Geometric pool by Newton's method. Renormalised, it is ``softmax(sum_k c_k x_k)`` with
+    ``c_k = w_k / T_k`` (each member's log-normaliser cancels), so only the K products matter, and
+    the loss is convex in them. Without fixed temperatures they are fitted freely (``c >= 0``) and
+    reported as weights ``c / sum(c)`` with one shared temperature ``1 / sum(c)``; with fixed ones
+    the weights alone are fitted (``sum_k T_k c_k = 1``). Each iteration is one pass over the logits
+    (loss, gradient and Hessian together); a step that does not lower the loss is halved."""
     k = windows[0][0].shape[0]
-    fixed = None if temperatures is None else torch.tensor(list(temperatures), dtype=torch.float32)
-    a = torch.full((k,), -math.log(k) if fixed is None else 0.0, requires_grad=True)
-
-    def coefficients() -> Tensor:
-        return torch.exp(a) if fixed is None else torch.softmax(a, 0) / fixed
-
-    def bits(backward: bool) -> float:
-        total = 0.0
-        for x, t in _chunks(windows):
-            c = coefficients()
-            scores = (c[:, None, None] * x).sum(dim=0)  # [rows, V]
-            part = -(scores.gather(1, t[:, None])[:, 0] - torch.logsumexp(scores, dim=-1)).sum()
-            part = part / (math.log(2) * n_bytes)
-            if backward:
-                part.backward()
-            total += float(part.detach())
-        return total
-
-    opt = torch.optim.LBFGS([a], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
-
-    def closure() -> Tensor:
-        opt.zero_grad()
-        return torch.tensor(bits(backward=True))
-
-    opt.step(closure)
-    with torch.no_grad():
-        c = coefficients()
-        if fixed is None:
-            w, temps = c / c.sum(), torch.full((k,), float(1 / c.sum()))
+    fixed = None if temperatures is None else torch.tensor(list(temperatures), dtype=torch.float64)
+    c = torch.full((k,), 1.0 / k, dtype=torch.float64) / (1.0 if fixed is None else fixed)
+    f, grad, hess = _geometric_pass(windows, c)
+    tol = 1e-7 * math.log(2) * n_bytes  # stop when Newton promises < 1e-7 bits per byte
+    for _ in range(max_iter):
+        d = _newton_direction(c, grad, hess, fixed)
+        decrement = -float(grad @ d)
+        if decrement <= tol:
+            break
+        shrinking = d < 0
+        step = min(1.0, float((c[shrinking] / -d[shrinking]).min())) if shrinking.any() else 1.0
+        while step > 1e-4:
+            trial = c + step * d
+            trial = torch.where(trial.abs() < 1e-12, 0.0, trial).clamp_min(0.0)
+            result = _geometric_pass(windows, trial)
+            if result[0] <= f - 1e-4 * step * decrement:
+                break
+            step /= 2
         else:
-            w, temps = torch.softmax(a, 0), fixed
-        bpb = bits(backward=False)
-    return RuleFit("logprob_mean", tuple(round(float(x), 4) for x in w), tuple(round(float(x), 4) for x in temps), bpb)
+            break
+        c, (f, grad, hess) = trial, result
+    if fixed is None:
+        w, temps = c / c.sum(), torch.full((k,), float(1 / c.sum()))
+    else:
+        w, temps = c * fixed, fixed
+    return RuleFit("logprob_mean", tuple(round(float(x), 4) for x in w), tuple(round(float(x), 4) for x in temps),
+                   f / (math.log(2) * n_bytes))
 
 
 def fit_rule(
@@ -268,7 +353,7 @@ def fit_rule(
 # ----------------------------------------------------------------------------- the command
 
 
-@torch.no_grad()  # not inference_mode: the fit differentiates through these logits' pooling
+@torch.inference_mode()
 def score_windows(manifest: EnsembleManifest, texts: Sequence[str], tokenizer) -> list[tuple[Tensor, Tensor]]:
     """Every member's float32 logits on each window (kept as float16 ``[K, R, V]``) and the targets."""
     from tqdm.auto import tqdm

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import Tensor
 
 from ensemble.cli import main as cli_main
 from ensemble.fit import FitConfig, bits_per_byte, fit_ensemble, fit_rule, pooled_target_logprobs
@@ -118,3 +119,72 @@ def test_mixture_weights_recover_the_mixing_proportions() -> None:
     logprobs = torch.stack([a.log().gather(1, targets[:, None])[:, 0], b.log().gather(1, targets[:, None])[:, 0]])
     w = mixture_weights(logprobs)
     assert w.sum().item() == pytest.approx(1.0) and w[0].item() == pytest.approx(0.3, abs=0.03)
+
+
+def _masked_windows(seed: int = 2):
+    """Three members over 50 ids, one lacking the last ten (-inf), in windows of uneven length."""
+    gen = torch.Generator().manual_seed(seed)
+    windows = []
+    for rows in (5, 13, 1):
+        logits = torch.randn(3, rows, 50, generator=gen) * 2
+        logits[2, :, 40:] = float("-inf")
+        windows.append((logits.to(torch.float16), torch.randint(0, 40, (rows,), generator=gen)))
+    return windows
+
+
+@pytest.mark.parametrize("rule", ["prob_mean", "logprob_mean"])
+def test_bits_per_byte_is_the_sum_of_pooled_target_logprobs(rule: str) -> None:
+    windows = _masked_windows()
+    weights, temps = torch.tensor([0.2, 0.5, 0.3]), torch.tensor([0.8, 1.3, 1.0])
+    nats = -sum(float(pooled_target_logprobs(x.float(), t, weights, temps, rule).sum()) for x, t in windows)
+    assert bits_per_byte(windows, 77, weights, temps, rule) == pytest.approx(nats / (math.log(2) * 77), rel=1e-5)
+
+
+def test_geometric_pass_gradient_and_hessian_equal_autograds() -> None:
+    from ensemble.fit import _geometric_pass
+
+    windows = _masked_windows()
+    c = torch.tensor([0.4, 0.7, 0.2], dtype=torch.float64)
+
+    def loss(c: Tensor) -> Tensor:
+        total = 0
+        for x, t in windows:
+            s = (c[:, None, None] * x.double().clamp_min(-1e4)).sum(0)
+            total = total + (torch.logsumexp(s, -1) - s.gather(1, t[:, None])[:, 0]).sum()
+        return total
+
+    f, grad, hess = _geometric_pass(windows, c)
+    assert f == pytest.approx(float(loss(c)), rel=1e-6)
+    torch.testing.assert_close(grad, torch.autograd.functional.jacobian(loss, c), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(hess, torch.autograd.functional.hessian(loss, c), rtol=1e-3, atol=1e-3)
+
+
+def _three_members():
+    """Member 0 sharper than the truth plus noise, member 1 flatter plus noise, member 2 the truth negated."""
+    gen = torch.Generator().manual_seed(3)
+    z = torch.randn(2000, 20, generator=gen) * 1.5
+    targets = torch.multinomial(torch.softmax(z, -1), 1, generator=gen)[:, 0]
+    logits = torch.stack([1.5 * z + torch.randn(2000, 20, generator=gen), 0.5 * z + torch.randn(2000, 20, generator=gen), -z])
+    return [(logits[:, i:i + 400], targets[i:i + 400]) for i in range(0, 2000, 400)]
+
+
+def test_newton_finds_the_optimum_and_drops_a_useless_member() -> None:
+    """Free temperatures: the negated member can only hurt, so it ends at exactly 0, and no point of a
+    dense search over the other two (weight x shared temperature) does better."""
+    windows = _three_members()
+    fit = fit_rule(windows, 2000, "logprob_mean", temperatures=None)
+    assert fit.weights[2] == 0.0, fit
+    best = min(bits_per_byte(windows, 2000, torch.tensor([w0, 1 - w0, 0.0]), torch.full((3,), temp), "logprob_mean")
+               for w0 in torch.linspace(0, 1, 51).tolist() for temp in torch.linspace(0.5, 2.0, 61).tolist())
+    assert best - 1e-3 < fit.bits_per_byte <= best + 1e-7
+
+
+def test_newton_with_fixed_temperatures_stays_on_the_simplex() -> None:
+    """Fixed temperatures: the weights sum to one, and no point of a dense simplex search does better
+    (here the negated member keeps some weight: with the scale fixed it acts as a cooler)."""
+    windows, temps = _three_members(), torch.tensor([0.7, 1.0, 1.5])
+    fit = fit_rule(windows, 2000, "logprob_mean", temperatures=temps.tolist())
+    assert fit.temperatures == (0.7, 1.0, 1.5) and sum(fit.weights) == pytest.approx(1.0, abs=1e-3)
+    grid = [(a / 50, b / 50) for a in range(51) for b in range(51 - a)]
+    best = min(bits_per_byte(windows, 2000, torch.tensor([a, b, 1 - a - b]), temps, "logprob_mean") for a, b in grid)
+    assert best - 1e-3 < fit.bits_per_byte <= best + 1e-7

@@ -198,12 +198,15 @@ def run_lm_eval(
     api_key: str | None = None,
     max_length: int | None = None,
     concurrency: int = 1,
+    member_weights: Sequence[float] | None = None,
 ) -> dict[str, Any]:
     """lm-eval's `simple_evaluate` with `local-completions` on `base_url` (the server's root URL);
     return its results with the per-sample log.
 
     `tokenizer` is a folder with the tokenizer the server reads token ids with (the ensemble's,
     or its `start_token_tokenizer` copy with `add_start_token`, lm-eval's `add_bos_token`).
+    With `member_weights`, every request carries them (chorus's per-request weights): the model is
+    then `chorus-completions`, local-completions with that one field added to each body.
     """
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
@@ -223,8 +226,11 @@ def run_lm_eval(
         model_args["header"] = {"Authorization": f"Bearer {api_key}"}
     if max_length is not None:
         model_args["max_length"] = max_length
+    if member_weights is not None:
+        _register_chorus_completions()
+        model_args["member_weights"] = [float(w) for w in member_weights]
     results = simple_evaluate(
-        model="local-completions",
+        model="local-completions" if member_weights is None else "chorus-completions",
         model_args=model_args,
         tasks=list(tasks),
         limit=limit,
@@ -235,6 +241,25 @@ def run_lm_eval(
     if results is None:
         raise DownstreamError("lm-eval returned no results")
     return results
+
+
+def _register_chorus_completions() -> None:
+    """Register lm-eval model `chorus-completions`: `local-completions` whose request bodies also
+    carry ``member_weights`` (its model argument), so a sweep needs one server, not one per weight."""
+    from lm_eval.api.registry import MODEL_REGISTRY, register_model
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+
+    if "chorus-completions" in MODEL_REGISTRY:
+        return
+
+    @register_model("chorus-completions")
+    class ChorusCompletions(LocalCompletionsAPI):
+        def __init__(self, member_weights: Sequence[float], **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self.member_weights = list(member_weights)
+
+        def _create_payload(self, *args: Any, **kwargs: Any) -> dict:
+            return {**super()._create_payload(*args, **kwargs), "member_weights": self.member_weights}
 
 
 def _metric(values: dict[str, Any], name: str) -> float | None:

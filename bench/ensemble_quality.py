@@ -31,7 +31,7 @@ import torch
 
 from ensemble.manifest import EnsembleManifest
 from ensemble.pooling import pool_logprobs
-from ensemble.reference import Member
+from ensemble.reference import Member, load_members
 
 
 @dataclass
@@ -97,11 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     start = start_token_id(tokenizer)
     texts = args.text or ["zoo:heldout"]
     windows = {t: read_windows(resolve_text(t), args.window_bytes, args.max_bytes) for t in texts}
-    models = {}  # members on one folder share its weights
-    for spec in manifest.members:
-        if spec.path not in models:
-            models[spec.path] = Member.load_model(spec.path, "cpu", torch.float32)
-    members = [Member(spec, manifest.vocab_size, models[spec.path], "cpu") for spec in manifest.members]
+    members = load_members(manifest, "cpu", torch.float32)
     originals = {}
     for item in args.original:
         name, sep, model = item.partition("=")

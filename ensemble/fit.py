@@ -358,15 +358,11 @@ def score_windows(manifest: EnsembleManifest, texts: Sequence[str], tokenizer) -
     """Every member's float32 logits on each window (kept as float16 ``[K, R, V]``) and the targets."""
     from tqdm.auto import tqdm
 
-    from ensemble.reference import Member
+    from ensemble.reference import load_members
     from transfer.tokens import start_token_id
 
     start = start_token_id(tokenizer)
-    models = {}
-    for spec in manifest.members:
-        if spec.path not in models:
-            models[spec.path] = Member.load_model(spec.path, "cpu", torch.float32)
-    members = [Member(spec, manifest.vocab_size, models[spec.path], "cpu") for spec in manifest.members]
+    members = load_members(manifest, "cpu", torch.float32)
     out = []
     for text in tqdm(texts, desc="scoring the dev text", unit="window"):
         ids = torch.tensor([start] + tokenizer(text, add_special_tokens=False)["input_ids"])

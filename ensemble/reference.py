@@ -89,6 +89,16 @@ class Member:
         return self.shared_logits(out.logits[0]), out.past_key_values
 
 
+def load_members(manifest: EnsembleManifest, device: str | torch.device, dtype: torch.dtype) -> list[Member]:
+    """The manifest's members in order; members reading the same folder share one set of weights
+    (each keeps its own caches)."""
+    models: dict[str, Any] = {}
+    for spec in manifest.members:
+        if spec.path not in models:
+            models[spec.path] = Member.load_model(spec.path, device, dtype)
+    return [Member(spec, manifest.vocab_size, models[spec.path], device) for spec in manifest.members]
+
+
 # ----------------------------------------------------------------------------- request state
 
 
@@ -183,12 +193,7 @@ class ReferenceEngine:
         self.model_name = self.manifest.name
         self.max_model_len = self.manifest.max_model_len
         self.max_num_seqs = max_num_seqs
-        # Members reading the same folder share one set of weights (each keeps its own caches).
-        models: dict[str, Any] = {}
-        for spec in self.manifest.members:
-            if spec.path not in models:
-                models[spec.path] = Member.load_model(spec.path, device, dtype)
-        self.members = [Member(spec, self.manifest.vocab_size, models[spec.path], device) for spec in self.manifest.members]
+        self.members = load_members(self.manifest, device, dtype)
         self.info: dict[str, Any] = {
             "engine": "reference",
             "members": [

@@ -156,3 +156,23 @@ def test_task_files_give_lm_evals_stock_prompts_on_the_zoo_data(tmp_path: Path) 
     assert target == doc["sentence"][blank + 1:].strip()
     doc, text, target, _ = first("lambada_openai")
     assert text + target == doc["text"] and target == " signs"
+
+
+def test_sweep_weights_share_the_rest_equally() -> None:
+    from bench.calibration_sweep import sweep_weights
+
+    points = sweep_weights(["gemma", "smollm", "qwen"], "gemma", 3)
+    assert points == [(0.0, [0.0, 0.5, 0.5]), (0.5, [0.5, 0.25, 0.25]), (1.0, [1.0, 0.0, 0.0])]
+    with pytest.raises(DownstreamError, match="'llama' is not a member of the ensemble \\(gemma, smollm\\)"):
+        sweep_weights(["gemma", "smollm"], "llama", 3)
+    with pytest.raises(DownstreamError, match="--points must be at least 2"):
+        sweep_weights(["gemma", "smollm"], "gemma", 1)
+
+
+def test_mean_ece_averages_the_multiple_choice_tasks_only() -> None:
+    from bench.calibration_sweep import mean_ece
+
+    summary = {"piqa": {"ece": 0.1}, "hellaswag": {"ece": 0.3}, "lambada_openai": {"acc": 0.5}}
+    assert mean_ece(summary) == pytest.approx(0.2)
+    with pytest.raises(DownstreamError, match="no multiple-choice task"):
+        mean_ece({"lambada_openai": {"acc": 0.5}})

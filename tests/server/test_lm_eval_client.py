@@ -79,3 +79,39 @@ def test_downstream_bench_serves_and_tabulates(server_ensemble: Path, tmp_path: 
     assert row["n"] == 2 and 0.0 <= row["acc"] <= 1.0 and "acc_stderr" in row and 0.0 <= row["ece"] <= 1.0
     table = capsys.readouterr().out
     assert "| scorer | winogrande | mean acc |" in table and "| pair | " in table
+
+
+def test_chorus_completions_sends_the_member_weights(
+    torch_server: ServerThread, server_ensemble: Path, tmp_path: Path, seen_prompts: list
+) -> None:
+    """lm-eval's local-completions plus `member_weights` in every body: the engine sees them, and the
+    log-likelihoods move with them (all weight on alpha, then all on beta)."""
+    task_dir = downstream.render_tasks(tmp_path / "tasks", ["piqa"])
+    tokenizer, _ = downstream.start_token_tokenizer(server_ensemble, tmp_path / "tokenizer")
+    scored = {}
+    for weights in ([1.0, 0.0], [0.0, 1.0]):
+        seen_prompts.clear()
+        results = downstream.run_lm_eval(torch_server.url, "pair", tokenizer, ["piqa"], task_dir, 2, api_key=API_KEY,
+                                         max_length=torch_server.state.ready.max_model_len, member_weights=weights)
+        assert len(seen_prompts) == 4 and all(options.weights == tuple(weights) for _, options in seen_prompts)
+        scored[tuple(weights)] = [float(ll) for s in results["samples"]["piqa"] for ll, _ in s["filtered_resps"]]
+    assert scored[(1.0, 0.0)] != scored[(0.0, 1.0)]
+
+
+def test_calibration_sweep_serves_once_and_plots(server_ensemble: Path, tmp_path: Path) -> None:
+    """bench/calibration_sweep.py end to end on the tiny pair: one `serve` (reference engine), lm-eval
+    at each weight of the base member, the JSON and the PNG."""
+    from bench import calibration_sweep
+
+    out = tmp_path / "sweep.json"
+    code = calibration_sweep.main([str(server_ensemble), "--base", "alpha", "--points", "3", "--tasks", "winogrande",
+                                   "--limit", "2", "--work-dir", str(tmp_path / "work"), "--out", str(out)])
+    assert code == 0
+    record = json.loads(out.read_text())
+    assert [p["base_weight"] for p in record["points"]] == [0.0, 0.5, 1.0]
+    assert record["points"][1]["member_weights"] == {"alpha": 0.5, "beta": 0.5}
+    assert record["own_base_weight"] == pytest.approx(1 / 3)  # the pair's own weights are 1 and 2
+    for point in record["points"]:
+        assert 0.0 <= point["mean_acc"] <= 1.0 and 0.0 <= point["mean_ece"] <= 1.0
+        assert point["tasks"]["winogrande"]["n"] == 2
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -5,7 +5,7 @@
 #   zoo build|status|path ...  -> python -m transfer.zoo ...   (models into $CHORUS_CACHE)
 #   ensemble|transfer ...      -> those console scripts (e.g. ensemble build /data/ensemble ...)
 #   default-ensemble           -> zoo build, then the default three-family ensemble into
-#                                 $CHORUS_ENSEMBLE (members moved onto Qwen2's tokenizer by ALM)
+#                                 $CHORUS_ENSEMBLE (scripts/build_default.sh: Gemma-3's tokenizer, ALM, fit)
 #   anything else              -> run as given (python, sh, ...)
 set -eu
 

@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
 # Build the default three-family ensemble (idempotent, resumable) and print its folder.
 # Every member is moved onto one pivot tokenizer, CHORUS_PIVOT:
-#   qwen2 (the default): SmolLM2-135M and Gemma-3 270M by FVT and CHORUS_ALM_STEPS ALM steps of
-#     transfer/configs/default_member.yaml on the zoo's training text; Qwen2.5-Coder-0.5B (left
-#     out when the zoo could not build it) as it is; prob_mean, equal weights, ChatML.
-#   gemma3 (ensemble/RESULTS.md): the strongest member's own tokenizer, so Gemma-3 stays exactly
-#     itself; SmolLM2 by FVT + CHORUS_ALM_STEPS steps, Qwen2.5 by FVT + CHORUS_QWEN_STEPS steps
-#     (0: FVT only); then `ensemble fit` (CHORUS_FIT=1, this pivot's default) chooses the pooling
-#     rule, weights and temperatures on the zoo's dev texts; the Gemma turn template.
+#   gemma3 (the default; ensemble/RESULTS.md): the strongest member's own tokenizer, so Gemma-3
+#     stays exactly itself; SmolLM2 by FVT + CHORUS_ALM_STEPS ALM steps of
+#     transfer/configs/default_member.yaml on the zoo's training text, Qwen2.5 by FVT +
+#     CHORUS_QWEN_STEPS steps (0: FVT only); then `ensemble fit` (CHORUS_FIT=1, this pivot's
+#     default) chooses the pooling rule, weights and temperatures on the zoo's dev texts; the
+#     Gemma turn template. Folder: ensemble-gemma3.
+#   qwen2 (the earlier recipe): SmolLM2-135M and Gemma-3 270M by FVT and CHORUS_ALM_STEPS ALM
+#     steps; Qwen2.5-Coder-0.5B (left out when the zoo could not build it) as it is; prob_mean,
+#     equal weights, ChatML. Folder: ensemble.
 # Used by `make serve` (scripts/serve_default.sh) and by the images (`default-ensemble`).
 # Settings: CHORUS_CACHE (zoo), CHORUS_DEFAULT_DIR (runs, default $CHORUS_CACHE/default),
-# CHORUS_DEFAULT_ENSEMBLE (the folder, default $CHORUS_DEFAULT_DIR/ensemble, or ensemble-gemma3),
+# CHORUS_DEFAULT_ENSEMBLE (the folder, default $CHORUS_DEFAULT_DIR/ensemble-gemma3, or ensemble),
 # CHORUS_ALM_STEPS (40), CHORUS_QWEN_STEPS (0), CHORUS_FIT, CHORUS_DEFAULT_CONFIG (the run config),
 # CHORUS_VENV (where the console scripts are; else PATH).
 set -euo pipefail
@@ -22,7 +24,7 @@ export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 CACHE="${CHORUS_CACHE:-$HOME/.cache/chorus}"
 ZOO="$CACHE/zoo"
 OUT="${CHORUS_DEFAULT_DIR:-$CACHE/default}"
-PIVOT="${CHORUS_PIVOT:-qwen2}"
+PIVOT="${CHORUS_PIVOT:-gemma3}"
 CONFIG="${CHORUS_DEFAULT_CONFIG:-$here/../transfer/configs/default_member.yaml}"
 case "$PIVOT" in   # the pivot's own model, whose tokenizer and chat template the ensemble uses, and fit
   gemma3) pivot_model=gemma3; template_from=gemma; fit="${CHORUS_FIT:-1}"; folder=ensemble-gemma3 ;;

@@ -1,6 +1,6 @@
 """Downstream accuracy and calibration of ensembles and original models, through the real client.
 
-    python bench/downstream.py --scorer ensemble=~/.cache/chorus/default/ensemble \
+    python bench/downstream.py --scorer ensemble=~/.cache/chorus/default/ensemble-gemma3 \
         --scorer gemma3=zoo:gemma3 --scorer smollm2=zoo:smollm2 --scorer qwen25=zoo:qwen2.5 \
         --out bench/results/downstream.json
 

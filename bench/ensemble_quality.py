@@ -1,6 +1,6 @@
 """Held-out bits per byte of each ensemble member alone and of the pooled ensemble, per rule.
 
-    python bench/ensemble_quality.py ~/.cache/chorus/default/ensemble \
+    python bench/ensemble_quality.py ~/.cache/chorus/default/ensemble-gemma3 \
         --text zoo:heldout --text zoo:prose --max-bytes 20000 --out bench/results/ensemble_quality.json
 
 Every member scores the same token ids (the ensemble's shared tokenizer, one start token in front
@@ -29,8 +29,8 @@ from pathlib import Path
 
 import torch
 
+from ensemble.fit import bits_per_byte, target_logprob_table
 from ensemble.manifest import EnsembleManifest
-from ensemble.pooling import pool_logprobs
 from ensemble.reference import Member, load_members
 
 
@@ -109,20 +109,21 @@ def main(argv: list[str] | None = None) -> int:
     settings = scorers(manifest)
     tallies = {m.name: Tally() for m in manifest.members} | {name: Tally() for name in settings}
     total = sum(len(w) for w in windows.values())
+    temps = torch.tensor([m.temperature for m in manifest.members])
     with tqdm(total=total, desc="windows", unit="win") as bar:
         for text, ws in windows.items():
             for w in ws:
                 ids = torch.tensor([start] + tokenizer(w, add_special_tokens=False)["input_ids"])
                 target = ids[1:]
                 n_bytes = len(w.encode("utf-8"))
-                logits = [member_logits(m, ids)[:-1] for m in members]
-                for spec, x in zip(manifest.members, logits):
-                    lp = torch.log_softmax(x / spec.temperature, dim=-1)
-                    tallies[spec.name].add(text, -float(lp.gather(1, target[:, None]).sum()) / math.log(2), n_bytes)
-                temps = [m.temperature for m in manifest.members]
+                # [K, R, V]; scored by ensemble.fit's one-pass functions (the engines' pooling maths)
+                scored = [(torch.stack([member_logits(m, ids)[:-1] for m in members]), target)]
+                alone = target_logprob_table(scored, temps[:, None])[:, 0]  # [K, R] at each member's temperature
+                for spec, lp in zip(manifest.members, alone):
+                    tallies[spec.name].add(text, -float(lp.sum()) / math.log(2), n_bytes)
                 for name, (rule, weights) in settings.items():
-                    lp = pool_logprobs(logits, weights, rule, temps)
-                    tallies[name].add(text, -float(lp.gather(1, target[:, None]).sum()) / math.log(2), n_bytes)
+                    bpb = bits_per_byte(scored, n_bytes, torch.tensor(weights), temps, rule)
+                    tallies[name].add(text, bpb * n_bytes, n_bytes)
                 bar.update(1)
 
     rows = originals | {name: {t: tally.bpb(t) for t in texts} for name, tally in tallies.items()}

@@ -101,7 +101,11 @@ class EngineStats:
 
 @runtime_checkable
 class Engine(Protocol):
-    """A running ensemble that turns prompts into pooled generations."""
+    """A running ensemble that turns prompts into pooled generations.
+
+    An engine may also offer ``async check_health() -> None`` that raises when it can no longer
+    serve (both chorus engines do; the server's `/health` and its watchdog call it).
+    """
 
     model_name: str
     max_model_len: int

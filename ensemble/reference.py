@@ -255,6 +255,13 @@ class ReferenceEngine:
             if not finished:  # the caller stopped listening: free the request
                 self._request_abort(request_id)
 
+    async def check_health(self) -> None:
+        """Raise when the engine cannot serve: shut down, or its worker thread has died."""
+        if self._closed:
+            raise RuntimeError("the engine has been shut down")
+        if not self._thread.is_alive():
+            raise RuntimeError("the reference engine's worker thread has stopped")
+
     async def abort(self, request_id: str) -> None:
         """Stop a request; its generator ends with finish_reason 'abort'."""
         self._request_abort(request_id)

@@ -356,6 +356,13 @@ class VLLMEngine:
             self._active.discard(request_id)
             await stream.aclose()
 
+    async def check_health(self) -> None:
+        """Raise when the engine cannot serve: shut down, or vLLM's engine core process has died
+        (`AsyncLLM.check_health` raises vLLM's EngineDeadError)."""
+        if self._llm is None:
+            raise RuntimeError("the engine has been shut down")
+        await self._llm.check_health()
+
     async def abort(self, request_id: str) -> None:
         """Stop a request and free its KV cache; its generator ends with finish_reason 'abort'."""
         if self._llm is not None:

@@ -1,7 +1,11 @@
 """The FastAPI app factory.
 
 The engine loads in the background during the lifespan (so `/health` answers 503 meanwhile and
-200 once it is ready). Shutdown is graceful: as soon as uvicorn starts shutting down, `server.serving.ChorusServer`
+200 once it is ready). Once loaded, a watchdog asks the engine every `HEALTH_INTERVAL_S` seconds
+whether it can still serve (vLLM's engine core process alive, the reference engine's worker thread
+running); when it cannot, `/health` and every request answer 503 `engine_dead`, requests in flight
+are aborted, and `on_engine_dead` is called (the CLI then exits with status 1, for a supervisor
+such as Docker's restart policy to start a fresh server). Shutdown is graceful: as soon as uvicorn starts shutting down, `server.serving.ChorusServer`
 calls `ServerState.begin_drain` (new requests and `/health` answer 503), gives in-flight requests
 `shutdown_timeout` seconds to finish, then aborts the rest through the engine (their clients get a
 503, or an error event and `[DONE]` in a stream); the lifespan's exit aborts anything left and
@@ -20,8 +24,9 @@ from fastapi import FastAPI
 
 from ensemble.protocol import Engine
 from server.auth import APIKeyMiddleware
+from server.body_limit import BodyLimitMiddleware
 from server.config import ServerConfig
-from server.engines import load_engine
+from server.engines import engine_healthy, load_engine
 from server.errors import install_error_handlers
 from server.openapi import install_openapi
 from server.routes_chat import router as chat_router
@@ -32,9 +37,28 @@ from server.state import ServerState, build_ready
 log = logging.getLogger("chorus.server")
 
 EngineLoader = Callable[[], Awaitable[Engine]]
+HEALTH_INTERVAL_S = 2.0
 
 
-async def _load(state: ServerState, loader: EngineLoader, on_error: Callable[[str], None] | None) -> None:
+async def _watch(state: ServerState, engine: Engine, on_dead: Callable[[str], None] | None) -> None:
+    """Poll the engine's health until it dies, then fail everything fast."""
+    while True:
+        await asyncio.sleep(HEALTH_INTERVAL_S)
+        problem = await engine_healthy(engine)
+        if problem is None or state.draining:
+            continue
+        state.engine_dead = problem
+        log.error("the engine has died: %s; answering 503 and stopping", problem)
+        aborted = await state.abort_all("engine_dead")
+        if aborted:
+            log.error("aborted %d request(s) that were running on the dead engine", aborted)
+        if on_dead is not None:
+            on_dead(problem)
+        return
+
+
+async def _load(state: ServerState, loader: EngineLoader, on_error: Callable[[str], None] | None,
+                on_dead: Callable[[str], None] | None = None) -> None:
     engine: Engine | None = None
     try:
         engine = await loader()
@@ -43,6 +67,7 @@ async def _load(state: ServerState, loader: EngineLoader, on_error: Callable[[st
         state.ready = ready
         # Warm the token-bytes table (chat logprobs) off the loop; it is built on demand otherwise.
         state.background.append(asyncio.create_task(asyncio.to_thread(ready.token_bytes_table)))
+        state.background.append(asyncio.create_task(_watch(state, engine, on_dead), name="chorus-watchdog"))
         log.info("engine ready: %s (%s), max_model_len %d, %d member(s)",
                  ready.model_name, ready.engine.info.get("engine", "?"), ready.max_model_len, len(ready.members))
     except asyncio.CancelledError:
@@ -60,6 +85,8 @@ async def _load(state: ServerState, loader: EngineLoader, on_error: Callable[[st
 
 async def _shutdown(state: ServerState, loading: asyncio.Task) -> None:
     state.begin_drain()
+    for task in state.background:
+        task.cancel()
     if not loading.done():
         log.info("waiting for the engine to finish loading before shutting it down")
         try:
@@ -82,6 +109,7 @@ def create_app(
     config: ServerConfig,
     engine_loader: EngineLoader | None = None,
     on_load_error: Callable[[str], None] | None = None,
+    on_engine_dead: Callable[[str], None] | None = None,
 ) -> FastAPI:
     """An app serving the ensemble of `config`.
 
@@ -89,13 +117,15 @@ def create_app(
         config: the server settings.
         engine_loader: builds the engine (default: `server.engines.load_engine(config)`).
         on_load_error: called with the message if the engine fails to load (the CLI exits).
+        on_engine_dead: called with the reason if the loaded engine dies (the CLI exits).
     """
     state = ServerState(config)
     loader = engine_loader or (lambda: load_engine(config))
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        loading = asyncio.create_task(_load(state, loader, on_load_error), name="chorus-engine-load")
+        loading = asyncio.create_task(_load(state, loader, on_load_error, on_engine_dead),
+                                      name="chorus-engine-load")
         try:
             yield
         finally:
@@ -114,6 +144,8 @@ def create_app(
     app.include_router(completions_router)
     app.include_router(chat_router)
     app.include_router(misc_router)
+    # Starlette runs the middleware added last first: the key is checked before a body is read.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes)
     if config.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=config.api_key)
     return app

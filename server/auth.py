@@ -1,9 +1,12 @@
 """API-key check as a pure ASGI middleware (no BaseHTTPMiddleware: it would break disconnect
 detection and streaming).
 
-Like vLLM, the OpenAI routes (`/v1/...`) and the tokenizer routes need
-`Authorization: Bearer <key>` when a key is configured; `/health`, `/metrics` and the API docs stay
-open so probes and scrapers work without the secret. A wrong or missing key gets OpenAI's 401 body.
+When a key is configured every path needs `Authorization: Bearer <key>` except an explicit list of
+open ones: `/health`, `/metrics` and the API docs, so probes and scrapers work without the secret.
+Deny by default, not protect by prefix: a path the check did not foresee (a `root_path` prefix, a
+doubled or percent-encoded slash) needs the key too. The path is compared the way Starlette's router
+sees it (`root_path` removed, percent-decoded by the HTTP server). A wrong or missing key gets
+OpenAI's 401 body.
 """
 
 from __future__ import annotations
@@ -11,16 +14,17 @@ from __future__ import annotations
 import hmac
 import json
 
+from starlette._utils import get_route_path
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from server.errors import error_body
 
-PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize")
+OPEN_PATHS = frozenset({"/health", "/metrics", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
 
 
 def is_protected(path: str) -> bool:
-    """Whether `path` needs the API key."""
-    return path.startswith(PROTECTED_PREFIXES) or path == "/v1"
+    """Whether `path` (as the router sees it) needs the API key: every path but `OPEN_PATHS`."""
+    return path not in OPEN_PATHS
 
 
 def key_matches(authorization: str | None, api_key: str) -> bool:
@@ -43,7 +47,7 @@ class APIKeyMiddleware:
         self.api_key = api_key
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope.get("method") == "OPTIONS" or not is_protected(scope["path"]):
+        if scope["type"] != "http" or scope.get("method") == "OPTIONS" or not is_protected(get_route_path(scope)):
             await self.app(scope, receive, send)
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}

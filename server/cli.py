@@ -5,7 +5,8 @@
 Every option can also come from an environment variable (for containers): CHORUS_ENSEMBLE,
 CHORUS_HOST, CHORUS_PORT, CHORUS_ENGINE, CHORUS_TENSOR_PARALLEL_SIZE, CHORUS_MAX_MODEL_LEN, CHORUS_DTYPE,
 CHORUS_API_KEY, CHORUS_MAX_RUNNING, CHORUS_MAX_QUEUE, CHORUS_REQUEST_TIMEOUT,
-CHORUS_SERVED_MODEL_NAME, CHORUS_SHUTDOWN_TIMEOUT, CHORUS_LOG_LEVEL. A flag beats its variable.
+CHORUS_SERVED_MODEL_NAME, CHORUS_SHUTDOWN_TIMEOUT, CHORUS_MAX_BODY_MB, CHORUS_LOG_LEVEL. A flag beats
+its variable.
 """
 
 from __future__ import annotations
@@ -84,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-cache-gib", type=float, default=_env("KV_CACHE_GIB"),
                    help="GiB of vLLM KV cache (default: vLLM's share of GPU memory, or of all RAM on a CPU) "
                         "[CHORUS_KV_CACHE_GIB]")
+    p.add_argument("--max-body-mb", type=float, default=_env("MAX_BODY_MB", "16"),
+                   help="request bodies over this many MiB get a 413 before parsing [CHORUS_MAX_BODY_MB, 16]")
     p.add_argument("--log-level", default=_env("LOG_LEVEL", "info"),
                    choices=["critical", "error", "warning", "info", "debug"], help="[CHORUS_LOG_LEVEL, info]")
     return p
@@ -112,6 +115,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         shutdown_timeout=float(args.shutdown_timeout),
         distributed_executor_backend=args.distributed_executor_backend,
         kv_cache_gib=None if args.kv_cache_gib is None else float(args.kv_cache_gib),
+        max_body_mb=float(args.max_body_mb),
     )
 
 
@@ -139,6 +143,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.exit(2, f"serve: error: {err}\n")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if config.exposed and not config.api_key:
+        logging.getLogger("chorus.server").warning(
+            "*** listening on %s without an API key: anyone who can reach this port can use the models. "
+            "Set --api-key / CHORUS_API_KEY, or bind 127.0.0.1 (README 'Security'). ***", config.host)
 
     from server.app import create_app
     from server.serving import ChorusServer
@@ -149,7 +157,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"serve: error: the engine failed to load: {message}", file=sys.stderr, flush=True)
         holder["server"].fail(message)
 
-    app = create_app(config, on_load_error=on_load_error)
+    def on_engine_dead(message: str) -> None:
+        print(f"serve: error: the engine died: {message}; exiting for a restart", file=sys.stderr, flush=True)
+        holder["server"].fail(message)
+
+    app = create_app(config, on_load_error=on_load_error, on_engine_dead=on_engine_dead)
     server = ChorusServer(app, config, log_level=args.log_level,
                           on_listening=lambda s: print(banner(config, s.bound_port), flush=True))
     holder["server"] = server

@@ -41,6 +41,7 @@ class ServerConfig:
             or ``ray`` (a Ray cluster, for multi-node); None = vLLM's choice (vllm engine only).
         kv_cache_gib: GiB of KV cache vLLM reserves (its ``kv_cache_memory_bytes``); None = vLLM's
             default (a share of GPU memory; on a CPU, of *all* RAM, which fails on a busy host).
+        max_body_mb: request bodies over this many MiB get a 413 before they are parsed.
     """
 
     ensemble: str
@@ -59,6 +60,7 @@ class ServerConfig:
     shutdown_timeout: float = 5.0
     distributed_executor_backend: str | None = None
     kv_cache_gib: float | None = None
+    max_body_mb: float = 16.0
 
     def __post_init__(self) -> None:
         folder = Path(self.ensemble).expanduser()
@@ -99,10 +101,27 @@ class ServerConfig:
             and self.request_timeout > 0
         ):
             raise ConfigError(f"request_timeout must be a positive number of seconds, got {self.request_timeout!r}")
-        if self.api_key is not None and not self.api_key.strip():
-            object.__setattr__(self, "api_key", None)
+        if self.api_key is not None:
+            if not self.api_key.strip():
+                raise ConfigError("api_key is empty or only whitespace: give a real key, or none to serve "
+                                  "without authentication")
+            object.__setattr__(self, "api_key", self.api_key.strip())
+        if not (isinstance(self.max_body_mb, (int, float)) and math.isfinite(self.max_body_mb)
+                and self.max_body_mb > 0):
+            raise ConfigError(f"max_body_mb must be a positive number, got {self.max_body_mb!r}")
         if not (math.isfinite(self.shutdown_timeout) and self.shutdown_timeout >= 0):
             raise ConfigError(f"shutdown_timeout must be >= 0, got {self.shutdown_timeout!r}")
+
+
+    @property
+    def max_body_bytes(self) -> int:
+        """`max_body_mb` in bytes."""
+        return int(self.max_body_mb * (1 << 20))
+
+    @property
+    def exposed(self) -> bool:
+        """Whether the server listens beyond the loopback interface."""
+        return self.host not in ("127.0.0.1", "localhost", "::1")
 
 
 def _int_at_least(name: str, value: object, low: int) -> None:

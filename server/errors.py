@@ -9,6 +9,7 @@ Anything else is a bug in chorus and becomes a 500 with the same shape.
 from __future__ import annotations
 
 import logging
+import uuid
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -70,6 +71,14 @@ def error_body(status: int, message: str, *, param: str | None = None, code: str
     return ErrorResponse(error=info).model_dump()
 
 
+def internal_error(what: str, exc: BaseException) -> APIError:
+    """A 500 that tells the client nothing about the server's insides: the detail (exception,
+    traceback) goes to the log under a fresh error id, and the client gets that id to quote."""
+    error_id = f"err-{uuid.uuid4().hex[:16]}"
+    log.error("%s [%s]", what, error_id, exc_info=exc)
+    return APIError(500, f"{what}; the server log has the details under id {error_id}", code=error_id)
+
+
 def error_response(err: APIError) -> JSONResponse:
     """A JSONResponse for `err`."""
     return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
@@ -86,6 +95,8 @@ def describe_validation_error(exc: RequestValidationError) -> tuple[str, str | N
     if first.get("type") == "json_invalid":
         ctx = first.get("ctx") or {}
         return f"request body is not valid JSON: {ctx.get('error', first.get('msg'))}", None
+    if first.get("type") == "invalid_unicode":  # server.protocol.RequestModel: names the field itself
+        return first.get("msg", "invalid Unicode text"), (first.get("ctx") or {}).get("param")
     if first.get("type") == "missing" and not loc:
         return "request body is missing or empty", None
     param = _param_name(loc)
@@ -138,5 +149,4 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-        log.exception("internal error while serving a request")
-        return error_response(APIError(500, f"internal server error: {type(exc).__name__}: {exc}"))
+        return error_response(internal_error("internal error while serving a request", exc))

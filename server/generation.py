@@ -66,6 +66,7 @@ class GenerationCall:
         self.deadline = None if timeout is None else self.arrival + timeout
         self.engine_ids = [f"{request_id}-{i}" for i in range(len(prompts))]
         self.tracks = [_Track(logprobs_seen=[0] * options.n) for _ in prompts]
+        self.sequences = len(prompts) * options.n  # what admission counts
         self.closed_reason: str | None = None  # why unfinished engine requests were aborted
         self._stop_hint: str | None = None  # why the call is being stopped, if known early
         self.owned_by_response = False  # a streaming response closes the call when it ends
@@ -88,7 +89,7 @@ class GenerationCall:
             # asyncio.timeout, not wait_for: on Python 3.11 wait_for loses a cancellation (the
             # client's disconnect) that arrives just as the awaited result does.
             async with asyncio.timeout(self.remaining()):
-                await self.admission.acquire()
+                await self.admission.acquire(self.sequences)
         except QueueFullError:
             self.metrics.queue_rejections.inc()
             raise
@@ -108,6 +109,9 @@ class GenerationCall:
                 self._queue.put_nowait((index, out))
             self._queue.put_nowait((index, _END))
         except asyncio.CancelledError:
+            # Cancelled by close() when the engine did not end an aborted request itself (a dead
+            # engine): the consumer must still see this request end.
+            self._queue.put_nowait((index, _END))
             raise
         except BaseException as err:  # noqa: BLE001 - delivered to the consumer, re-raised there
             self._queue.put_nowait((index, err))
@@ -202,12 +206,15 @@ class GenerationCall:
                 for task in late:
                     task.cancel()
             self._registry.pop(self.request_id, None)
-            self.admission.release()
+            self.admission.release(self.sequences)
 
     def raise_if_stopped(self) -> None:
         """After the outputs end: 503 if the server shut the call down, 504 if it timed out."""
         if self.closed_reason == "shutdown":
             raise APIError(503, "the server is shutting down; the request was aborted", code="shutting_down")
+        if self.closed_reason == "engine_dead":
+            raise APIError(503, "the engine died while serving this request; the server needs a restart",
+                           code="engine_dead")
         if self.closed_reason == "timeout":
             raise APIError(504, "request timed out (--request-timeout)", code="request_timeout")
 

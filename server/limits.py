@@ -1,9 +1,13 @@
-"""Bounded admission: at most `max_running` requests in the engine, at most `max_queue` waiting.
+"""Bounded admission: at most `max_running` sequences in the engine, at most `max_queue` requests
+waiting.
 
-A request that finds every running slot taken and the queue full is refused at once
-(`QueueFullError`, answered 429 with `Retry-After`) instead of waiting without bound. Waiters are
-served first come, first served; a freed slot passes straight to the oldest waiter, so a newcomer
-cannot overtake the queue. A waiter that gives up (timeout, client gone) leaves the queue cleanly.
+A request weighs as many sequences as it asks the engine for (prompts × `n`), so one request with
+64 prompts and `n` 32 cannot pass for one. A request heavier than `max_running` waits until the
+engine is empty and then takes every slot. A request that finds no room and the queue full is
+refused at once (`QueueFullError`, answered 429 with `Retry-After`) instead of waiting without
+bound. Waiters are served first come, first served: freed slots go to the oldest waiter, and a
+newcomer cannot overtake the queue even when it would fit. A waiter that gives up (timeout,
+client gone) leaves the queue cleanly.
 
 Everything runs on one asyncio loop, so plain counters suffice (no awaits between check and take).
 """
@@ -14,14 +18,21 @@ import asyncio
 import collections
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 
 
 class QueueFullError(Exception):
-    """Every running slot is busy and the waiting queue is full."""
+    """No room in the engine and the waiting queue is full."""
+
+
+@dataclass
+class _Waiter:
+    weight: int
+    future: asyncio.Future[None]
 
 
 class Admission:
-    """A FIFO semaphore with a bounded queue."""
+    """A FIFO weighted semaphore with a bounded queue."""
 
     def __init__(self, max_running: int, max_queue: int) -> None:
         if max_running < 1:
@@ -31,74 +42,90 @@ class Admission:
         self.max_running = max_running
         self.max_queue = max_queue
         self._running = 0
-        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._waiters: collections.deque[_Waiter] = collections.deque()
 
     @property
     def running(self) -> int:
-        """Requests holding a slot."""
+        """Sequences holding a slot."""
         return self._running
 
     @property
     def waiting(self) -> int:
-        """Requests queued for a slot."""
-        return sum(1 for w in self._waiters if not w.done())
+        """Requests queued for room."""
+        return sum(1 for w in self._waiters if not w.future.done())
 
-    def try_acquire(self) -> asyncio.Future[None] | None:
-        """Take a slot now (returns None) or join the queue (returns a future that resolves when
-        the slot is handed over). Raises QueueFullError when the queue is full."""
-        if self._running < self.max_running and not self.waiting:
-            self._running += 1
+    def weight_of(self, sequences: int) -> int:
+        """The slots a request of `sequences` sequences takes (at least 1, at most all)."""
+        return max(1, min(int(sequences), self.max_running))
+
+    def try_acquire(self, sequences: int = 1) -> asyncio.Future[None] | None:
+        """Take room for `sequences` now (returns None) or join the queue (returns a future that
+        resolves when the room is handed over). Raises QueueFullError when the queue is full."""
+        weight = self.weight_of(sequences)
+        if self._running + weight <= self.max_running and not self.waiting:
+            self._running += weight
             return None
         if self.waiting >= self.max_queue:
             raise QueueFullError(
-                f"server is at capacity: {self._running} requests running and {self.waiting} waiting "
-                f"(--max-queue {self.max_queue}); retry later"
+                f"server is at capacity: {self._running} of {self.max_running} sequences running and "
+                f"{self.waiting} requests waiting (--max-queue {self.max_queue}); retry later"
             )
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(fut)
+        self._waiters.append(_Waiter(weight, fut))
         return fut
 
-    async def acquire(self) -> None:
-        """Take a slot, waiting in the queue if needed. Raises QueueFullError when it is full.
+    async def acquire(self, sequences: int = 1) -> None:
+        """Take room for `sequences`, waiting in the queue if needed. Raises QueueFullError when
+        the queue is full.
 
-        Cancellation while queued leaves the queue; cancellation just after the slot was handed
-        over gives the slot back.
+        Cancellation while queued leaves the queue; cancellation just after the room was handed
+        over gives it back.
         """
-        fut = self.try_acquire()
+        fut = self.try_acquire(sequences)
         if fut is None:
             return
         try:
             await fut
         except BaseException:
             if fut.done() and not fut.cancelled():
-                self.release()  # the slot was handed to us just as we gave up
+                self.release(sequences)  # the room was handed to us just as we gave up
             else:
                 fut.cancel()
                 self._discard(fut)
+                self._hand_over()  # a heavy waiter leaving may let lighter ones behind it in
             raise
 
-    def release(self) -> None:
-        """Give a slot back: to the oldest waiter if any, else to the pool."""
-        while self._waiters:
-            fut = self._waiters.popleft()
-            if not fut.done():
-                fut.set_result(None)  # the slot passes on; the running count is unchanged
-                return
-        if self._running <= 0:
+    def release(self, sequences: int = 1) -> None:
+        """Give the room of `sequences` back, and hand it to the oldest waiters that fit."""
+        weight = self.weight_of(sequences)
+        if self._running < weight:
             raise RuntimeError("Admission.release() without a matching acquire()")
-        self._running -= 1
+        self._running -= weight
+        self._hand_over()
+
+    def _hand_over(self) -> None:
+        while self._waiters:
+            head = self._waiters[0]
+            if head.future.done():
+                self._waiters.popleft()
+                continue
+            if self._running + head.weight > self.max_running:
+                return  # FIFO: nobody overtakes the oldest waiter
+            self._waiters.popleft()
+            self._running += head.weight
+            head.future.set_result(None)
 
     @asynccontextmanager
-    async def slot(self) -> AsyncIterator[None]:
-        """`async with admission.slot():` holds one running slot for the block."""
-        await self.acquire()
+    async def slot(self, sequences: int = 1) -> AsyncIterator[None]:
+        """`async with admission.slot(n):` holds room for `n` sequences for the block."""
+        await self.acquire(sequences)
         try:
             yield
         finally:
-            self.release()
+            self.release(sequences)
 
     def _discard(self, fut: asyncio.Future[None]) -> None:
-        try:
-            self._waiters.remove(fut)
-        except ValueError:
-            pass
+        for waiter in self._waiters:
+            if waiter.future is fut:
+                self._waiters.remove(waiter)
+                return

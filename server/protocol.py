@@ -18,14 +18,25 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MAX_LOGPROBS = 20  # vLLM's default max_logprobs
 MAX_N = 32
+# Size limits on lists a client controls (README "Security"). OpenAI allows 4 stop strings; vLLM
+# has no limit; these leave room for lm-eval's `until` lists and tokenizers' special ids.
+MAX_STOP = 64
+MAX_STOP_LEN = 1024
+MAX_STOP_TOKEN_IDS = 1024
+MAX_PROMPTS = 64
+MAX_SEQUENCES = 128  # prompts × n in one request
+MAX_MESSAGES = 4096
 
 PoolingName = Literal["prob_mean", "logprob_mean"]
-StopParam = str | list[str] | None
+StopString = Annotated[str, Field(max_length=MAX_STOP_LEN)]
+StopParam = StopString | Annotated[list[StopString], Field(max_length=MAX_STOP)] | None
+StopTokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=MAX_STOP_TOKEN_IDS)] | None
 
 
 def random_id(prefix: str) -> str:
@@ -33,10 +44,44 @@ def random_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
+def invalid_text_path(value: Any, path: str = "") -> str | None:
+    """The path (`messages[0].content`) of the first string in `value` (nested dicts and lists,
+    keys included) that is not valid Unicode text, i.e. holds a lone surrogate such as the JSON
+    escape `"\\ud800"`, which cannot be encoded to UTF-8; None when every string is valid."""
+    stack: list[tuple[Any, str]] = [(value, path)]
+    while stack:
+        item, where = stack.pop()
+        if isinstance(item, str):
+            if not item.isascii():
+                try:
+                    item.encode("utf-8")
+                except UnicodeEncodeError:
+                    return where or "request body"
+        elif isinstance(item, dict):
+            for key, sub in item.items():
+                stack.append((key, where))  # a bad key is reported at its object
+                key = str(key).encode("utf-8", "backslashreplace").decode("utf-8")  # never echo bad text
+                stack.append((sub, f"{where}.{key}" if where else key))
+        elif isinstance(item, (list, tuple)):
+            stack.extend((sub, f"{where}[{i}]") for i, sub in enumerate(item))
+    return None
+
+
 class RequestModel(BaseModel):
-    """Base of every request body: strict types, finite floats, unknown fields ignored."""
+    """Base of every request body: strict types, finite floats, unknown fields ignored, and every
+    string (unknown fields and nested objects included) valid Unicode text."""
 
     model_config = ConfigDict(strict=True, extra="allow", allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _text_is_unicode(cls, data: Any) -> Any:
+        where = invalid_text_path(data)
+        if where is not None:
+            # A 400 naming the field (`server.errors` reads `param` from the context).
+            raise PydanticCustomError("invalid_unicode", "'{param}' is not valid Unicode text (it holds a lone "
+                                      "surrogate)", {"param": where})
+        return data
 
 
 class ResponseModel(BaseModel):
@@ -109,11 +154,11 @@ class CompletionRequest(RequestModel):
     model: str | None = None
     prompt: (
         Annotated[str, Field(min_length=1)]
-        | Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1, max_length=64)]
+        | Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1, max_length=MAX_PROMPTS)]
         | Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
         | Annotated[
             list[Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]],
-            Field(min_length=1, max_length=64),
+            Field(min_length=1, max_length=MAX_PROMPTS),
         ]
     )
     best_of: Annotated[int, Field(ge=1, le=MAX_N)] | None = None
@@ -139,7 +184,7 @@ class CompletionRequest(RequestModel):
         default=None, description="vLLM extra: sample from the k most likely tokens (-1 or 0: all).")
     min_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = Field(
         default=None, description="vLLM extra: drop tokens below min_p times the top probability.")
-    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(
+    stop_token_ids: StopTokenIds = Field(
         default=None, description="vLLM extra: token ids that end the completion.")
     ignore_eos: bool = Field(default=False, description="vLLM extra: keep generating past end-of-sequence tokens.")
     add_special_tokens: bool = Field(default=True, description="vLLM extra: add the tokenizer's special tokens (BOS).")
@@ -149,6 +194,13 @@ class CompletionRequest(RequestModel):
     pooling: PoolingName | None = Field(default=None, description=POOLING_DOC)
     member_weights: MemberWeights = Field(default=None, description=WEIGHTS_DOC)
     return_member_logprobs: bool = Field(default=False, description=MEMBER_LOGPROBS_DOC)
+
+
+def prompt_count(prompt: str | list[str] | list[int] | list[list[int]]) -> int:
+    """How many prompts a completion request's `prompt` holds."""
+    if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+        return 1
+    return len(prompt)
 
 
 class CompletionLogProbs(ResponseModel):
@@ -201,10 +253,17 @@ class ChatMessageParam(RequestModel):
     name: str | None = None
     tool_call_id: str | None = None
 
+    @model_validator(mode="after")
+    def _has_content(self) -> ChatMessageParam:
+        # As OpenAI: only an assistant message that carries tool calls may go without content.
+        if self.content is None and not (self.role == "assistant" and (self.model_extra or {}).get("tool_calls")):
+            raise ValueError(f"a '{self.role}' message needs 'content'")
+        return self
+
 
 class ChatCompletionRequest(RequestModel):
     # OpenAI fields, in the API reference's order (messages, model, then alphabetical).
-    messages: Annotated[list[ChatMessageParam], Field(min_length=1)]
+    messages: Annotated[list[ChatMessageParam], Field(min_length=1, max_length=MAX_MESSAGES)]
     model: str | None = None
     frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = 0.0
     logit_bias: dict[str, float] | None = None
@@ -231,7 +290,7 @@ class ChatCompletionRequest(RequestModel):
         default=None, description="vLLM extra: sample from the k most likely tokens (-1 or 0: all).")
     min_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = Field(
         default=None, description="vLLM extra: drop tokens below min_p times the top probability.")
-    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(
+    stop_token_ids: StopTokenIds = Field(
         default=None, description="vLLM extra: token ids that end the completion.")
     ignore_eos: bool = Field(default=False, description="vLLM extra: keep generating past end-of-sequence tokens.")
     return_tokens_as_token_ids: bool | None = Field(
@@ -350,7 +409,7 @@ class TokenizeCompletionRequest(RequestModel):
 
 class TokenizeChatRequest(RequestModel):
     model: str | None = None
-    messages: Annotated[list[ChatMessageParam], Field(min_length=1)]
+    messages: Annotated[list[ChatMessageParam], Field(min_length=1, max_length=MAX_MESSAGES)]
     add_generation_prompt: bool = Field(
         default=True, description="vLLM extra: end the rendered chat with the assistant's turn header.")
     return_token_strs: bool | None = False

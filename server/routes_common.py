@@ -10,7 +10,8 @@ from contextlib import asynccontextmanager
 import anyio
 
 from ensemble.protocol import EngineRequestError, RequestOutput, SamplingOptions
-from server.errors import APIError
+from server.engines import engine_healthy
+from server.errors import APIError, internal_error
 from server.generation import DeadlineExceeded, GenerationCall
 from server.limits import QueueFullError
 from server.protocol import ErrorResponse
@@ -63,8 +64,7 @@ def _as_api_error(err: BaseException) -> APIError:
         return APIError(504, str(err), code="request_timeout")
     if isinstance(err, EngineRequestError):
         return APIError(400, str(err))
-    log.error("engine request failed", exc_info=err)
-    return APIError(500, f"the engine failed on this request: {type(err).__name__}: {err}")
+    return internal_error("the engine failed on this request", err)
 
 
 def _abort_reason(err: BaseException | None) -> str | None:
@@ -85,6 +85,12 @@ async def _mapped(call: GenerationCall) -> AsyncIterator[tuple[int, RequestOutpu
     except (DeadlineExceeded, EngineRequestError, Exception) as err:  # noqa: BLE001
         with anyio.CancelScope(shield=True):
             await call.close(_abort_reason(err))
+            problem = None if isinstance(err, (DeadlineExceeded, EngineRequestError, APIError)) else (
+                await engine_healthy(call.engine))
+        if problem is not None:  # the engine died under this request: 503, as /health says
+            log.error("request %s failed because the engine died: %s", call.request_id, problem)
+            raise APIError(503, f"the engine died while serving this request ({problem}); the server needs "
+                           "a restart", code="engine_dead") from None
         raise _as_api_error(err) from None
 
 

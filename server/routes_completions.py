@@ -21,6 +21,7 @@ from server.protocol import (
     CompletionResponseChoice,
     CompletionStreamResponse,
     UsageInfo,
+    prompt_count,
     random_id,
 )
 from server.routes_common import (
@@ -31,7 +32,7 @@ from server.routes_common import (
     stream_error_event,
     stream_response,
 )
-from server.sampling import build_options, check_context
+from server.sampling import build_options, check_context, check_sequences
 from server.sse import DONE, sse_data
 from server.state import Ready, ServerState
 
@@ -51,6 +52,7 @@ async def _completion(body: CompletionRequest, state: ServerState):
     if max_tokens == 0 and not body.echo:
         raise bad_request("max_tokens must be at least 1, got 0 (0 is only allowed with 'echo': true, "
                           "which returns the prompt alone)", param="max_tokens")
+    check_sequences(prompt_count(body.prompt), body.n)  # before tokenizing anything
     prompts = await ready.tokenization.completion_prompts(body.prompt, body.add_special_tokens, ready.vocab_size)
     # Echo without generation runs one engine step, as vLLM does, and drops its token.
     engine_tokens = max(max_tokens, 1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import PurePath
 
 from fastapi import APIRouter, Request
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -38,8 +39,10 @@ async def list_models(request: Request) -> ModelList:
     ready = state.require_ready()
     info = copy.deepcopy(ready.engine.info)
     info["max_model_len"] = ready.max_model_len
-    card = ModelCard(id=ready.model_name, root=state.config.ensemble, max_model_len=ready.max_model_len,
-                     ensemble=info)
+    for member in info.get("members", []):  # folder names only: the host's paths are not the client's business
+        if member.get("path"):
+            member["path"] = PurePath(member["path"]).name
+    card = ModelCard(id=ready.model_name, root=ready.model_name, max_model_len=ready.max_model_len, ensemble=info)
     return ModelList(data=[card])
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from ensemble.protocol import SamplingOptions
 from server.errors import APIError, bad_request
-from server.protocol import ChatCompletionRequest, CompletionRequest
+from server.protocol import MAX_SEQUENCES, ChatCompletionRequest, CompletionRequest
 
 SAMPLING_EPS = 1e-5  # temperatures below this decode greedily (vLLM's constant)
 
@@ -22,6 +22,13 @@ def stop_strings(stop: str | list[str] | None) -> tuple[str, ...]:
         if not item:
             raise bad_request("'stop' strings must be non-empty", param="stop")
     return tuple(items)
+
+
+def check_sequences(prompts: int, n: int) -> None:
+    """400 when one request asks for more than `MAX_SEQUENCES` sequences (prompts × n)."""
+    if prompts * n > MAX_SEQUENCES:
+        raise bad_request(f"this request asks for {prompts * n} sequences ({prompts} prompt(s) × n={n}); at most "
+                          f"{MAX_SEQUENCES} per request: split it", param="n")
 
 
 def check_token_ids(ids: Sequence[int], vocab_size: int, param: str) -> None:

@@ -65,6 +65,6 @@ class ChorusServer(uvicorn.Server):
                 "shutdown: aborted %d request(s) still running after %.0f s", aborted, self.grace)
 
     def fail(self, message: str) -> None:
-        """Stop serving with exit code 1 (the engine could not load)."""
+        """Stop serving with exit code 1 (the engine could not load, or died)."""
         self.exit_code = 1
         self.should_exit = True

@@ -65,6 +65,7 @@ class ServerState:
     config: ServerConfig
     ready: Ready | None = None
     load_error: str | None = None
+    engine_dead: str | None = None  # why the loaded engine stopped serving (see server.app's watchdog)
     draining: bool = False
     calls: dict[str, GenerationCall] = field(default_factory=dict)
     background: list = field(default_factory=list)  # tasks kept alive until shutdown
@@ -87,6 +88,9 @@ class ServerState:
 
     def require_ready(self) -> Ready:
         """The loaded engine, or a 503 saying why there is none."""
+        if self.engine_dead is not None:
+            raise APIError(503, f"the engine has died ({self.engine_dead}); the server is stopping and needs a "
+                           "restart", code="engine_dead")
         if self.draining:
             raise APIError(503, "the server is shutting down", code="shutting_down")
         if self.ready is None:

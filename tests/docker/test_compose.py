@@ -85,6 +85,11 @@ def test_compose_config_cpu_profile():
     assert cpu["environment"]["CHORUS_ENSEMBLE"] == "/data/ensemble"
     assert cpu["init"] is True
     assert [p["target"] for p in cpu["ports"]] == [8000]
+    # published on the host's loopback unless asked otherwise (README "Security")
+    assert [p["host_ip"] for p in cpu["ports"]] == ["127.0.0.1"]
+    assert [p["host_ip"] for p in config["services"]["prometheus"]["ports"]] == ["127.0.0.1"]
+    opened = _config([COMPOSE], ["cpu"], env={"CHORUS_PUBLISH_ADDR": "0.0.0.0", "TORCH_INDEX_URL": "x"})
+    assert [p["host_ip"] for p in opened["services"]["chorus-cpu"]["ports"]] == ["0.0.0.0"]
 
 
 def test_compose_config_gpu_profile_and_host_folders(tmp_path):
@@ -109,6 +114,10 @@ def test_compose_config_replicas_override():
     assert ids == [[{"capabilities": ["gpu"], "driver": "nvidia", "device_ids": [str(i)]}] for i in (0, 1)]
     assert not services["chorus-gpu"].get("ports") and not services["chorus-gpu-1"].get("ports")
     assert [p["target"] for p in services["lb"]["ports"]] == [8000]
+    assert [p["host_ip"] for p in services["lb"]["ports"]] == ["127.0.0.1"]
+    # a POST is never sent to a second replica: a generation must not run twice
+    retry = re.search(r"^\s*proxy_next_upstream\s+([^;]*);", (DOCKER / "nginx.conf").read_text(), re.M)
+    assert retry and "non_idempotent" not in retry.group(1)
     # nginx's upstream lists exactly the replicas
     upstream = re.findall(r"^\s*server\s+([\w-]+):(\d+)", (DOCKER / "nginx.conf").read_text(), re.M)
     assert sorted(upstream) == sorted((name, "8000") for name in ("chorus-gpu", "chorus-gpu-1"))

@@ -26,9 +26,10 @@ API_KEY = "sk-chorus-test"
 class ServerThread:
     """A ChorusServer on 127.0.0.1:<free port>, run on a daemon thread."""
 
-    def __init__(self, config: ServerConfig, engine_loader: Callable | None = None) -> None:
+    def __init__(self, config: ServerConfig, engine_loader: Callable | None = None,
+                 on_engine_dead: Callable[[str], None] | None = None) -> None:
         self.config = config
-        self.app = create_app(config, engine_loader=engine_loader)
+        self.app = create_app(config, engine_loader=engine_loader, on_engine_dead=on_engine_dead)
         self.server = ChorusServer(self.app, config, log_level="warning", on_listening=self._listening)
         self.loop: asyncio.AbstractEventLoop | None = None
         self.port: int | None = None

@@ -242,6 +242,53 @@ def test_admission_cancelled_waiter_leaves_the_queue() -> None:
     asyncio.run(scenario())
 
 
+def test_admission_counts_sequences_not_requests() -> None:
+    """A request weighs its prompts × n; the heaviest waits for room and then takes it all; FIFO
+    holds even when a lighter newcomer would fit; a heavy waiter that leaves lets the next in."""
+    async def scenario() -> None:
+        adm = Admission(max_running=8, max_queue=4)
+        await adm.acquire(6)
+        assert adm.running == 6
+        heavy = asyncio.create_task(adm.acquire(1000))  # more than all slots: weighs 8
+        await asyncio.sleep(0)
+        light = asyncio.create_task(adm.acquire(1))  # would fit, but must not overtake
+        await asyncio.sleep(0)
+        assert adm.waiting == 2 and adm.running == 6
+        adm.release(6)
+        await heavy
+        assert adm.running == 8 and not light.done()
+        adm.release(1000)
+        await light
+        assert adm.running == 1
+        # a heavy waiter that gives up lets the lighter one behind it in at once
+        blocker = asyncio.create_task(adm.acquire(8))
+        await asyncio.sleep(0)
+        behind = asyncio.create_task(adm.acquire(2))
+        await asyncio.sleep(0)
+        assert not behind.done()
+        blocker.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await blocker
+        await behind
+        assert adm.running == 3 and adm.waiting == 0
+
+    asyncio.run(scenario())
+
+
+def test_invalid_text_is_found_anywhere_in_a_body() -> None:
+    from server.protocol import invalid_text_path, prompt_count
+
+    assert invalid_text_path({"a": ["ok", {"b": "é"}]}) is None
+    assert invalid_text_path({"a": ["ok", {"b": "x\udfff"}]}) == "a[1].b"
+    assert invalid_text_path({"\ud800": 1}) == "request body"
+    assert invalid_text_path({"a": {"\ud800": 1}}) == "a"
+    deep: object = "\ud800"
+    for _ in range(5000):  # no recursion: deep nesting cannot overflow the stack
+        deep = [deep]
+    assert invalid_text_path({"p": deep}).startswith("p[0][0]")
+    assert [prompt_count(p) for p in ("a", ["a", "b"], [1, 2, 3], [[1], [2]])] == [1, 2, 1, 2]
+
+
 def test_admission_timeout_while_queued() -> None:
     async def scenario() -> None:
         adm = Admission(max_running=1, max_queue=1)

@@ -146,3 +146,25 @@ def test_disconnect_mid_stream_aborts(vllm_server: ServerThread) -> None:
     # counted once, although vLLM still delivers the aborted request's last output
     assert vllm_server.metric("vllm:request_success_total", finished_reason="abort") == ended + 1
     assert vllm_server.metric("vllm:generation_tokens_total") - generated < 400  # stopped early
+
+
+def test_zz_a_killed_engine_core_turns_health_and_requests_into_503s(vllm_server: ServerThread) -> None:
+    """Last in this module, because it kills the module's engine: vLLM's engine core process dies
+    (as on an out-of-memory kill); /health and every request then answer 503 `engine_dead`."""
+    import os
+    import signal
+
+    import psutil
+
+    cores = [p for p in psutil.Process(os.getpid()).children(recursive=True)
+             if "EngineCore" in p.name() or "EngineCore" in " ".join(p.cmdline())]
+    assert cores, "no vLLM EngineCore process found among this process's children"
+    for proc in cores:
+        os.kill(proc.pid, signal.SIGKILL)
+    vllm_server.wait_until(lambda: httpx.get(f"{vllm_server.url}/health").status_code == 503, timeout=60,
+                           what="/health 503 after the engine core died")
+    r = httpx.post(f"{vllm_server.url}/v1/completions", json={"prompt": "hi", "max_tokens": 1},
+                   headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60)
+    assert r.status_code == 503, r.text
+    assert r.json()["error"]["code"] == "engine_dead" and "restart" in r.json()["error"]["message"]
+    assert httpx.get(f"{vllm_server.url}/health").json()["error"]["code"] == "engine_dead"

@@ -67,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=_env("API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1/*, /tokenize, /detokenize [CHORUS_API_KEY]")
     p.add_argument("--max-running", type=_int, default=_env("MAX_RUNNING"),
-                   help="requests in the engine at once (default: the engine's max_num_seqs) [CHORUS_MAX_RUNNING]")
+                   help="sequences (prompts x n) in the engine at once (default: the engine's max_num_seqs) "
+                        "[CHORUS_MAX_RUNNING]")
     p.add_argument("--max-queue", type=_int, default=_env("MAX_QUEUE", "64"),
                    help="requests allowed to wait beyond those running; more get 429 [CHORUS_MAX_QUEUE, 64]")
     p.add_argument("--request-timeout", type=_positive_float_or_none, default=_env("REQUEST_TIMEOUT", "600"),

@@ -29,8 +29,8 @@ class ServerConfig:
             bf16, see `ensemble.vllm_engine.engine_dtype`; float32 for the torch engine),
             ``float32``, ``bfloat16`` or ``float16``.
         api_key: when set, `/v1/*`, `/tokenize` and `/detokenize` need `Authorization: Bearer <key>`.
-        max_running: HTTP requests let into the engine at once; None = the engine's `max_num_seqs`
-            when it exposes one, else 256.
+        max_running: sequences (prompts × n of each request) let into the engine at once; None = the
+            engine's `max_num_seqs` when it exposes one, else 256.
         max_queue: requests that may wait for a running slot; more get 429.
         request_timeout: seconds from arrival to the last token (queue wait included); None = none.
         served_model_name: the `model` name clients use; None = the ensemble's name.

@@ -49,6 +49,9 @@ from ensemble.protocol import (
 from ensemble.sampling import check_options, sample_token, top_logprobs
 from ensemble.stopping import StopChecker
 
+# Echo with logprobs scores the prompt in chunks whose full-vocabulary rows take at most this much
+# memory (a 8k-token prompt at a 262k vocabulary would otherwise need 8 GiB per member).
+PROMPT_LOGPROBS_BYTES = 256 << 20
 # ----------------------------------------------------------------------------- members
 
 
@@ -397,16 +400,14 @@ class ReferenceEngine:
     def _prefill(self, request: _Request) -> None:
         """Run the prompt through every member and set up the request's `n` completions."""
         options = request.options
-        want_prompt_logprobs = options.prompt_logprobs is not None
-        caches, rows = [], []
-        prompt_rows: list[Tensor] = []
-        for member in self.members:
-            logits, cache = member.forward(request.prompt, None, all_positions=want_prompt_logprobs)
-            caches.append(cache)
-            rows.append(logits[-1])
-            prompt_rows.append(logits[:-1])
-        if want_prompt_logprobs:
-            request.prompt_logprobs = self._prompt_logprobs(request, prompt_rows)
+        if options.prompt_logprobs is not None:
+            caches, rows = self._prefill_with_prompt_logprobs(request)
+        else:
+            caches, rows = [], []
+            for member in self.members:
+                logits, cache = member.forward(request.prompt, None)
+                caches.append(cache)
+                rows.append(logits[-1])
         special = self.manifest.special_tokens
         max_new = min(options.max_tokens, max(1, self.max_model_len - len(request.prompt)))
         base_seed = options.seed if options.seed is not None else secrets.randbits(62)
@@ -445,18 +446,37 @@ class ReferenceEngine:
             }
         return TokenLogprob(token, float(pooled[token]), top_logprobs(pooled, k or 0), members)
 
-    def _prompt_logprobs(self, request: _Request, prompt_rows: list[Tensor]) -> list[TokenLogprob | None]:
-        n = len(request.prompt) - 1
-        result: list[TokenLogprob | None] = [None]
-        if n == 0:
-            return result
-        pooled = self._pool(prompt_rows, [request] * n)
+    def prompt_chunk_tokens(self) -> int:
+        """Prompt positions whose full-vocabulary rows (every member's) fit `PROMPT_LOGPROBS_BYTES`."""
+        row_bytes = 4 * self.manifest.vocab_size * (len(self.members) + 1)  # members' rows and the pooled one
+        return max(1, PROMPT_LOGPROBS_BYTES // row_bytes)
+
+    def _prefill_with_prompt_logprobs(self, request: _Request) -> tuple[list[Any], list[Tensor]]:
+        """Prefill `request`'s prompt chunk by chunk, scoring each chunk's positions as it goes (echo
+        with logprobs): memory stays at one chunk's rows, not ``[prompt length, vocabulary]`` per
+        member. Returns the members' caches and last rows; sets ``request.prompt_logprobs``."""
+        prompt = request.prompt
+        chunk = self.prompt_chunk_tokens()
         want_members = request.options.member_logprobs
-        for pos in range(n):
-            token = request.prompt[pos + 1]
-            rows = [r[pos] for r in prompt_rows] if want_members else None
-            result.append(self._token_logprob(pooled[pos], token, request.options.prompt_logprobs, rows))
-        return result
+        caches: list[Any] = [None] * len(self.members)
+        rows: list[Tensor] = []
+        result: list[TokenLogprob | None] = [None]
+        for start in range(0, len(prompt), chunk):
+            piece = prompt[start:start + chunk]
+            logits = []
+            for k, member in enumerate(self.members):
+                out, caches[k] = member.forward(piece, caches[k], all_positions=True)
+                logits.append(out)
+            scored = min(len(piece), len(prompt) - 1 - start)  # rows that predict a prompt token
+            if scored > 0:
+                pooled = self._pool([x[:scored] for x in logits], [request] * scored)
+                for pos in range(scored):
+                    member_rows = [x[pos] for x in logits] if want_members else None
+                    result.append(self._token_logprob(pooled[pos], prompt[start + pos + 1],
+                                                      request.options.prompt_logprobs, member_rows))
+            rows = [x[-1] for x in logits]
+        request.prompt_logprobs = result
+        return caches, rows
 
     def _step(self, requests: Sequence[_Request]) -> None:
         """Advance every unfinished completion of `requests` by one token."""

@@ -10,9 +10,9 @@
   wins (ties: the order given).
 * Otherwise ``max_tokens`` or the model's context length end it with ``"length"``.
 
-Text is the decode of the completion's tokens with special tokens skipped. While a completion is
-running, a trailing U+FFFD (an incomplete UTF-8 character) is held back, so the cumulative text
-only grows.
+Text is the decode of the completion's tokens with special tokens skipped, built incrementally as
+vLLM's detokenizer builds it (`StopChecker`). While a completion is running, an incomplete UTF-8
+character at the end is held back, so the cumulative text only grows.
 """
 
 from __future__ import annotations
@@ -61,7 +61,15 @@ def stop_token_reason(token_id: int, options: SamplingOptions, eos_id: int | Non
 
 
 class StopChecker:
-    """Tracks one completion's text and decides after each token whether it has ended."""
+    """Tracks one completion's text and decides after each token whether it has ended.
+
+    The text grows incrementally, as vLLM's detokenizer does it: each step decodes only a short
+    window (the tokens since the last settled text, behind a prefix of the few tokens before it,
+    whose own decode is subtracted), so a step costs the same at token 10 and at token 10,000
+    instead of re-decoding the whole completion. The prefix keeps the spacing a tokenizer gives a
+    token only in context (SentencePiece's leading "▁"). A window whose text ends in U+FFFD (an
+    incomplete UTF-8 character) waits for the next token; at the end it is taken as it is.
+    """
 
     def __init__(
         self,
@@ -78,25 +86,46 @@ class StopChecker:
         self.eot_id = eot_id
         self.max_new_tokens = max_new_tokens
         self.text = ""  # the text shown so far
+        self._settled = ""  # the decoded text of token_ids[:_read]
+        self._prefix = 0  # start of the decode window
+        self._read = 0  # tokens whose text is settled
 
     def _decode(self, token_ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
+
+    def _advance(self, token_ids: Sequence[int], final: bool) -> str:
+        """The text of `token_ids`, settling the new tokens' text when it is complete (or `final`)."""
+        if len(token_ids) > self._read:
+            before = self._decode(token_ids[self._prefix:self._read])
+            after = self._decode(token_ids[self._prefix:])
+            if len(after) > len(before) and (final or not after.endswith(_INCOMPLETE)):
+                self._settled += after[len(before):]
+                self._prefix, self._read = self._read, len(token_ids)
+            elif final:
+                self._prefix, self._read = self._read, len(token_ids)
+        return self._settled
 
     def check(self, token_ids: Sequence[int]) -> StopDecision:
         """Decide after `token_ids` (the completion's tokens, the newest last) were generated."""
         stopped, reason = stop_token_reason(token_ids[-1], self.options, self.eos_id, self.eot_id)
         if stopped:
-            self.text = self._decode(token_ids[:-1])
+            self.text = self._advance(token_ids[:-1], final=True)
             return StopDecision(True, "stop", reason, self.text)
-        full = self._decode(token_ids)
+        shown = len(self.text)
+        full = self._advance(token_ids, final=False)
         if self.options.stop:
-            match = find_stop_string(full, self.options.stop, len(self.text.rstrip(_INCOMPLETE)))
+            match = find_stop_string(full, self.options.stop, shown)
             if match is not None:
                 stop, index = match
                 self.text = full[:index]
                 return StopDecision(True, "stop", stop, self.text)
         if len(token_ids) >= self.max_new_tokens:
-            self.text = full
+            self.text = self._advance(token_ids, final=True)
+            if self.options.stop:  # the last token's held-back text may still complete a stop string
+                match = find_stop_string(self.text, self.options.stop, shown)
+                if match is not None:
+                    self.text = self.text[:match[1]]
+                    return StopDecision(True, "stop", match[0], self.text)
             return StopDecision(True, "length", None, self.text)
-        self.text = full.rstrip(_INCOMPLETE)
+        self.text = full
         return StopDecision(False, None, None, self.text)

@@ -5,8 +5,8 @@
 Every option can also come from an environment variable (for containers): CHORUS_ENSEMBLE,
 CHORUS_HOST, CHORUS_PORT, CHORUS_ENGINE, CHORUS_TENSOR_PARALLEL_SIZE, CHORUS_MAX_MODEL_LEN, CHORUS_DTYPE,
 CHORUS_API_KEY, CHORUS_MAX_RUNNING, CHORUS_MAX_QUEUE, CHORUS_REQUEST_TIMEOUT,
-CHORUS_SERVED_MODEL_NAME, CHORUS_SHUTDOWN_TIMEOUT, CHORUS_MAX_BODY_MB, CHORUS_LOG_LEVEL. A flag beats
-its variable.
+CHORUS_SERVED_MODEL_NAME, CHORUS_SHUTDOWN_TIMEOUT, CHORUS_MAX_BODY_MB, CHORUS_STREAM_STALL_TIMEOUT,
+CHORUS_TOKENIZER_WORKERS, CHORUS_LOG_LEVEL. A flag beats its variable.
 """
 
 from __future__ import annotations
@@ -88,6 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "[CHORUS_KV_CACHE_GIB]")
     p.add_argument("--max-body-mb", type=float, default=_env("MAX_BODY_MB", "16"),
                    help="request bodies over this many MiB get a 413 before parsing [CHORUS_MAX_BODY_MB, 16]")
+    p.add_argument("--stream-stall-timeout", type=_positive_float_or_none, default=_env("STREAM_STALL_TIMEOUT", "30"),
+                   help="seconds a streaming client may read nothing before its stream is cut off; 'none' = "
+                        "never [CHORUS_STREAM_STALL_TIMEOUT, 30]")
+    p.add_argument("--tokenizer-workers", type=_int, default=_env("TOKENIZER_WORKERS", "2"),
+                   help="threads that tokenize prompts, each with its own tokenizer [CHORUS_TOKENIZER_WORKERS, 2]")
     p.add_argument("--log-level", default=_env("LOG_LEVEL", "info"),
                    choices=["critical", "error", "warning", "info", "debug"], help="[CHORUS_LOG_LEVEL, info]")
     return p
@@ -117,6 +122,9 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         distributed_executor_backend=args.distributed_executor_backend,
         kv_cache_gib=None if args.kv_cache_gib is None else float(args.kv_cache_gib),
         max_body_mb=float(args.max_body_mb),
+        tokenizer_workers=as_int(args.tokenizer_workers),
+        stream_stall_timeout=(_positive_float_or_none(args.stream_stall_timeout)
+                              if isinstance(args.stream_stall_timeout, str) else args.stream_stall_timeout),
     )
 
 

@@ -42,6 +42,10 @@ class ServerConfig:
         kv_cache_gib: GiB of KV cache vLLM reserves (its ``kv_cache_memory_bytes``); None = vLLM's
             default (a share of GPU memory; on a CPU, of *all* RAM, which fails on a busy host).
         max_body_mb: request bodies over this many MiB get a 413 before they are parsed.
+        stream_stall_timeout: seconds a stream's client may go without taking an event before the
+            stream is cut off and its sequences aborted; None = never.
+        tokenizer_workers: threads that tokenize prompts (each with its own tokenizer copy); at
+            most `max_queue` + `max_running` tokenizer jobs wait, more get a 429.
     """
 
     ensemble: str
@@ -61,6 +65,8 @@ class ServerConfig:
     distributed_executor_backend: str | None = None
     kv_cache_gib: float | None = None
     max_body_mb: float = 16.0
+    stream_stall_timeout: float | None = 30.0
+    tokenizer_workers: int = 2
 
     def __post_init__(self) -> None:
         folder = Path(self.ensemble).expanduser()
@@ -96,6 +102,7 @@ class ServerConfig:
         if self.max_running is not None:
             _int_at_least("max_running", self.max_running, 1)
         _int_at_least("max_queue", self.max_queue, 0)
+        _int_at_least("tokenizer_workers", self.tokenizer_workers, 1)
         if self.request_timeout is not None and not (
             isinstance(self.request_timeout, (int, float)) and math.isfinite(self.request_timeout)
             and self.request_timeout > 0
@@ -106,6 +113,12 @@ class ServerConfig:
                 raise ConfigError("api_key is empty or only whitespace: give a real key, or none to serve "
                                   "without authentication")
             object.__setattr__(self, "api_key", self.api_key.strip())
+        if self.stream_stall_timeout is not None and not (
+            isinstance(self.stream_stall_timeout, (int, float)) and math.isfinite(self.stream_stall_timeout)
+            and self.stream_stall_timeout > 0
+        ):
+            raise ConfigError(f"stream_stall_timeout must be a positive number of seconds, got "
+                              f"{self.stream_stall_timeout!r}")
         if not (isinstance(self.max_body_mb, (int, float)) and math.isfinite(self.max_body_mb)
                 and self.max_body_mb > 0):
             raise ConfigError(f"max_body_mb must be a positive number, got {self.max_body_mb!r}")

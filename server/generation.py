@@ -11,6 +11,7 @@ back. Routes call it in `finally` blocks under a shielded cancel scope.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -73,7 +74,12 @@ class GenerationCall:
         self._registry = registry
         self._admitted = False
         self._closed = False
-        self._queue: asyncio.Queue = asyncio.Queue()
+        # Outputs are cumulative, so only the newest of each engine request matters: a client that
+        # reads slowly finds one output per prompt waiting, never a backlog (memory O(n·T), not
+        # O(n·T²)). Ends and errors queue behind them, in order.
+        self._latest: dict[int, RequestOutput] = {}
+        self._ends: collections.deque[tuple[int, object]] = collections.deque()
+        self._wake = asyncio.Event()
         self._producers: list[asyncio.Task] = []
 
     # ------------------------------------------------------------------ lifecycle
@@ -106,15 +112,25 @@ class GenerationCall:
         try:
             async for out in self.engine.generate(prompt, self.options, self.engine_ids[index]):
                 self._observe(index, out)  # timed as the engine delivers, however slow the client reads
-                self._queue.put_nowait((index, out))
-            self._queue.put_nowait((index, _END))
+                self._latest[index] = out  # replaces an output the consumer has not taken yet
+                self._wake.set()
+            self._end(index, _END)
         except asyncio.CancelledError:
             # Cancelled by close() when the engine did not end an aborted request itself (a dead
             # engine): the consumer must still see this request end.
-            self._queue.put_nowait((index, _END))
+            self._end(index, _END)
             raise
         except BaseException as err:  # noqa: BLE001 - delivered to the consumer, re-raised there
-            self._queue.put_nowait((index, err))
+            self._end(index, err)
+
+    def _end(self, index: int, item: object) -> None:
+        self._ends.append((index, item))
+        self._wake.set()
+
+    @property
+    def buffered(self) -> int:
+        """Outputs waiting for the consumer (at most one per prompt)."""
+        return len(self._latest)
 
     async def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
         """(prompt index, cumulative output) as the engine produces them, until every engine
@@ -122,20 +138,27 @@ class GenerationCall:
         exception (e.g. EngineRequestError) if an engine request fails."""
         pending = len(self._producers)
         while pending:
-            try:
-                async with asyncio.timeout(self.remaining()):  # not wait_for: see admit()
-                    index, item = await self._queue.get()
-            except TimeoutError:
-                raise DeadlineExceeded(
-                    f"request timed out after {time.monotonic() - self.arrival:.1f} s (--request-timeout)"
-                ) from None
+            if not (self._latest or self._ends):
+                self._wake.clear()
+                try:
+                    async with asyncio.timeout(self.remaining()):  # not wait_for: see admit()
+                        await self._wake.wait()
+                except TimeoutError:
+                    raise DeadlineExceeded(
+                        f"request timed out after {time.monotonic() - self.arrival:.1f} s (--request-timeout)"
+                    ) from None
+                continue
+            if self._latest:  # outputs first: an engine request's last output precedes its end
+                latest, self._latest = self._latest, {}
+                for index in sorted(latest):
+                    yield index, latest[index]
+                continue
+            index, item = self._ends.popleft()
             if item is _END:
                 pending -= 1
                 continue
-            if isinstance(item, BaseException):
-                self.tracks[index].finished = True
-                raise item
-            yield index, item
+            self.tracks[index].finished = True
+            raise item  # type: ignore[misc]
 
     # ------------------------------------------------------------------ metrics
 

@@ -58,6 +58,16 @@ class Admission:
         """The slots a request of `sequences` sequences takes (at least 1, at most all)."""
         return max(1, min(int(sequences), self.max_running))
 
+    def check(self, sequences: int = 1) -> None:
+        """Raise QueueFullError now if `try_acquire(sequences)` would: lets a route refuse a request
+        before it spends work (tokenizing) on it."""
+        weight = self.weight_of(sequences)
+        if (self._running + weight > self.max_running or self.waiting) and self.waiting >= self.max_queue:
+            raise QueueFullError(
+                f"server is at capacity: {self._running} of {self.max_running} sequences running and "
+                f"{self.waiting} requests waiting (--max-queue {self.max_queue}); retry later"
+            )
+
     def try_acquire(self, sequences: int = 1) -> asyncio.Future[None] | None:
         """Take room for `sequences` now (returns None) or join the queue (returns a future that
         resolves when the room is handed over). Raises QueueFullError when the queue is full."""
@@ -65,11 +75,7 @@ class Admission:
         if self._running + weight <= self.max_running and not self.waiting:
             self._running += weight
             return None
-        if self.waiting >= self.max_queue:
-            raise QueueFullError(
-                f"server is at capacity: {self._running} of {self.max_running} sequences running and "
-                f"{self.waiting} requests waiting (--max-queue {self.max_queue}); retry later"
-            )
+        self.check(sequences)
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(_Waiter(weight, fut))
         return fut

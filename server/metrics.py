@@ -11,7 +11,8 @@ vLLM names exported (all measured by the server around the engine):
   vllm:time_to_first_token_seconds, vllm:inter_token_latency_seconds, vllm:e2e_request_latency_seconds,
   vllm:admission_rejections_total{reason}.
 chorus names:
-  chorus:requests_aborted_total{reason}  (client_disconnect, timeout, shutdown, engine_dead, error),
+  chorus:requests_aborted_total{reason}  (client_disconnect, slow_client, timeout, shutdown, engine_dead,
+  error),
   chorus:member_chosen_logprob{member}  (histogram of each member's log-prob of the pooled choice,
       when a request asked for member log-probs),
   chorus:pooled_tokens_total, chorus:member_agreement_total{member}, chorus:member_agreement_ratio{member}
@@ -47,7 +48,7 @@ REQUEST_LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 2
                            60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
 LOGPROB_BUCKETS = (-20.0, -10.0, -5.0, -3.0, -2.0, -1.0, -0.5, -0.25, -0.1, -0.01, 0.0)
 FINISH_REASONS = ("stop", "length", "abort")
-ABORT_REASONS = ("client_disconnect", "timeout", "shutdown", "engine_dead", "error")
+ABORT_REASONS = ("client_disconnect", "slow_client", "timeout", "shutdown", "engine_dead", "error")
 
 
 class _EngineLoadCollector(Collector):

@@ -1,20 +1,29 @@
 """Prompts to token ids: plain prompts in the four OpenAI forms, and chat messages rendered with
 the ensemble tokenizer's chat template.
 
-Tokenizer work runs on one dedicated thread (`Tokenization`), so long prompts do not stall the
-event loop and the (not thread-safe) fast tokenizer is never used from two threads at once.
+Tokenizer work runs on a few dedicated threads (`Tokenization`), so long prompts do not stall the
+event loop, and one huge prompt does not hold every other request's tokenization behind it. Each
+thread has its own copy of the tokenizer (a fast tokenizer must not be used from two threads at
+once). The backlog is bounded: past `max_pending` jobs waiting, new ones get a 429 instead of a
+place in an ever longer line.
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
+import logging
+import queue
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from server.errors import bad_request
+from server.errors import APIError, bad_request
 from server.protocol import ChatMessageParam
 from server.sampling import check_token_ids
+
+log = logging.getLogger("chorus.server")
 
 # Keys of apply_chat_template that chat_template_kwargs may not override.
 _RESERVED_TEMPLATE_KWARGS = frozenset({
@@ -57,19 +66,45 @@ def flatten_messages(messages: list[ChatMessageParam]) -> list[dict[str, Any]]:
 
 
 class Tokenization:
-    """Tokenizer calls for the server, serialised on one worker thread."""
+    """Tokenizer calls for the server, on `workers` threads with a tokenizer copy each."""
 
-    def __init__(self, tokenizer: Any) -> None:
-        self.tokenizer = tokenizer
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chorus-tokenizer")
+    def __init__(self, tokenizer: Any, workers: int = 2, max_pending: int = 256) -> None:
+        self.tokenizer = tokenizer  # the event loop's own (token strings for logprobs)
+        self.max_pending = max_pending
+        self._pending = 0
+        self.jobs = 0  # tokenizer jobs started (tests check that refused requests start none)
+        self._local = threading.local()
+        try:
+            copies: list[Any] = [copy.deepcopy(tokenizer) for _ in range(workers)]
+        except Exception:  # noqa: BLE001 - a tokenizer that cannot be copied gets one thread
+            log.warning("the tokenizer cannot be copied: tokenizing on one thread", exc_info=True)
+            copies = [tokenizer]
+        self._copies = queue.SimpleQueue()
+        for c in copies:
+            self._copies.put(c)
+        self._pool = ThreadPoolExecutor(max_workers=len(copies), thread_name_prefix="chorus-tokenizer",
+                                        initializer=self._take_copy)
         self._token_strs: dict[int, str] = {}
 
+    def _take_copy(self) -> None:
+        self._local.tokenizer = self._copies.get_nowait()
+
     def close(self) -> None:
-        """Stop the worker thread."""
+        """Stop the worker threads."""
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     async def _run(self, fn, *args, **kwargs):
-        return await asyncio.get_running_loop().run_in_executor(self._pool, lambda: fn(*args, **kwargs))
+        """Run `fn(tokenizer, *args, **kwargs)` on a worker with that worker's tokenizer."""
+        if self._pending >= self.max_pending:
+            raise APIError(429, f"the server is busy tokenizing ({self._pending} jobs waiting); retry later",
+                           code="tokenizer_busy", headers={"Retry-After": "1"})
+        self._pending += 1
+        self.jobs += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(
+                self._pool, lambda: fn(self._local.tokenizer, *args, **kwargs))
+        finally:
+            self._pending -= 1
 
     @property
     def vocab_len(self) -> int:
@@ -78,11 +113,11 @@ class Tokenization:
 
     async def encode(self, text: str, add_special_tokens: bool) -> list[int]:
         """Token ids of `text`."""
-        return await self._run(lambda: list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens)))
+        return await self._run(lambda tok: list(tok.encode(text, add_special_tokens=add_special_tokens)))
 
     async def decode(self, ids: list[int]) -> str:
         """Text of `ids` (special tokens kept, as vLLM's /detokenize does)."""
-        return await self._run(lambda: self.tokenizer.decode(ids))
+        return await self._run(lambda tok: tok.decode(ids))
 
     async def completion_prompts(self, prompt: Any, add_special_tokens: bool, vocab_size: int) -> list[Prompt]:
         """The prompts of a /v1/completions body: a string, strings, token ids, or lists of ids.
@@ -137,8 +172,8 @@ class Tokenization:
             raise bad_request("'continue_final_message' needs the last message to be from the assistant",
                               param="continue_final_message")
 
-        def render() -> str:
-            return self.tokenizer.apply_chat_template(
+        def render(tok: Any) -> str:
+            return tok.apply_chat_template(
                 conversation,
                 chat_template=chat_template,
                 add_generation_prompt=add_generation_prompt,

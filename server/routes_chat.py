@@ -29,6 +29,7 @@ from server.routes_common import (
     admitted,
     engine_call,
     first_output,
+    refuse_if_full,
     stream_error_event,
     stream_response,
 )
@@ -68,6 +69,7 @@ async def chat_prompt_ids(ready: Ready, state: ServerState, body) -> list[int]:
 async def _chat(body: ChatCompletionRequest, state: ServerState):
     ready = state.require_ready()
     state.check_model(ready, body.model)
+    refuse_if_full(ready, body.n or 1)  # before rendering and tokenizing
     prompt = await chat_prompt_ids(ready, state, body)
     asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     max_tokens = int(asked) if asked is not None else max(1, ready.max_model_len - len(prompt))
@@ -78,7 +80,8 @@ async def _chat(body: ChatCompletionRequest, state: ServerState):
     async with admitted(call) as outputs:
         if body.stream:
             first = await first_output(outputs, call)
-            return stream_response(call, _stream(body, ready, call, outputs, first))
+            return stream_response(call, _stream(body, ready, call, outputs, first),
+                                   state.config.stream_stall_timeout)
         final: RequestOutput | None = None
         async for _, out in outputs:
             final = out

@@ -48,6 +48,15 @@ GENERATION_RESPONSES: dict[int | str, dict] = {
 }
 
 
+def refuse_if_full(ready: Ready, sequences: int) -> None:
+    """429 before any work (tokenizing) when admission would refuse `sequences` anyway."""
+    try:
+        ready.admission.check(sequences)
+    except QueueFullError as err:
+        ready.metrics.queue_rejections.inc()
+        raise _as_api_error(err) from None
+
+
 def engine_call(state: ServerState, ready: Ready, request_id: str, prompts: list[list[int]],
                 options: SamplingOptions) -> GenerationCall:
     """A new call for `prompts` (not yet admitted)."""
@@ -131,14 +140,15 @@ async def first_output(outputs: AsyncIterator[tuple[int, RequestOutput]],
     return None
 
 
-def stream_response(call: GenerationCall, body: AsyncIterator[bytes]) -> SSEResponse:
-    """An SSE response that owns `call` from now on and closes it when the stream ends."""
+def stream_response(call: GenerationCall, body: AsyncIterator[bytes], stall_timeout: float | None) -> SSEResponse:
+    """An SSE response that owns `call` from now on and closes it when the stream ends (a client
+    that reads nothing for `stall_timeout` seconds is cut off, its sequences aborted)."""
     call.owned_by_response = True
 
-    async def on_close() -> None:
-        await call.close("client_disconnect")
+    async def on_close(reason: str) -> None:
+        await call.close(reason)
 
-    return SSEResponse(body, on_close)
+    return SSEResponse(body, on_close, stall_timeout)
 
 
 def stream_error_event(err: APIError) -> bytes:

@@ -29,6 +29,7 @@ from server.routes_common import (
     admitted,
     engine_call,
     first_output,
+    refuse_if_full,
     stream_error_event,
     stream_response,
 )
@@ -53,6 +54,7 @@ async def _completion(body: CompletionRequest, state: ServerState):
         raise bad_request("max_tokens must be at least 1, got 0 (0 is only allowed with 'echo': true, "
                           "which returns the prompt alone)", param="max_tokens")
     check_sequences(prompt_count(body.prompt), body.n)  # before tokenizing anything
+    refuse_if_full(ready, prompt_count(body.prompt) * body.n)
     prompts = await ready.tokenization.completion_prompts(body.prompt, body.add_special_tokens, ready.vocab_size)
     # Echo without generation runs one engine step, as vLLM does, and drops its token.
     engine_tokens = max(max_tokens, 1)
@@ -66,7 +68,7 @@ async def _completion(body: CompletionRequest, state: ServerState):
         if body.stream:
             first = await first_output(outputs, call)
             body_iter = _stream(body, ready, call, prompts, outputs, first)
-            return stream_response(call, body_iter)
+            return stream_response(call, body_iter, state.config.stream_stall_timeout)
         finals: dict[int, RequestOutput] = {}
         async for index, out in outputs:
             finals[index] = out

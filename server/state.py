@@ -128,7 +128,8 @@ def build_ready(config: ServerConfig, engine: Engine) -> Ready:
         max_model_len=max_model_len,
         vocab_size=vocab_size,
         members=members,
-        tokenization=Tokenization(tokenizer),
+        tokenization=Tokenization(tokenizer, workers=config.tokenizer_workers,
+                                  max_pending=config.max_queue + max_running),
         admission=Admission(max_running, config.max_queue),
         metrics=metrics,
     )

@@ -142,6 +142,40 @@ def test_trio_matches_full_forward_pooling(trio_engine: ReferenceEngine, tiny_en
     assert worst < 1e-4, worst
 
 
+def test_prompt_logprobs_are_scored_in_bounded_chunks(trio_engine: ReferenceEngine, tiny_ensemble: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Echo with logprobs on a long prompt: the prompt goes through the members a few positions at
+    a time (chunks across Gemma's sliding window here), never as one ``[length, vocabulary]``
+    block, and the scores equal one full forward pass."""
+    import ensemble.reference as reference
+
+    row_bytes = 4 * trio_engine.manifest.vocab_size * (len(trio_engine.members) + 1)
+    monkeypatch.setattr(reference, "PROMPT_LOGPROBS_BYTES", 3 * row_bytes)
+    assert trio_engine.prompt_chunk_tokens() == 3
+    seen: list[int] = []
+    for member in trio_engine.members:
+        forward = member.forward
+
+        def spy(token_ids, cache, all_positions=False, forward=forward):
+            seen.append(len(token_ids))
+            return forward(token_ids, cache, all_positions)
+
+        monkeypatch.setattr(member, "forward", spy)
+    manifest = EnsembleManifest.load(tiny_ensemble)
+    models = [AutoModelForCausalLM.from_pretrained(m.path, dtype=torch.float32).eval() for m in manifest.members]
+    prompt = _ids(trio_engine, PROMPTS[1] + " " + PROMPTS[0])
+    assert len(prompt) > 12
+    options = SamplingOptions(max_tokens=2, temperature=0.0, logprobs=1, prompt_logprobs=2, ignore_eos=True)
+    out = _final(trio_engine, prompt, options)
+    pooled = _pooled_full_forward(manifest, models, prompt + out.outputs[0].token_ids, manifest.rule,
+                                  manifest.weights)
+    assert len(out.prompt_logprobs) == len(prompt) and out.prompt_logprobs[0] is None
+    worst = max(abs(e.logprob - float(pooled[pos, e.token_id])) for pos, e in enumerate(out.prompt_logprobs[1:]))
+    assert worst < 1e-4, worst
+    assert out.outputs[0].token_ids[0] == int(pooled[len(prompt) - 1].argmax())  # the cache carried on
+    assert max(seen) <= 3
+
+
 # ----------------------------------------------------------------------------- sampling behaviour
 
 

@@ -91,3 +91,49 @@ def test_incomplete_utf8_is_held_back_while_running(tokenizer) -> None:
     texts = [d.text for d in decisions]
     assert texts[-2] == "Caf" and texts[-1] == "Café"
     assert all(b.startswith(a) for a, b in zip(texts, texts[1:]))  # cumulative text only grows
+
+
+TEXTS = [
+    "The quick brown fox  jumps over the lazy dog.\n\nNew paragraph:\ttabs, \"quotes\" and 3.14159.",
+    "Émigré naïveté — 日本語のテキスト, 한국어, emoji 🎵🎶👩‍👩‍👧 and a rare char 𝔘𝔫𝔦𝔠𝔬𝔡𝔢.",
+    "   leading spaces, trailing spaces   ",
+    "def f(x):\n    return x ** 2  # code\n",
+]
+
+
+@pytest.mark.parametrize("name", ["qwen2", "gemma3", "llama3"])
+@pytest.mark.parametrize("text", TEXTS, ids=range(len(TEXTS)))
+def test_incremental_text_equals_the_full_decode_on_real_tokenizers(name: str, text: str) -> None:
+    """Token by token the shown text only grows, never ends in an incomplete character, and at
+    the end equals decoding the whole completion at once, on byte-level BPE (Qwen2, Llama 3) and
+    SentencePiece-style (Gemma 3) tokenizers."""
+    from transformers import AutoTokenizer
+
+    from transfer import zoo
+
+    tok = AutoTokenizer.from_pretrained(zoo.tokenizer_dir(name))
+    ids = tok.encode(text, add_special_tokens=False)
+    checker = StopChecker(tok, SamplingOptions(), None, None, len(ids))
+    shown = ""
+    for i in range(1, len(ids) + 1):
+        decision = checker.check(ids[:i])
+        assert decision.text.startswith(shown) and not (not decision.finished and decision.text.endswith("\ufffd"))
+        shown = decision.text
+    assert decision.finished and decision.finish_reason == "length"
+    assert shown == tok.decode(ids, skip_special_tokens=True)
+
+
+def test_incremental_decoding_looks_at_a_short_window(tokenizer) -> None:
+    """A step decodes a few tokens, not the whole completion: the work per token stays flat."""
+    ids = tokenizer.encode("word " * 500, add_special_tokens=False)
+    calls: list[int] = []
+
+    class Counting:
+        def decode(self, token_ids, skip_special_tokens=True):
+            calls.append(len(token_ids))
+            return tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
+
+    checker = StopChecker(Counting(), SamplingOptions(), EOS, EOT, len(ids))
+    for i in range(1, len(ids) + 1):
+        checker.check(ids[:i])
+    assert max(calls) <= 8 and checker.text == tokenizer.decode(ids)

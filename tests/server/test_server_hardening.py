@@ -251,3 +251,94 @@ def test_a_dead_engine_turns_health_and_requests_into_503s(doomed_server) -> Non
     assert error["code"] == "engine_dead" and "restart" in error["message"]
     server.wait_until(lambda: bool(died), what="the engine-dead callback")
     assert "worker thread" in died[0]
+
+
+# ----------------------------------------------------------------------------- slow readers
+
+
+@pytest.fixture()
+def impatient_server(server_ensemble: Path) -> Iterator[ServerThread]:
+    """A server that cuts off a stream whose client reads nothing for 1 s."""
+    config = ServerConfig(ensemble=str(server_ensemble), host="127.0.0.1", port=0, engine="torch",
+                          api_key=API_KEY, request_timeout=120.0, stream_stall_timeout=1.0)
+    server = ServerThread(config).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.mark.slow  # about 100 s: the socket buffers take megabytes to fill (the unit test below is fast)
+def test_a_stream_whose_client_never_reads_is_cut_off(impatient_server: ServerThread) -> None:
+    """The client sends a streaming request with a big answer (32 choices, 20 logprobs each) and
+    never reads: once the socket buffers are full the server's send waits, and after the stall
+    timeout the stream ends and its sequences are aborted, instead of running to the end for
+    nobody while the server holds what it made."""
+    import socket
+
+    server = impatient_server
+    before = server.metric("chorus:requests_aborted_total", reason="slow_client")
+    body = json.dumps({"prompt": "a", "max_tokens": 400, "n": 32, "ignore_eos": True, "stream": True,
+                       "logprobs": 20}).encode()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", server.port))
+    try:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: chorus\r\nContent-Type: application/json\r\n"
+                     + f"Authorization: Bearer {API_KEY}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        server.wait_until(lambda: server.metric("chorus:requests_aborted_total", reason="slow_client") == before + 1,
+                          timeout=90, what="the stalled stream to be cut off")
+        server.wait_until(lambda: not server.state.calls, what="the call to close")
+        assert server.engine.stats().num_running == 0
+    finally:
+        sock.close()
+    ok = httpx.post(f"{server.url}/v1/completions", json={"prompt": "a", "max_tokens": 1},
+                    headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60)
+    assert ok.status_code == 200
+
+
+@pytest.mark.parametrize("spec_version", ["2.3", "2.4"])
+def test_sse_response_ends_a_stalled_stream_as_slow_client(spec_version: str) -> None:
+    """The HTTP server's `send` blocks while the client reads nothing: past the stall timeout the
+    response ends, the body generator is closed, and `on_close` hears `slow_client`."""
+    import asyncio
+
+    from server.sse import SSEResponse
+
+    async def scenario() -> tuple[list[str], int, bool]:
+        closed: list[str] = []
+        made = 0
+        generator_closed = False
+
+        async def events():
+            nonlocal made, generator_closed
+            try:
+                while True:
+                    made += 1
+                    yield b"data: {}\n\n"
+            finally:
+                generator_closed = True
+
+        async def on_close(reason: str) -> None:
+            closed.append(reason)
+
+        sent = 0
+
+        async def send(message) -> None:  # takes the headers and one event, then never again
+            nonlocal sent
+            sent += 1
+            if sent > 2:
+                await asyncio.Event().wait()
+
+        async def receive():
+            await asyncio.Event().wait()
+
+        scope = {"type": "http", "asgi": {"spec_version": spec_version}}
+        response = SSEResponse(events(), on_close, stall_timeout=0.2)
+        async with asyncio.timeout(10):
+            await response(scope, receive, send)
+        return closed, made, generator_closed
+
+    closed, made, generator_closed = asyncio.run(scenario())
+    assert closed == ["slow_client"] and generator_closed
+    assert made <= 3  # events are made as the client takes them, not piled up

@@ -58,16 +58,21 @@ def test_queue_full_gets_429(limited: ServerThread) -> None:
             limited.wait_until(lambda: limited.state.ready.admission.waiting == 1, what="a queued request")
             assert limited.metric("vllm:num_requests_waiting") >= 1
 
-            r = http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 1})
+            jobs = limited.state.ready.tokenization.jobs
+            r = http.post("/v1/completions", json={"prompt": "Hi " * 100_000, "max_tokens": 1})
             assert r.status_code == 429
             assert r.headers["retry-after"] == "1"
             err = r.json()["error"]
             assert err["type"] == "rate_limit_error" and err["code"] == "queue_full"
             assert "--max-queue 1" in err["message"]
+            chat = {"messages": [{"role": "user", "content": "Hi " * 100_000}], "max_tokens": 1}
+            assert http.post("/v1/chat/completions", json=chat).status_code == 429
+            # refused before any tokenizing: a request that cannot run costs the server nothing
+            assert limited.state.ready.tokenization.jobs == jobs
         # closing the first stream frees its slot: the queued request runs and succeeds
         waiter.join(30)
     assert waited["r"].status_code == 200, waited["r"].text
-    assert limited.metric("vllm:admission_rejections_total", reason="max_num_queued_reqs") == rejections + 1
+    assert limited.metric("vllm:admission_rejections_total", reason="max_num_queued_reqs") == rejections + 2
     limited.wait_until(lambda: _engine_idle(limited), what="an idle engine")
 
 

@@ -356,6 +356,87 @@ def test_call_keeps_a_cancellation_that_arrives_with_an_output() -> None:
     asyncio.run(scenario())
 
 
+def test_a_slow_consumer_finds_only_the_newest_output() -> None:
+    """Outputs are cumulative: while the consumer does not read, each engine request keeps only its
+    newest output (no backlog growing with the square of the length), and nothing is lost: the
+    consumer then sees the final output, and the end."""
+
+    async def scenario() -> None:
+        engine = _FedEngine()
+        call = GenerationCall(engine, Admission(max_running=1, max_queue=0), ServerMetrics("m"), "cmpl-1",
+                              [[1, 2]], SamplingOptions(max_tokens=500), timeout=60.0, registry={})
+        await call.admit()
+        for t in range(1, 501):
+            engine.feed.put_nowait(RequestOutput("cmpl-1-0", [1, 2], [CompletionOutput(
+                0, "a" * t, list(range(t)), finish_reason="length" if t == 500 else None)], t == 500))
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert engine.feed.empty() and call.buffered == 1  # 500 outputs produced, one held
+        seen = [len(out.outputs[0].token_ids) async for _, out in call.outputs()]
+        assert seen == [500]
+        await call.close(None)
+
+    asyncio.run(scenario())
+
+
+def _qwen_tokenizer():
+    from transformers import AutoTokenizer
+
+    from transfer import zoo
+
+    return AutoTokenizer.from_pretrained(zoo.tokenizer_dir("qwen2"))
+
+
+def test_a_huge_prompt_does_not_hold_up_a_small_one() -> None:
+    """Two tokenizer threads, each with its own tokenizer copy: a short prompt sent while a huge one
+    is being tokenized is done first, and both come out right."""
+    from server.prompts import Tokenization
+
+    tok = _qwen_tokenizer()
+    tokenization = Tokenization(tok, workers=2)
+    huge = "word " * 400_000
+
+    async def scenario() -> list[str]:
+        done: list[str] = []
+
+        async def run(name: str, text: str) -> list[int]:
+            ids = await tokenization.encode(text, False)
+            done.append(name)
+            return ids
+
+        big = asyncio.create_task(run("huge", huge))
+        await asyncio.sleep(0.05)
+        small = await run("small", "hello there")
+        assert small == tok.encode("hello there", add_special_tokens=False)
+        assert len(await big) == len(tok.encode(huge, add_special_tokens=False))
+        return done
+
+    try:
+        assert asyncio.run(scenario()) == ["small", "huge"]
+    finally:
+        tokenization.close()
+
+
+def test_the_tokenizer_backlog_is_bounded() -> None:
+    from server.prompts import Tokenization
+
+    tokenization = Tokenization(_qwen_tokenizer(), workers=1, max_pending=1)
+
+    async def scenario() -> None:
+        busy = asyncio.create_task(tokenization.encode("word " * 200_000, False))
+        await asyncio.sleep(0)
+        with pytest.raises(APIError) as err:
+            await tokenization.encode("hi", False)
+        assert err.value.status == 429 and err.value.code == "tokenizer_busy"
+        await busy
+        assert await tokenization.encode("hi", False)  # room again
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        tokenization.close()
+
+
 # ----------------------------------------------------------------------------- auth
 
 

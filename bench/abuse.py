@@ -1,0 +1,272 @@
+"""Valid traffic's latency, quiet and under abuse, side by side in one run, and the server's memory.
+
+    python bench/abuse.py ~/.cache/chorus/default/ensemble-gemma3 --engine vllm \
+        --out bench/results/abuse.json
+
+Starts `serve` (a subprocess on a free loopback port, as `bench/downstream.py` does), then runs
+the same valid traffic twice: `--clients` clients each sending `--requests` short completions
+(`--max-tokens` tokens, greedy) one after another,
+
+1. *quiet*: alone;
+2. *abuse*: while abusers run in loops on loopback until the valid traffic is done:
+   - slow readers: streaming requests for long answers whose sockets are never read (the server
+     cuts them off after `--stream-stall-timeout`);
+   - a disconnect storm: streaming requests closed right after their first bytes;
+   - huge bodies: `--huge-mb` MiB posts (refused with 413 from their Content-Length, and chunked
+     ones cut off at the limit);
+   - hostile JSON: lone surrogates, 100,000-element stop lists, deep nesting (400s).
+
+It prints valid requests' p50 / p99 latency in both phases and their ratio, every abuser's count of
+answers by status, and the server process's peak resident memory (sampled every 0.2 s) in each
+phase. No 5xx may appear; the issue's target is a p99 under abuse within 2x the quiet one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import statistics
+import sys
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+
+from bench.downstream import served
+
+API_KEY = "sk-abuse-bench"
+HEADERS = {"Authorization": f"Bearer {API_KEY}"}
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The `q`-quantile (0..1) of `values`, linearly interpolated."""
+    if not values:
+        raise ValueError("no values")
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q
+    low = int(pos)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
+
+
+async def valid_traffic(url: str, clients: int, requests: int, max_tokens: int) -> tuple[list[float], Counter]:
+    """`clients` clients each sending `requests` completions in turn: latencies (s) and statuses."""
+    latencies: list[float] = []
+    statuses: Counter = Counter()
+    body = {"prompt": "The history of the city begins", "max_tokens": max_tokens, "temperature": 0,
+            "ignore_eos": True}
+
+    async def client(http: httpx.AsyncClient) -> None:
+        for _ in range(requests):
+            started = time.perf_counter()
+            r = await http.post(f"{url}/v1/completions", json=body)
+            statuses[r.status_code] += 1
+            if r.status_code == 200:
+                latencies.append(time.perf_counter() - started)
+
+    async with httpx.AsyncClient(headers=HEADERS, timeout=600) as http:
+        await asyncio.gather(*(client(http) for _ in range(clients)))
+    return latencies, statuses
+
+
+async def _raw_request(port: int, body: bytes, headers: str = "") -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: chorus\r\nContent-Type: application/json\r\n"
+                 + f"Authorization: Bearer {API_KEY}\r\n{headers}Content-Length: {len(body)}\r\n\r\n".encode() + body)
+    await writer.drain()
+    return reader, writer
+
+
+async def _status(reader: asyncio.StreamReader) -> int:
+    line = await reader.readline()
+    parts = line.split()
+    return int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
+
+
+async def slow_reader(port: int, statuses: Counter, stop: asyncio.Event) -> None:
+    """Streaming requests for long answers that are never read, one after another."""
+    body = json.dumps({"prompt": "Tell a long story", "max_tokens": 256, "n": 4, "ignore_eos": True,
+                       "stream": True, "logprobs": 5}).encode()
+    while not stop.is_set():
+        reader, writer = await _raw_request(port, body)
+        statuses["opened"] += 1
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(stop.wait(), 10.0)  # hold it, unread, for a while
+        writer.close()
+
+
+async def disconnect_storm(port: int, statuses: Counter, stop: asyncio.Event) -> None:
+    """Streaming requests dropped right after their first bytes."""
+    body = json.dumps({"prompt": "Hello", "max_tokens": 64, "stream": True}).encode()
+    while not stop.is_set():
+        reader, writer = await _raw_request(port, body)
+        statuses[str(await _status(reader))] += 1
+        writer.close()
+        await asyncio.sleep(0.05)
+
+
+async def huge_bodies(port: int, url: str, huge_mb: float, statuses: Counter, stop: asyncio.Event) -> None:
+    """Bodies over the limit: announced by their Content-Length (the answer must come before the
+    body is sent), and chunked (cut off at the limit)."""
+    size = int(huge_mb * (1 << 20))
+    blob = b"a" * (1 << 20)
+
+    async def chunks():
+        yield b'{"prompt": "'
+        for _ in range(size >> 20):
+            yield blob
+        yield b'"}'
+
+    async with httpx.AsyncClient(headers={**HEADERS, "Content-Type": "application/json"}, timeout=60) as http:
+        while not stop.is_set():
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: chorus\r\nContent-Type: application/json\r\n"
+                         + f"Authorization: Bearer {API_KEY}\r\nContent-Length: {size}\r\n\r\n".encode() + blob)
+            await writer.drain()
+            statuses[f"{await _status(reader)}"] += 1  # answered after 1 MiB of the announced size
+            writer.close()
+            try:
+                r = await http.post(f"{url}/v1/completions", content=chunks())
+                statuses[f"chunked {r.status_code}"] += 1
+            except httpx.HTTPError:
+                statuses["chunked closed"] += 1  # the server may hang up while the body is still going
+            await asyncio.sleep(0.2)
+
+
+async def hostile_json(url: str, statuses: Counter, stop: asyncio.Event) -> None:
+    """Bodies that crashed the server before the hardening."""
+    bodies = [
+        b'{"prompt": "a\\ud800", "max_tokens": 1}',
+        json.dumps({"prompt": "a", "max_tokens": 1, "stop": ["x"] * 100_000}).encode(),
+        b'{"prompt": "a", "max_tokens": 1, "x": ' + b"[" * 50_000 + b"]" * 50_000 + b"}",
+        json.dumps({"prompt": ["a"] * 64, "n": 32, "max_tokens": 1}).encode(),
+    ]
+    async with httpx.AsyncClient(headers={**HEADERS, "Content-Type": "application/json"}, timeout=60) as http:
+        while not stop.is_set():
+            for body in bodies:
+                r = await http.post(f"{url}/v1/completions", content=body)
+                statuses[str(r.status_code)] += 1
+            await asyncio.sleep(0.05)
+
+
+async def peak_memory(pid: int, stop: asyncio.Event) -> float:
+    """Peak resident memory (MiB) of the server process and its children until `stop`."""
+    proc = psutil.Process(pid)
+    peak = 0
+    while not stop.is_set():
+        with contextlib.suppress(psutil.Error):
+            total = proc.memory_info().rss + sum(c.memory_info().rss for c in proc.children(recursive=True))
+            peak = max(peak, total)
+        await asyncio.sleep(0.2)
+    return peak / (1 << 20)
+
+
+async def phase(url: str, pid: int, args: argparse.Namespace, abusive: bool) -> dict[str, Any]:
+    """One run of the valid traffic, with or without the abusers."""
+    port = int(url.rsplit(":", 1)[1])
+    stop = asyncio.Event()
+    abusers: dict[str, Counter] = {}
+    tasks: list[asyncio.Task] = []
+    memory = asyncio.create_task(peak_memory(pid, stop))
+    if abusive:
+        makers: dict[str, Callable[[Counter], Awaitable[None]]] = {
+            "slow_readers": lambda c: slow_reader(port, c, stop),
+            "disconnect_storm": lambda c: disconnect_storm(port, c, stop),
+            "huge_bodies": lambda c: huge_bodies(port, url, args.huge_mb, c, stop),
+            "hostile_json": lambda c: hostile_json(url, c, stop),
+        }
+        for name, make in makers.items():
+            for _ in range(args.abusers):
+                counter = abusers.setdefault(name, Counter())
+                tasks.append(asyncio.create_task(make(counter)))
+        await asyncio.sleep(1.0)  # let the abuse start first
+    started = time.perf_counter()
+    latencies, statuses = await valid_traffic(url, args.clients, args.requests, args.max_tokens)
+    wall = time.perf_counter() - started
+    stop.set()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    failures = [repr(r) for r in results if isinstance(r, BaseException)]
+    return {
+        "valid_ok": len(latencies), "valid_statuses": dict(statuses), "wall_s": wall,
+        "p50_s": percentile(latencies, 0.5), "p99_s": percentile(latencies, 0.99),
+        "mean_s": statistics.fmean(latencies), "peak_rss_mib": await memory,
+        "abusers": {name: {str(k): v for k, v in c.items()} for name, c in abusers.items()},
+        "abuser_failures": failures,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("ensemble", type=Path, help="ensemble folder")
+    p.add_argument("--engine", choices=("vllm", "torch"), default="vllm")
+    p.add_argument("--clients", type=int, default=4, help="valid clients at once (default 4)")
+    p.add_argument("--requests", type=int, default=25, help="requests per valid client (default 25)")
+    p.add_argument("--max-tokens", type=int, default=8, help="tokens per valid request (default 8)")
+    p.add_argument("--abusers", type=int, default=2, help="tasks of each abuser kind (default 2)")
+    p.add_argument("--huge-mb", type=float, default=40.0, help="size of the huge bodies (default 40 MiB)")
+    p.add_argument("--stream-stall-timeout", type=float, default=5.0, help="serve's setting (default 5 s)")
+    p.add_argument("--serve-arg", action="append", default=[], metavar="ARG", help="passed on to serve")
+    p.add_argument("--log", type=Path, default=Path("abuse_serve.log"), help="serve's log file")
+    p.add_argument("--out", type=Path, help="write the results as JSON here")
+    args = p.parse_args(argv)
+    if not (args.ensemble / "chorus_ensemble.json").is_file():
+        p.error(f"{args.ensemble} is not an ensemble folder (no chorus_ensemble.json)")
+
+    import os
+
+    os.environ["CHORUS_API_KEY"] = API_KEY
+    serve_args = ["--stream-stall-timeout", str(args.stream_stall_timeout), *args.serve_arg]
+    with served(args.ensemble, args.engine, args.log, serve_args) as (url, card):
+        pid = _server_pid(int(url.rsplit(":", 1)[1]))
+        quiet = asyncio.run(phase(url, pid, args, abusive=False))
+        abuse = asyncio.run(phase(url, pid, args, abusive=True))
+        health = httpx.get(f"{url}/health", timeout=30).status_code
+    record = {"ensemble": str(args.ensemble), "engine": args.engine, "model": card["id"],
+              "settings": {k: v for k, v in vars(args).items() if k in ("clients", "requests", "max_tokens",
+                                                                           "abusers", "huge_mb",
+                                                                           "stream_stall_timeout")},
+              "quiet": quiet, "abuse": abuse, "p99_ratio": abuse["p99_s"] / quiet["p99_s"],
+              "p50_ratio": abuse["p50_s"] / quiet["p50_s"], "health_after": health}
+    print(render(record))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    server_errors = sum(v for ph in (quiet, abuse) for k, v in ph["valid_statuses"].items() if int(k) >= 500)
+    server_errors += sum(v for c in abuse["abusers"].values() for k, v in c.items()
+                         if k.split()[-1].isdigit() and int(k.split()[-1]) >= 500)
+    server_errors += len(abuse["abuser_failures"])
+    return 1 if server_errors or health != 200 else 0
+
+
+def _server_pid(port: int) -> int:
+    """The pid of the process listening on `port`."""
+    for conn in psutil.net_connections(kind="tcp"):
+        if conn.laddr and conn.laddr.port == port and conn.status == psutil.CONN_LISTEN and conn.pid:
+            return conn.pid
+    raise RuntimeError(f"no process listens on port {port}")
+
+
+def render(record: dict[str, Any]) -> str:
+    """The results as a Markdown table plus the abusers' answers."""
+    q, a = record["quiet"], record["abuse"]
+    lines = [
+        "| phase | valid ok | p50 (s) | p99 (s) | peak RSS (MiB) |",
+        "|---|---|---|---|---|",
+        f"| quiet | {q['valid_ok']} | {q['p50_s']:.3f} | {q['p99_s']:.3f} | {q['peak_rss_mib']:.0f} |",
+        f"| abuse | {a['valid_ok']} | {a['p50_s']:.3f} | {a['p99_s']:.3f} | {a['peak_rss_mib']:.0f} |",
+        "",
+        f"p50 ratio {record['p50_ratio']:.2f}x, p99 ratio {record['p99_ratio']:.2f}x (target: p99 within 2x)",
+        "abusers' answers: " + "; ".join(f"{name} {dict(sorted(c.items()))}" for name, c in a["abusers"].items()),
+        f"/health after: {record['health_after']}",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

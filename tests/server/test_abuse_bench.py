@@ -1,0 +1,33 @@
+"""bench/abuse.py end to end on the tiny pair (reference engine, a few requests): the valid
+traffic is served in both phases, every abuser gets its 4xx, nothing answers 5xx, and the server
+is healthy after."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from bench import abuse
+
+
+def test_percentile() -> None:
+    assert abuse.percentile([3.0, 1.0, 2.0], 0.5) == 2.0
+    assert abuse.percentile([1.0, 2.0], 0.99) == 1.99
+    assert abuse.percentile([5.0], 0.99) == 5.0
+
+
+def test_abuse_bench_runs_and_reports(server_ensemble: Path, tmp_path: Path) -> None:
+    out = tmp_path / "abuse.json"
+    code = abuse.main([str(server_ensemble), "--engine", "torch", "--clients", "2", "--requests", "4",
+                       "--max-tokens", "2", "--abusers", "1", "--huge-mb", "20", "--stream-stall-timeout", "2",
+                       "--log", str(tmp_path / "serve.log"), "--out", str(out)])
+    record = json.loads(out.read_text())
+    assert code == 0, record
+    assert record["quiet"]["valid_ok"] == record["abuse"]["valid_ok"] == 8
+    abusers = record["abuse"]["abusers"]
+    assert abusers["huge_bodies"]["413"] >= 1 and set(abusers["huge_bodies"]) <= {"413", "chunked 413",
+                                                                                  "chunked closed"}
+    assert record["abuse"]["abuser_failures"] == []
+    assert set(abusers["hostile_json"]) == {"400"}
+    assert abusers["slow_readers"]["opened"] >= 1
+    assert record["health_after"] == 200 and record["p99_ratio"] > 0

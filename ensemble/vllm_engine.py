@@ -24,7 +24,7 @@ import asyncio
 import dataclasses
 import logging
 import math
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -141,7 +141,8 @@ def _check_fixed_pooling(options: SamplingOptions, manifest: EnsembleManifest) -
 
 
 def sampling_params(options: SamplingOptions):
-    """Translate our `SamplingOptions` into vLLM's `SamplingParams` (cumulative outputs).
+    """Translate our `SamplingOptions` into vLLM's `SamplingParams` (delta outputs: each carries
+    only what is new, which `OutputTranslator` adds up, so nothing is copied whole per token).
 
     Raises EngineRequestError when vLLM rejects a value.
     """
@@ -165,7 +166,7 @@ def sampling_params(options: SamplingOptions):
             ignore_eos=options.ignore_eos,
             logprobs=options.logprobs,
             prompt_logprobs=options.prompt_logprobs,
-            output_kind=RequestOutputKind.CUMULATIVE,
+            output_kind=RequestOutputKind.DELTA,
         )
     except (ValueError, TypeError, VLLMClientError) as err:
         raise EngineRequestError(str(err)) from None
@@ -196,8 +197,10 @@ def _finish_reason(reason: str | None) -> str | None:
 class OutputTranslator:
     """Turns one request's stream of vLLM `RequestOutput`s into ours, incrementally.
 
-    `update` takes each cumulative vLLM output in turn and returns our `RequestOutput` with all `n`
-    completions (vLLM's may carry only those that changed); log-probs are converted once each.
+    `update` takes each *delta* vLLM output in turn (new text, token ids, log-probs and prompt
+    log-probs since the previous one; vLLM's may carry only the completions that changed), adds it
+    to the request's state, and returns our cumulative `RequestOutput` with all `n` completions.
+    Each log-prob is converted once.
     """
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], options: SamplingOptions) -> None:
@@ -210,20 +213,30 @@ class OutputTranslator:
         ]
         self.prompt_logprobs: list[TokenLogprob | None] | None = None
 
+    def _add_prompt_logprobs(self, entries: Sequence[Any]) -> None:
+        """Prompt positions in order (vLLM's first is None: nothing predicts the first token)."""
+        k = self.options.prompt_logprobs or 0
+        if self.prompt_logprobs is None:
+            self.prompt_logprobs = []
+        for entry in entries:
+            pos = len(self.prompt_logprobs)
+            if pos == 0 or entry is None or pos >= len(self.prompt_token_ids):
+                self.prompt_logprobs.append(None)
+            else:
+                self.prompt_logprobs.append(token_logprob(self.prompt_token_ids[pos], entry, k))
+
     def update(self, out: Any) -> RequestOutput:
-        if self.options.prompt_logprobs is not None and self.prompt_logprobs is None and out.prompt_logprobs:
-            k = self.options.prompt_logprobs
-            self.prompt_logprobs = [None] + [
-                token_logprob(tok, pos, k) for tok, pos in zip(self.prompt_token_ids[1:], list(out.prompt_logprobs)[1:])
-            ]
+        if self.options.prompt_logprobs is not None and out.prompt_logprobs:
+            self._add_prompt_logprobs(list(out.prompt_logprobs))
         for vc in out.outputs:
             mine = self.completions[vc.index]
-            mine.text = vc.text
-            mine.token_ids = list(vc.token_ids)
+            mine.text += vc.text
+            first_new = len(mine.token_ids)
+            mine.token_ids.extend(vc.token_ids)
             if mine.logprobs is not None and vc.logprobs is not None:
                 k = self.options.logprobs or 0
-                for i in range(len(mine.logprobs), len(vc.logprobs)):
-                    mine.logprobs.append(token_logprob(mine.token_ids[i], vc.logprobs[i], k))
+                for i, position in enumerate(vc.logprobs):
+                    mine.logprobs.append(token_logprob(mine.token_ids[first_new + i], position, k))
             mine.finish_reason = _finish_reason(vc.finish_reason)  # type: ignore[assignment]
             mine.stop_reason = vc.stop_reason
         if out.finished:

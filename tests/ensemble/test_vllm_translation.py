@@ -48,7 +48,7 @@ def test_sampling_params_carry_every_option() -> None:
     assert (p.presence_penalty, p.frequency_penalty, p.seed) == (0.3, 0.2, 11)
     assert p.stop == ["\n\n"] and p.stop_token_ids == [3, 4] and p.ignore_eos
     assert (p.logprobs, p.prompt_logprobs) == (2, 1)
-    assert p.output_kind == RequestOutputKind.CUMULATIVE
+    assert p.output_kind == RequestOutputKind.DELTA  # the translator adds the pieces up
 
 
 def test_sampling_params_reject_bad_values_as_request_errors() -> None:
@@ -90,7 +90,7 @@ def _vreq(outputs, finished=False, prompt_logprobs=None) -> VRequestOutput:
                           outputs=outputs, finished=finished)
 
 
-def test_translator_keeps_all_n_completions_cumulative() -> None:
+def test_translator_adds_up_deltas_into_all_n_completions() -> None:
     options = SamplingOptions(n=2, logprobs=1, prompt_logprobs=1)
     tr = OutputTranslator("r", [5, 6, 7], options)
     prompt_lps = [None, {6: Logprob(-2.0, rank=3), 9: Logprob(-0.1, rank=1)}, {7: Logprob(-0.2, rank=1)}]
@@ -105,10 +105,21 @@ def test_translator_keeps_all_n_completions_cumulative() -> None:
     assert len(second.outputs[0].logprobs) == 2 and second.outputs[1].token_ids == [4]
     # Earlier yields are not mutated by later updates.
     assert first.outputs[0].token_ids == []
-    last = tr.update(_vreq([_vout(1, [4, 8], [lp, {8: Logprob(-1.0, rank=1)}], finish="stop", stop=8)],
+    last = tr.update(_vreq([_vout(1, [8], [{8: Logprob(-1.0, rank=1)}], finish="stop", stop=8)],
                            finished=True))
     assert last.finished and [c.finish_reason for c in last.outputs] == ["length", "stop"]
+    assert last.outputs[1].token_ids == [4, 8] and last.outputs[1].text == "xx"
     assert last.outputs[1].stop_reason == 8 and last.outputs[1].logprobs[1].logprob == -1.0
+    assert [e.token_id for e in last.outputs[1].logprobs] == [4, 8]
+
+
+def test_translator_joins_prompt_logprobs_that_arrive_in_pieces() -> None:
+    """With chunked prefill, delta outputs may bring the prompt's log-probs a chunk at a time."""
+    tr = OutputTranslator("r", [5, 6, 7], SamplingOptions(prompt_logprobs=1))
+    tr.update(_vreq([], prompt_logprobs=[None, {6: Logprob(-2.0, rank=1)}]))
+    out = tr.update(_vreq([_vout(0, [1], None)], prompt_logprobs=[{7: Logprob(-0.5, rank=1)}]))
+    assert out.prompt_logprobs[0] is None and [e.token_id for e in out.prompt_logprobs[1:]] == [6, 7]
+    assert out.prompt_logprobs[2].logprob == -0.5
 
 
 def test_translator_marks_unfinished_completions_aborted_when_request_ends() -> None:

@@ -7,7 +7,7 @@ Starts `serve` (a subprocess on a free loopback port, as `bench/downstream.py` d
 the same valid traffic twice: `--clients` clients each sending `--requests` short completions
 (`--max-tokens` tokens, greedy) one after another,
 
-1. *quiet*: alone;
+1. *quiet*: alone (after a short unmeasured warm-up);
 2. *abuse*: while abusers run in loops on loopback until the valid traffic is done:
    - slow readers: streaming requests for long answers whose sockets are never read (the server
      cuts them off after `--stream-stall-timeout`);
@@ -16,7 +16,8 @@ the same valid traffic twice: `--clients` clients each sending `--requests` shor
      ones cut off at the limit);
    - hostile JSON: lone surrogates, 100,000-element stop lists, deep nesting (400s).
 
-It prints valid requests' p50 / p99 latency in both phases and their ratio, every abuser's count of
+With `--each`, one more phase per abuser kind alone shows what each costs. It prints valid
+requests' p50 / p99 latency in every phase and the all-abusers ratio, every abuser's count of
 answers by status, and the server process's peak resident memory (sampled every 0.2 s) in each
 phase. No 5xx may appear; the issue's target is a p99 under abuse within 2x the quiet one.
 """
@@ -126,11 +127,16 @@ async def huge_bodies(port: int, url: str, huge_mb: float, statuses: Counter, st
     async with httpx.AsyncClient(headers={**HEADERS, "Content-Type": "application/json"}, timeout=60) as http:
         while not stop.is_set():
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: chorus\r\nContent-Type: application/json\r\n"
-                         + f"Authorization: Bearer {API_KEY}\r\nContent-Length: {size}\r\n\r\n".encode() + blob)
-            await writer.drain()
-            statuses[f"{await _status(reader)}"] += 1  # answered after 1 MiB of the announced size
-            writer.close()
+            try:
+                writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: chorus\r\nContent-Type: application/json\r\n"
+                             + f"Authorization: Bearer {API_KEY}\r\nContent-Length: {size}\r\n\r\n".encode()
+                             + blob)
+                await writer.drain()
+                statuses[f"{await _status(reader)}"] += 1  # answered after 1 MiB of the announced size
+            except ConnectionError:
+                statuses["closed"] += 1  # the server answered 413 and hung up while the client still wrote
+            finally:
+                writer.close()
             try:
                 r = await http.post(f"{url}/v1/completions", content=chunks())
                 statuses[f"chunked {r.status_code}"] += 1
@@ -167,14 +173,17 @@ async def peak_memory(pid: int, stop: asyncio.Event) -> float:
     return peak / (1 << 20)
 
 
-async def phase(url: str, pid: int, args: argparse.Namespace, abusive: bool) -> dict[str, Any]:
-    """One run of the valid traffic, with or without the abusers."""
+KINDS = ("slow_readers", "disconnect_storm", "huge_bodies", "hostile_json")
+
+
+async def phase(url: str, pid: int, args: argparse.Namespace, kinds: tuple[str, ...]) -> dict[str, Any]:
+    """One run of the valid traffic, with the abusers of `kinds` (none: quiet)."""
     port = int(url.rsplit(":", 1)[1])
     stop = asyncio.Event()
     abusers: dict[str, Counter] = {}
     tasks: list[asyncio.Task] = []
     memory = asyncio.create_task(peak_memory(pid, stop))
-    if abusive:
+    if kinds:
         makers: dict[str, Callable[[Counter], Awaitable[None]]] = {
             "slow_readers": lambda c: slow_reader(port, c, stop),
             "disconnect_storm": lambda c: disconnect_storm(port, c, stop),
@@ -182,6 +191,8 @@ async def phase(url: str, pid: int, args: argparse.Namespace, abusive: bool) -> 
             "hostile_json": lambda c: hostile_json(url, c, stop),
         }
         for name, make in makers.items():
+            if name not in kinds:
+                continue
             for _ in range(args.abusers):
                 counter = abusers.setdefault(name, Counter())
                 tasks.append(asyncio.create_task(make(counter)))
@@ -211,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--abusers", type=int, default=2, help="tasks of each abuser kind (default 2)")
     p.add_argument("--huge-mb", type=float, default=40.0, help="size of the huge bodies (default 40 MiB)")
     p.add_argument("--stream-stall-timeout", type=float, default=5.0, help="serve's setting (default 5 s)")
+    p.add_argument("--each", action="store_true",
+                   help="also run one abuse phase per abuser kind alone (which abuse costs what)")
     p.add_argument("--serve-arg", action="append", default=[], metavar="ARG", help="passed on to serve")
     p.add_argument("--log", type=Path, default=Path("abuse_serve.log"), help="serve's log file")
     p.add_argument("--out", type=Path, help="write the results as JSON here")
@@ -224,15 +237,17 @@ def main(argv: list[str] | None = None) -> int:
     serve_args = ["--stream-stall-timeout", str(args.stream_stall_timeout), *args.serve_arg]
     with served(args.ensemble, args.engine, args.log, serve_args) as (url, card):
         pid = _server_pid(int(url.rsplit(":", 1)[1]))
-        quiet = asyncio.run(phase(url, pid, args, abusive=False))
-        abuse = asyncio.run(phase(url, pid, args, abusive=True))
+        asyncio.run(valid_traffic(url, args.clients, 2, args.max_tokens))  # warm-up, not measured
+        quiet = asyncio.run(phase(url, pid, args, ()))
+        abuse = asyncio.run(phase(url, pid, args, KINDS))
+        alone = {kind: asyncio.run(phase(url, pid, args, (kind,))) for kind in (KINDS if args.each else ())}
         health = httpx.get(f"{url}/health", timeout=30).status_code
     record = {"ensemble": str(args.ensemble), "engine": args.engine, "model": card["id"],
               "settings": {k: v for k, v in vars(args).items() if k in ("clients", "requests", "max_tokens",
                                                                            "abusers", "huge_mb",
                                                                            "stream_stall_timeout")},
               "quiet": quiet, "abuse": abuse, "p99_ratio": abuse["p99_s"] / quiet["p99_s"],
-              "p50_ratio": abuse["p50_s"] / quiet["p50_s"], "health_after": health}
+              "p50_ratio": abuse["p50_s"] / quiet["p50_s"], "alone": alone, "health_after": health}
     print(render(record))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -241,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     server_errors += sum(v for c in abuse["abusers"].values() for k, v in c.items()
                          if k.split()[-1].isdigit() and int(k.split()[-1]) >= 500)
     server_errors += len(abuse["abuser_failures"])
+    for ph in alone.values():
+        server_errors += sum(v for k, v in ph["valid_statuses"].items() if int(k) >= 500)
     return 1 if server_errors or health != 200 else 0
 
 
@@ -260,6 +277,11 @@ def render(record: dict[str, Any]) -> str:
         "|---|---|---|---|---|",
         f"| quiet | {q['valid_ok']} | {q['p50_s']:.3f} | {q['p99_s']:.3f} | {q['peak_rss_mib']:.0f} |",
         f"| abuse | {a['valid_ok']} | {a['p50_s']:.3f} | {a['p99_s']:.3f} | {a['peak_rss_mib']:.0f} |",
+    ]
+    for kind, ph in record.get("alone", {}).items():
+        lines.append(f"| {kind} alone | {ph['valid_ok']} | {ph['p50_s']:.3f} | {ph['p99_s']:.3f} | "
+                     f"{ph['peak_rss_mib']:.0f} |")
+    lines += [
         "",
         f"p50 ratio {record['p50_ratio']:.2f}x, p99 ratio {record['p99_ratio']:.2f}x (target: p99 within 2x)",
         "abusers' answers: " + "; ".join(f"{name} {dict(sorted(c.items()))}" for name, c in a["abusers"].items()),

@@ -25,8 +25,8 @@ def test_abuse_bench_runs_and_reports(server_ensemble: Path, tmp_path: Path) -> 
     assert code == 0, record
     assert record["quiet"]["valid_ok"] == record["abuse"]["valid_ok"] == 8
     abusers = record["abuse"]["abusers"]
-    assert abusers["huge_bodies"]["413"] >= 1 and set(abusers["huge_bodies"]) <= {"413", "chunked 413",
-                                                                                  "chunked closed"}
+    assert abusers["huge_bodies"].get("413", 0) + abusers["huge_bodies"].get("closed", 0) >= 1
+    assert set(abusers["huge_bodies"]) <= {"413", "closed", "chunked 413", "chunked closed"}
     assert record["abuse"]["abuser_failures"] == []
     assert set(abusers["hostile_json"]) == {"400"}
     assert abusers["slow_readers"]["opened"] >= 1

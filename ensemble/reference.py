@@ -52,6 +52,8 @@ from ensemble.stopping import StopChecker
 # Echo with logprobs scores the prompt in chunks whose full-vocabulary rows take at most this much
 # memory (a 8k-token prompt at a 262k vocabulary would otherwise need 8 GiB per member).
 PROMPT_LOGPROBS_BYTES = 256 << 20
+
+
 # ----------------------------------------------------------------------------- members
 
 

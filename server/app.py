@@ -5,8 +5,10 @@ The engine loads in the background during the lifespan (so `/health` answers 503
 whether it can still serve (vLLM's engine core process alive, the reference engine's worker thread
 running); when it cannot, `/health` and every request answer 503 `engine_dead`, requests in flight
 are aborted, and `on_engine_dead` is called (the CLI then exits with status 1, for a supervisor
-such as Docker's restart policy to start a fresh server). Shutdown is graceful: as soon as uvicorn starts shutting down, `server.serving.ChorusServer`
-calls `ServerState.begin_drain` (new requests and `/health` answer 503), gives in-flight requests
+such as Docker's restart policy to start a fresh server).
+
+Shutdown is graceful: as soon as uvicorn starts shutting down, `server.serving.ChorusServer` calls
+`ServerState.begin_drain` (new requests and `/health` answer 503), gives in-flight requests
 `shutdown_timeout` seconds to finish, then aborts the rest through the engine (their clients get a
 503, or an error event and `[DONE]` in a stream); the lifespan's exit aborts anything left and
 calls `engine.shutdown()`.

@@ -92,9 +92,7 @@ class ServerConfig:
             if self.engine == "torch":
                 raise ConfigError("distributed_executor_backend needs the vllm engine")
         if self.kv_cache_gib is not None:
-            if not (isinstance(self.kv_cache_gib, (int, float)) and math.isfinite(self.kv_cache_gib)
-                    and self.kv_cache_gib > 0):
-                raise ConfigError(f"kv_cache_gib must be a positive number, got {self.kv_cache_gib!r}")
+            _positive("kv_cache_gib", self.kv_cache_gib)
             if self.engine == "torch":
                 raise ConfigError("kv_cache_gib needs the vllm engine (the torch engine keeps plain caches)")
         if self.max_model_len is not None:
@@ -103,28 +101,18 @@ class ServerConfig:
             _int_at_least("max_running", self.max_running, 1)
         _int_at_least("max_queue", self.max_queue, 0)
         _int_at_least("tokenizer_workers", self.tokenizer_workers, 1)
-        if self.request_timeout is not None and not (
-            isinstance(self.request_timeout, (int, float)) and math.isfinite(self.request_timeout)
-            and self.request_timeout > 0
-        ):
-            raise ConfigError(f"request_timeout must be a positive number of seconds, got {self.request_timeout!r}")
+        if self.request_timeout is not None:
+            _positive("request_timeout", self.request_timeout, " of seconds")
         if self.api_key is not None:
             if not self.api_key.strip():
                 raise ConfigError("api_key is empty or only whitespace: give a real key, or none to serve "
                                   "without authentication")
             object.__setattr__(self, "api_key", self.api_key.strip())
-        if self.stream_stall_timeout is not None and not (
-            isinstance(self.stream_stall_timeout, (int, float)) and math.isfinite(self.stream_stall_timeout)
-            and self.stream_stall_timeout > 0
-        ):
-            raise ConfigError(f"stream_stall_timeout must be a positive number of seconds, got "
-                              f"{self.stream_stall_timeout!r}")
-        if not (isinstance(self.max_body_mb, (int, float)) and math.isfinite(self.max_body_mb)
-                and self.max_body_mb > 0):
-            raise ConfigError(f"max_body_mb must be a positive number, got {self.max_body_mb!r}")
+        if self.stream_stall_timeout is not None:
+            _positive("stream_stall_timeout", self.stream_stall_timeout, " of seconds")
+        _positive("max_body_mb", self.max_body_mb)
         if not (math.isfinite(self.shutdown_timeout) and self.shutdown_timeout >= 0):
             raise ConfigError(f"shutdown_timeout must be >= 0, got {self.shutdown_timeout!r}")
-
 
     @property
     def max_body_bytes(self) -> int:
@@ -135,6 +123,11 @@ class ServerConfig:
     def exposed(self) -> bool:
         """Whether the server listens beyond the loopback interface."""
         return self.host not in ("127.0.0.1", "localhost", "::1")
+
+
+def _positive(name: str, value: object, unit: str = "") -> None:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise ConfigError(f"{name} must be a positive number{unit}, got {value!r}")
 
 
 def _int_at_least(name: str, value: object, low: int) -> None:

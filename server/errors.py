@@ -79,6 +79,13 @@ def internal_error(what: str, exc: BaseException) -> APIError:
     return APIError(500, f"{what}; the server log has the details under id {error_id}", code=error_id)
 
 
+def engine_dead_error(detail: str | None = None) -> APIError:
+    """The 503 every request gets once the engine has died (see `server.app`'s watchdog)."""
+    why = f" ({detail})" if detail else ""
+    return APIError(503, f"the engine has died{why}; the server is stopping and needs a restart",
+                    code="engine_dead")
+
+
 def error_response(err: APIError) -> JSONResponse:
     """A JSONResponse for `err`."""
     return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
@@ -95,7 +102,7 @@ def describe_validation_error(exc: RequestValidationError) -> tuple[str, str | N
     if first.get("type") == "json_invalid":
         ctx = first.get("ctx") or {}
         return f"request body is not valid JSON: {ctx.get('error', first.get('msg'))}", None
-    if first.get("type") == "invalid_unicode":  # server.protocol.RequestModel: names the field itself
+    if first.get("type") == "invalid_unicode":  # server.protocol.RequestBody: names the field itself
         return first.get("msg", "invalid Unicode text"), (first.get("ctx") or {}).get("param")
     if first.get("type") == "missing" and not loc:
         return "request body is missing or empty", None

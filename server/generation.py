@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from ensemble.protocol import Engine, RequestOutput, SamplingOptions
-from server.errors import APIError
+from server.errors import APIError, engine_dead_error
 from server.limits import Admission, QueueFullError
 from server.metrics import ServerMetrics
 
@@ -236,8 +236,7 @@ class GenerationCall:
         if self.closed_reason == "shutdown":
             raise APIError(503, "the server is shutting down; the request was aborted", code="shutting_down")
         if self.closed_reason == "engine_dead":
-            raise APIError(503, "the engine died while serving this request; the server needs a restart",
-                           code="engine_dead")
+            raise engine_dead_error()
         if self.closed_reason == "timeout":
             raise APIError(504, "request timed out (--request-timeout)", code="request_timeout")
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from server.errors import APIError, bad_request
-from server.protocol import ChatMessageParam
+from server.protocol import ChatMessageParam, prompt_items
 from server.sampling import check_token_ids
 
 log = logging.getLogger("chorus.server")
@@ -93,8 +93,8 @@ class Tokenization:
         """Stop the worker threads."""
         self._pool.shutdown(wait=False, cancel_futures=True)
 
-    async def _run(self, fn, *args, **kwargs):
-        """Run `fn(tokenizer, *args, **kwargs)` on a worker with that worker's tokenizer."""
+    async def _run(self, fn):
+        """Run `fn(tokenizer)` on a worker with that worker's tokenizer."""
         if self._pending >= self.max_pending:
             raise APIError(429, f"the server is busy tokenizing ({self._pending} jobs waiting); retry later",
                            code="tokenizer_busy", headers={"Retry-After": "1"})
@@ -102,7 +102,7 @@ class Tokenization:
         self.jobs += 1
         try:
             return await asyncio.get_running_loop().run_in_executor(
-                self._pool, lambda: fn(self._local.tokenizer, *args, **kwargs))
+                self._pool, lambda: fn(self._local.tokenizer))
         finally:
             self._pending -= 1
 
@@ -124,12 +124,8 @@ class Tokenization:
 
         Token ids are checked against `vocab_size` before anything decodes them (400 otherwise).
         """
-        if isinstance(prompt, str):
-            prompt = [prompt]
-        if prompt and isinstance(prompt[0], int):
-            prompt = [prompt]
         out = []
-        for item in prompt:
+        for item in prompt_items(prompt):
             if isinstance(item, str):
                 ids = await self.encode(item, add_special_tokens)
                 if not ids:

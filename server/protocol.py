@@ -68,10 +68,15 @@ def invalid_text_path(value: Any, path: str = "") -> str | None:
 
 
 class RequestModel(BaseModel):
-    """Base of every request body: strict types, finite floats, unknown fields ignored, and every
-    string (unknown fields and nested objects included) valid Unicode text."""
+    """Base of every request model: strict types, finite floats, unknown fields ignored."""
 
     model_config = ConfigDict(strict=True, extra="allow", allow_inf_nan=False)
+
+
+class RequestBody(RequestModel):
+    """Base of a whole request body: a `RequestModel` whose every string (unknown fields and nested
+    objects included) must be valid Unicode text. Checked once, on the whole body: the nested
+    models inside it (messages, content parts) are plain `RequestModel`s."""
 
     @model_validator(mode="before")
     @classmethod
@@ -149,7 +154,7 @@ class ErrorResponse(ResponseModel):
 # ----------------------------------------------------------------------------- /v1/completions
 
 
-class CompletionRequest(RequestModel):
+class CompletionRequest(RequestBody):
     # OpenAI fields, in the API reference's order.
     model: str | None = None
     prompt: (
@@ -196,11 +201,17 @@ class CompletionRequest(RequestModel):
     return_member_logprobs: bool = Field(default=False, description=MEMBER_LOGPROBS_DOC)
 
 
+def prompt_items(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
+    """A completion request's `prompt` (a string, strings, token ids, or lists of ids) as a list
+    with one item per prompt."""
+    if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+        return [prompt]  # type: ignore[list-item]
+    return list(prompt)  # type: ignore[arg-type]
+
+
 def prompt_count(prompt: str | list[str] | list[int] | list[list[int]]) -> int:
     """How many prompts a completion request's `prompt` holds."""
-    if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
-        return 1
-    return len(prompt)
+    return len(prompt_items(prompt))
 
 
 class CompletionLogProbs(ResponseModel):
@@ -261,7 +272,7 @@ class ChatMessageParam(RequestModel):
         return self
 
 
-class ChatCompletionRequest(RequestModel):
+class ChatCompletionRequest(RequestBody):
     # OpenAI fields, in the API reference's order (messages, model, then alphabetical).
     messages: Annotated[list[ChatMessageParam], Field(min_length=1, max_length=MAX_MESSAGES)]
     model: str | None = None
@@ -400,14 +411,14 @@ class ModelList(ResponseModel):
 # ----------------------------------------------------------------------------- /tokenize, /detokenize
 
 
-class TokenizeCompletionRequest(RequestModel):
+class TokenizeCompletionRequest(RequestBody):
     model: str | None = None
     prompt: str
     add_special_tokens: bool = Field(default=True, description="vLLM extra: add the tokenizer's special tokens (BOS).")
     return_token_strs: bool | None = False
 
 
-class TokenizeChatRequest(RequestModel):
+class TokenizeChatRequest(RequestBody):
     model: str | None = None
     messages: Annotated[list[ChatMessageParam], Field(min_length=1, max_length=MAX_MESSAGES)]
     add_generation_prompt: bool = Field(
@@ -433,7 +444,7 @@ class TokenizeResponse(ResponseModel):
     token_strs: list[str] | None = Field(default=None, exclude_if=is_none)
 
 
-class DetokenizeRequest(RequestModel):
+class DetokenizeRequest(RequestBody):
     model: str | None = None
     tokens: list[Annotated[int, Field(ge=0, le=INT64_MAX)]]
 

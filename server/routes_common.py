@@ -11,7 +11,7 @@ import anyio
 
 from ensemble.protocol import EngineRequestError, RequestOutput, SamplingOptions
 from server.engines import engine_healthy
-from server.errors import APIError, internal_error
+from server.errors import APIError, engine_dead_error, internal_error
 from server.generation import DeadlineExceeded, GenerationCall
 from server.limits import QueueFullError
 from server.protocol import ErrorResponse
@@ -98,8 +98,7 @@ async def _mapped(call: GenerationCall) -> AsyncIterator[tuple[int, RequestOutpu
                 await engine_healthy(call.engine))
         if problem is not None:  # the engine died under this request: 503, as /health says
             log.error("request %s failed because the engine died: %s", call.request_id, problem)
-            raise APIError(503, f"the engine died while serving this request ({problem}); the server needs "
-                           "a restart", code="engine_dead") from None
+            raise engine_dead_error(problem) from None
         raise _as_api_error(err) from None
 
 

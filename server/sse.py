@@ -51,20 +51,17 @@ class SSEResponse(StreamingResponse):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         reason = "client_disconnect"
-        stalled = False
 
         async def send_in_time(message: Message) -> None:
-            nonlocal stalled
             with anyio.move_on_after(self._stall_timeout) as scope_:
                 await send(message)
             if scope_.cancelled_caught:
-                stalled = True
                 raise _Stalled()
 
         try:
             await super().__call__(scope, receive, send if self._stall_timeout is None else send_in_time)
         except BaseException as err:
-            if not (stalled and _only_stalls(err)):
+            if not _only_stalls(err):
                 raise
             reason = "slow_client"
             log.warning("a stream's client read nothing for %.0f s: stream ended, its sequences aborted",

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from ensemble.protocol import Engine
 from server.config import ServerConfig
-from server.errors import APIError
+from server.errors import APIError, engine_dead_error
 from server.limits import Admission
 from server.logprobs import TokenNamer
 from server.metrics import ServerMetrics
@@ -89,8 +89,7 @@ class ServerState:
     def require_ready(self) -> Ready:
         """The loaded engine, or a 503 saying why there is none."""
         if self.engine_dead is not None:
-            raise APIError(503, f"the engine has died ({self.engine_dead}); the server is stopping and needs a "
-                           "restart", code="engine_dead")
+            raise engine_dead_error(self.engine_dead)
         if self.draining:
             raise APIError(503, "the server is shutting down", code="shutting_down")
         if self.ready is None:

@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from transfer.config import resolve_model, resolve_text
     from transfer.evaluate import evaluate_folder, read_windows
-    from transfer.tokens import start_token_id
+    from transfer.tokens import encode_text, start_token_id
 
     torch.manual_seed(0)
     manifest = EnsembleManifest.load(args.ensemble)
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     with tqdm(total=total, desc="windows", unit="win") as bar:
         for text, ws in windows.items():
             for w in ws:
-                ids = torch.tensor([start] + tokenizer(w, add_special_tokens=False)["input_ids"])
+                ids = torch.tensor([start] + encode_text(tokenizer, w))
                 target = ids[1:]
                 n_bytes = len(w.encode("utf-8"))
                 # [K, R, V]; scored by ensemble.fit's one-pass functions (the engines' pooling maths)

@@ -359,13 +359,13 @@ def score_windows(manifest: EnsembleManifest, texts: Sequence[str], tokenizer) -
     from tqdm.auto import tqdm
 
     from ensemble.reference import load_members
-    from transfer.tokens import start_token_id
+    from transfer.tokens import encode_text, start_token_id
 
     start = start_token_id(tokenizer)
     members = load_members(manifest, "cpu", torch.float32)
     out = []
     for text in tqdm(texts, desc="scoring the dev text", unit="window"):
-        ids = torch.tensor([start] + tokenizer(text, add_special_tokens=False)["input_ids"])
+        ids = torch.tensor([start] + encode_text(tokenizer, text))
         logits = [m.shared_logits(m.model(input_ids=ids[None]).logits[0].float())[:-1] for m in members]
         out.append((torch.stack(logits).to(torch.float16), ids[1:]))
     return out

@@ -48,13 +48,14 @@ class ModelConfig:
 class DataConfig:
     """Training / evaluation text.
 
-    ``train`` and ``eval``: a ``.txt`` file (cut into examples of ``chunk_bytes`` bytes at line
+    ``train``: one or more files (a YAML list), whose examples are pooled and shuffled together;
+    ``eval``: one file. Each is a ``.txt`` file (cut into examples of ``chunk_bytes`` bytes at line
     or word boundaries) or a ``.jsonl`` file whose lines hold ``"text"`` or chat ``"messages"``.
     ``seq_len``: the token budget per example, enforced on both the teacher's and the
     student's tokenization.
     """
 
-    train: str
+    train: tuple[str, ...]
     eval: Optional[str] = None
     format: Literal["auto", "text", "jsonl"] = "auto"
     seq_len: int = 512
@@ -207,6 +208,8 @@ def validate(cfg: RunConfig) -> None:
     _positive("train.batch_size", t.batch_size)
     _positive("train.grad_accum", t.grad_accum)
     _positive("data.seq_len", d.seq_len)
+    if not d.train:
+        raise ConfigError("data.train is empty: name at least one text or jsonl file")
     _positive("loss.tau", lo.tau)
     _positive("output.checkpoint_every", o.checkpoint_every)
     _positive("output.eval_every", o.eval_every)

@@ -204,7 +204,8 @@ class PairCollator:
 
     def _side(self, side: Side, example: Example, markers: dict[int, bytes]) -> tuple[list[int], list[bytes]]:
         text = render(example, side.tokenizer, side.chat_template)
-        ids, pieces = tokenize_bytes(side.tokenizer, text)
+        # Special-token strings in plain text are text; a chat template writes them on purpose.
+        ids, pieces = tokenize_bytes(side.tokenizer, text, parse_specials=example.messages is not None)
         table = token_bytes(side.tokenizer)
         pieces = [markers.get(i, b"") if (i >= len(table) or table[i] is None) else p for i, p in zip(ids, pieces)]
         start = start_token_id(side.tokenizer)

@@ -24,7 +24,7 @@ import torch
 from .data import split_text
 from .errors import DataError
 from .losses import token_logprobs
-from .tokens import load_tokenizer, start_token_id
+from .tokens import encode_text, load_tokenizer, start_token_id
 
 
 @dataclass(frozen=True)
@@ -96,7 +96,7 @@ def bits_per_byte(
     try:
         for i in range(0, len(windows), batch_size):
             batch = windows[i : i + batch_size]
-            rows = [[start] + tokenizer(w, add_special_tokens=False)["input_ids"] for w in batch]
+            rows = [[start] + encode_text(tokenizer, w) for w in batch]
             longest = max(len(r) for r in rows)
             if limit is not None and longest > limit:
                 raise DataError(f"a window has {longest} tokens, more than the model's {limit} positions; use smaller windows")

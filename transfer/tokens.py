@@ -163,8 +163,22 @@ def space_token_mask(tokenizer: Any, vocab_size: int | None = None) -> torch.Ten
     return mask
 
 
-def tokenize_bytes(tokenizer: Any, text: str) -> tuple[list[int], list[bytes]]:
+def encode_text(tokenizer: Any, text: str) -> list[int]:
+    """The ids of plain `text`: no added specials, and special-token strings in it read as text.
+
+    Text data is text: the Penn Treebank writes rare words as the literal ``<unk>``, which
+    Gemma's tokenizer would otherwise turn into its unknown-token id (a token no model predicts)
+    while SmolLM2's spells it out. Scoring and training on text use this; chat renderings, whose
+    templates write special tokens on purpose, do not.
+    """
+    return list(tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+
+
+def tokenize_bytes(tokenizer: Any, text: str, parse_specials: bool = True) -> tuple[list[int], list[bytes]]:
     """Tokenize `text` without added specials; return (ids, pieces), b"".join(pieces) == text.encode().
+
+    `parse_specials`: special-token strings in `text` become special tokens (chat renderings);
+    False reads them as text (plain text data, see `encode_text`).
 
     Each piece is the bytes of the input that its token covers. Usually that is the token's own
     bytes (`token_bytes`). Where the tokenizer rewrites the text before splitting it, pieces come
@@ -178,7 +192,8 @@ def tokenize_bytes(tokenizer: Any, text: str) -> tuple[list[int], list[bytes]]:
     Characters no token covers (a normaliser dropped them) go to the next token (or the last).
     """
     raw = text.encode("utf-8")
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True,
+                    split_special_tokens=not parse_specials)
     ids: list[int] = list(enc["input_ids"])
     table = token_bytes(tokenizer)
     pieces = [table[i] if 0 <= i < len(table) else None for i in ids]

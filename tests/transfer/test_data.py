@@ -13,7 +13,7 @@ from transfer import zoo
 from transfer.data import Example, PairCollator, ShuffledOrder, Side, load_examples, render, split_text
 from transfer.errors import DataError
 from transfer.fvt import transfer_chat_template
-from transfer.tokens import ByteTokenizer, start_token_id, tokenize_bytes
+from transfer.tokens import ByteTokenizer, encode_text, start_token_id, tokenize_bytes
 
 
 @lru_cache(maxsize=None)
@@ -97,6 +97,20 @@ def test_collator_aligns_and_cuts_both_sides():
     full = PairCollator(Side(teacher), Side(student), seq_len=10_000).encode(Example(text=TEXT))[2]
     nxt = full[len(chunks)]
     assert nxt[0][1] > 16 or nxt[1][1] > 16
+
+
+def test_special_token_strings_in_plain_text_are_text():
+    """The Treebank writes rare words as a literal "<unk>": Gemma's tokenizer would read it as its
+    unknown-token special (no bytes) while SmolLM2's spells it out, and the two sides could not be
+    aligned. In plain text it is text, on both sides and when scoring."""
+    teacher, student = tok("smollm2"), tok("gemma3")
+    text = "the <unk> in august was N million <start_of_turn>\n"
+    t_ids, s_ids, _, n_bytes = PairCollator(Side(teacher), Side(student), seq_len=64).encode(Example(text=text))
+    assert n_bytes == len(text.encode()) and student.unk_token_id not in s_ids
+    assert student.decode(s_ids[1:]) == text
+    assert encode_text(student, text) == s_ids[1:] and student.unk_token_id in student(text)["input_ids"]
+    ids, pieces = tokenize_bytes(student, "a <unk>", parse_specials=False)
+    assert b"".join(pieces) == b"a <unk>" and student.unk_token_id not in ids
 
 
 def test_batch_tensors():

@@ -32,6 +32,10 @@ def test_corpus_split_is_disjoint_and_deterministic():
     # Only the paper's recurring boilerplate ("terms were n't disclosed", the money-market rates
     # line) occurs in both Treebank splits: 28 of 3,370 lines.
     assert len(tree_dev) == 3370 and sum(line in tree_test for line in tree_dev) < len(tree_dev) // 100
+    # The Treebank's training text (a second training text) overlaps the held-out test split only
+    # in that boilerplate too.
+    tree_train = zoo.corpus_path("treebank_train").read_text(encoding="utf-8").splitlines()
+    assert len(tree_train) > 40_000 and sum(line in tree_test for line in tree_train) < len(tree_train) // 100
 
 
 def test_checksum_mismatch_names_the_package_and_leaves_nothing(tmp_path, monkeypatch):
@@ -80,7 +84,10 @@ def test_a_corpus_without_a_newer_split_is_rebuilt(tmp_path):
     for split in ("treebank", "dev"):
         (folder / f"{split}.txt").write_text("x")
         assert not zoo._item_ready("corpus", folder)
-    (folder / "treebank_dev.txt").write_text("x")
+    for split in ("treebank_dev",):
+        (folder / f"{split}.txt").write_text("x")
+        assert not zoo._item_ready("corpus", folder)
+    (folder / "treebank_train.txt").write_text("x")
     assert zoo._item_ready("corpus", folder)
 
 

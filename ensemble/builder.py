@@ -35,7 +35,7 @@ from ensemble.manifest import (
     check_weights,
     hf_config,
 )
-from ensemble.pooling import POOLING_RULES
+from ensemble.pooling import DEFAULT_ALPHA, POOLING_RULES
 from ensemble.vocab import TokenTable, describe_token, end_of_turn_token, first_mismatch, token_bytes_table
 
 
@@ -174,6 +174,7 @@ def plan_ensemble(
     tokenizer_from: str | None = None,
     chat_template_from: str | None = None,
     name: str = "ensemble",
+    contrastive_alpha: float = DEFAULT_ALPHA,
 ) -> tuple[EnsembleManifest, MemberInfo, str | None]:
     """Validate members and return (manifest, tokenizer-from member, chat template); no writes."""
     if rule not in POOLING_RULES:
@@ -212,6 +213,7 @@ def plan_ensemble(
         special_tokens=map_special_tokens(reference, infos, vocab_size),
         tokenizer_from=reference.spec.name,
         chat_template_from=template_info.spec.name if template_info and template else None,
+        contrastive_alpha=contrastive_alpha,
     )
     return manifest, reference, template
 
@@ -253,6 +255,7 @@ def build_ensemble(
     chat_template_from: str | None = None,
     name: str | None = None,
     overwrite: bool = False,
+    contrastive_alpha: float = DEFAULT_ALPHA,
 ) -> Path:
     """Validate `members` and write the ensemble folder `out_dir` atomically; return its path.
 
@@ -265,6 +268,7 @@ def build_ensemble(
             tokenizer-from member's, else the first member that has one).
         name: the served model name (default: the folder name).
         overwrite: replace an existing folder at `out_dir`.
+        contrastive_alpha: the plausibility threshold of contrastive pooling (negative weights).
 
     Raises:
         ManifestError: on any invalid input; nothing is written then.
@@ -273,7 +277,8 @@ def build_ensemble(
     if out.exists() and not overwrite:
         raise ManifestError(f"{out} already exists (pass overwrite=True / --overwrite to replace it)")
     manifest, reference, template = plan_ensemble(
-        members, rule, tokenizer_from, chat_template_from, name=name or out.name
+        members, rule, tokenizer_from, chat_template_from, name=name or out.name,
+        contrastive_alpha=contrastive_alpha,
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))

@@ -16,7 +16,7 @@ import sys
 from collections.abc import Sequence
 
 from ensemble.manifest import EnsembleManifest, ManifestError, MemberSpec
-from ensemble.pooling import POOLING_RULES
+from ensemble.pooling import DEFAULT_ALPHA, POOLING_RULES
 from transfer.errors import UserInputError
 
 
@@ -57,6 +57,9 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--chat-template-from", metavar="NAME", help="member whose chat template to use")
     build.add_argument("--temperature", action="append", default=[], metavar="NAME=T",
                        help="a member's own softmax temperature before pooling")
+    build.add_argument("--contrastive-alpha", type=float, default=DEFAULT_ALPHA, metavar="A",
+                       help="with a negative weight, only tokens whose probability under the positive "
+                            f"members is at least A times the top one's may win (default {DEFAULT_ALPHA}; 0: off)")
     build.add_argument("--name", help="served model name (default: the folder name)")
     build.add_argument("--overwrite", action="store_true", help="replace an existing folder")
     show = sub.add_parser("show", help="print an ensemble folder's manifest")
@@ -88,6 +91,7 @@ def _build(args: argparse.Namespace) -> int:
     out = build_ensemble(
         args.out_dir, members, rule=args.rule, tokenizer_from=args.tokenizer_from,
         chat_template_from=args.chat_template_from, name=args.name, overwrite=args.overwrite,
+        contrastive_alpha=args.contrastive_alpha,
     )
     manifest = EnsembleManifest.load(out)
     summary = ", ".join(f"{m.name} (weight {m.weight:g})" for m in manifest.members)

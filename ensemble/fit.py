@@ -124,7 +124,9 @@ def pooled_target_logprobs(
 
     Returns:
         ``[R]`` float32 log-probabilities; the same numbers as
-        ``pool_logprobs(...).gather(1, targets)`` of `ensemble.pooling`, up to the masked floor.
+        ``pool_logprobs(...).gather(1, targets)`` of `ensemble.pooling`, up to the masked floor
+        and to the ids some members lack: the engines pool those over the members that have
+        them, the fit gives them nothing (a special token's mass in text: negligible).
     """
     check_rule(rule)
     x = logits.to(torch.float32).clamp_min(_FLOOR)

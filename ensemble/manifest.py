@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ensemble.pooling import POOLING_RULES
+from ensemble.pooling import DEFAULT_ALPHA, POOLING_RULES, check_alpha
 
 MANIFEST_FILE = "chorus_ensemble.json"
 FORMAT_VERSION = 1
@@ -120,6 +120,8 @@ class EnsembleManifest:
         special_tokens: one id per role.
         tokenizer_from: the member whose tokenizer is the ensemble's.
         chat_template_from: the member whose chat template the ensemble uses (None: no template).
+        contrastive_alpha: the plausibility threshold that pooling applies when a weight is
+            negative (`ensemble.pooling`; 0: off).
         format_version: the folder format version.
     """
 
@@ -131,6 +133,7 @@ class EnsembleManifest:
     special_tokens: SpecialTokens = field(default_factory=SpecialTokens)
     tokenizer_from: str | None = None
     chat_template_from: str | None = None
+    contrastive_alpha: float = DEFAULT_ALPHA
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
@@ -149,6 +152,10 @@ class EnsembleManifest:
         if self.rule not in POOLING_RULES:
             raise ManifestError(f"unknown pooling rule {self.rule!r}; expected one of {', '.join(POOLING_RULES)}")
         check_weights([m.weight for m in members], self.rule, names)
+        try:
+            object.__setattr__(self, "contrastive_alpha", check_alpha(self.contrastive_alpha))
+        except ValueError as err:
+            raise ManifestError(str(err)) from None
         for what in ("vocab_size", "max_model_len"):
             value = getattr(self, what)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -216,7 +223,7 @@ class EnsembleManifest:
         if not isinstance(data, Mapping):
             raise ManifestError(f"an ensemble manifest must be a JSON object, got {type(data).__name__}")
         known = {"name", "members", "rule", "vocab_size", "max_model_len", "special_tokens",
-                 "tokenizer_from", "chat_template_from", "format_version"}
+                 "tokenizer_from", "chat_template_from", "contrastive_alpha", "format_version"}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ManifestError(f"unknown manifest field(s): {', '.join(unknown)}")

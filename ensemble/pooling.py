@@ -10,9 +10,19 @@ normalised to sum to 1:
 * ``logprob_mean`` (geometric pool): ``log_softmax(sum_k w_k l_k)``. Weights may be negative
   (contrastive decoding, e.g. ``(1.5, -0.5)``) as long as they sum to a positive number.
 
-Weights are *relative*: both rules divide them by their sum, which must be positive. A token that
-a member with a nonzero weight rules out (log-prob ``-inf``, e.g. a masked padding row) stays ruled
-out under ``logprob_mean``; under ``prob_mean`` it keeps the other members' mass.
+Weights are *relative*: both rules divide them by their sum, which must be positive.
+
+A member *abstains* on a token it cannot score (log-prob ``-inf``: an id its tokenizer lacks,
+such as another tokenizer version's end-of-turn token, masked by the engines). The token is
+pooled over the members that can score it, their weights renormalised to sum to 1, and the row is
+renormalised; a token no weighted member can score (a padding row) stays ``-inf``. Without this,
+the geometric pool would make such a token unreachable: EOS could never be sampled.
+
+Contrastive pooling (a negative weight, ``logprob_mean`` only) keeps the *adaptive plausibility
+constraint* of contrastive decoding (Li et al. 2023, arXiv 2210.15097): only tokens whose
+probability under the positive members' own pool is at least ``alpha`` times the largest one
+may win; the rest get ``-inf``, so a token the positive members find implausible cannot win
+because a negative member dislikes it even more. ``alpha=0`` turns the constraint off.
 
 All arithmetic is float32, whatever the members' dtype. The work is chunked over rows (tokens) so
 the float32 ``K x rows x V`` buffer stays bounded; a row is never split, since ``log_softmax``
@@ -30,6 +40,15 @@ from torch import Tensor
 
 PoolingRule = Literal["prob_mean", "logprob_mean"]
 POOLING_RULES: tuple[str, ...] = ("prob_mean", "logprob_mean")
+# Contrastive decoding's plausibility threshold (Li et al. 2023 use 0.1).
+DEFAULT_ALPHA = 0.1
+
+
+def check_alpha(alpha: float) -> float:
+    """`alpha` as a float; ValueError unless it is in [0, 1)."""
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= float(alpha) < 1.0:
+        raise ValueError(f"the contrastive plausibility alpha must be a number in [0, 1), got {alpha!r}")
+    return float(alpha)
 
 
 def check_rule(rule: str) -> None:
@@ -93,21 +112,51 @@ def member_logprobs(logits: Tensor, temperature: float = 1.0) -> Tensor:
     return torch.log_softmax(x, dim=-1)
 
 
-def _pool_rows(logprobs: Tensor, w: Tensor, rule: str) -> Tensor:
+def _pool_rows(logprobs: Tensor, w: Tensor, rule: str, alpha: float = DEFAULT_ALPHA) -> Tensor:
     """Pool stacked member log-probs ``[K, R, V]`` with weights ``[K]`` or ``[R, K]``."""
     # Weights broadcast to [K, R, 1].
     wk = w[:, None, None] if w.dim() == 1 else w.t()[:, :, None]
+    scored = torch.isfinite(logprobs)
+    voters, abstainers = scored & (wk != 0), ~scored & (wk != 0)  # [K, R, V]
+    # Tokens some weighted member abstains on while another scores them (rare: the ids only some
+    # tokenizers have); every other token is pooled exactly as if no member could abstain.
+    split = voters.any(dim=0) & abstainers.any(dim=0)
     if rule == "prob_mean":
         # log(0) = -inf makes a zero-weight member vanish from the logsumexp.
-        return torch.logsumexp(logprobs + torch.log(wk), dim=0)
-    # Geometric pool: zero-weight members contribute nothing (avoids 0 * -inf = nan); a token
-    # that any weighted member rules out stays ruled out.
-    active = wk != 0
-    terms = torch.where(active, wk * logprobs, torch.zeros((), dtype=logprobs.dtype, device=logprobs.device))
-    scores = terms.sum(dim=0)
-    vetoed = (torch.isneginf(logprobs) & active).any(dim=0)
-    scores = scores.masked_fill(vetoed, float("-inf"))
+        pooled = torch.logsumexp(logprobs + torch.log(wk), dim=0)
+        if not bool(split.any()):
+            return pooled
+        # Divide each split token by the weight of the members that score it, renormalise its row.
+        share = torch.where(voters, wk, torch.zeros((), dtype=wk.dtype, device=wk.device)).sum(dim=0)
+        pooled = torch.where(split, pooled - torch.log(share), pooled)
+        rows = split.any(dim=-1)
+        return torch.where(rows[:, None], torch.log_softmax(pooled, dim=-1), pooled)
+    # Geometric pool: members that do not vote contribute nothing (avoids 0 * -inf = nan).
+    zero = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
+    scores = torch.where(voters, wk * logprobs, zero).sum(dim=0)
+    if bool(split.any()):
+        # Split tokens: the weighted mean over the members that score them; none with positive
+        # weight (only a contrastive member scores it): ruled out.
+        share = torch.where(voters, wk, zero).sum(dim=0)
+        scores = torch.where(split, torch.where(share > 0, scores / share.clamp_min(1e-30), -math.inf), scores)
+    scores = scores.masked_fill(~voters.any(dim=0), float("-inf"))
+    negative = (wk < 0).any(dim=0)[:, 0]  # [R]: contrastive rows
+    if alpha > 0 and bool(negative.any()):
+        scores = torch.where(negative[:, None], _plausible(scores, logprobs, wk, alpha), scores)
     return torch.log_softmax(scores, dim=-1)
+
+
+def _plausible(scores: Tensor, logprobs: Tensor, wk: Tensor, alpha: float) -> Tensor:
+    """`scores` ``[R, V]`` with ``-inf`` wherever the positive members' geometric pool gives a
+    token less than `alpha` times its most likely token's probability."""
+    positive = wk.clamp_min(0)
+    voters = torch.isfinite(logprobs) & (positive > 0)
+    zero = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
+    share = torch.where(voters, positive, zero).sum(dim=0)
+    pos = torch.where(voters, positive * logprobs, zero).sum(dim=0) / share.clamp_min(1e-30)
+    pos = pos.masked_fill(share <= 0, float("-inf"))
+    implausible = pos < pos.max(dim=-1, keepdim=True).values + math.log(alpha)
+    return scores.masked_fill(implausible, float("-inf"))
 
 
 def pool_logprobs(
@@ -116,6 +165,7 @@ def pool_logprobs(
     rule: PoolingRule = "prob_mean",
     temperatures: Sequence[float] | None = None,
     chunk_size: int = 8192,
+    alpha: float = DEFAULT_ALPHA,
 ) -> Tensor:
     """Pool K members' next-token logits into one float32 log-probability tensor.
 
@@ -128,6 +178,8 @@ def pool_logprobs(
         temperatures: per-member temperatures ``T_k > 0`` applied before each member's softmax
             (default all 1).
         chunk_size: the most rows pooled at once; bounds the ``K x rows x V`` float32 buffer.
+        alpha: the plausibility threshold of rows with a negative weight (see the module
+            docstring); 0 turns it off.
 
     Returns:
         ``[N, V]`` float32 normalised log-probabilities on the members' device.
@@ -152,6 +204,7 @@ def pool_logprobs(
     n, v = first.shape
     w = normalise_weights(weights, k, rule, num_rows=n).to(first.device)
     temps = _check_temperatures(temperatures, k)
+    alpha = check_alpha(alpha)
 
     out = torch.empty((n, v), dtype=torch.float32, device=first.device)
     for start in range(0, n, chunk_size):
@@ -160,7 +213,7 @@ def pool_logprobs(
             [member_logprobs(x[start:stop], t) for x, t in zip(member_logits, temps)], dim=0
         )
         wr = w if w.dim() == 1 else w[start:stop]
-        out[start:stop] = _pool_rows(stacked, wr, rule)
+        out[start:stop] = _pool_rows(stacked, wr, rule, alpha)
     return out
 
 

@@ -435,7 +435,7 @@ class ReferenceEngine:
             weights = torch.tensor([requests[i].weights for i in idx], dtype=torch.float32, device=device)
             out[index] = pool_logprobs(
                 [rows[index] for rows in member_rows], weights, rule,  # type: ignore[arg-type]
-                temperatures=self.manifest.temperatures,
+                temperatures=self.manifest.temperatures, alpha=self.manifest.contrastive_alpha,
             )
         return out.cpu()
 

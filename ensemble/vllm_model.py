@@ -225,7 +225,8 @@ class EnsembleForCausalLM(nn.Module):
         if logits is None:
             return None
         return self.pooling_counters.timed_pool(logits, lambda: pool_logprobs(
-            logits, self.weights, self.rule, self.temperatures, chunk_size=self.pool_chunk_rows
+            logits, self.weights, self.rule, self.temperatures, chunk_size=self.pool_chunk_rows,
+            alpha=self.manifest.contrastive_alpha,
         ))
 
     # ------------------------------------------------------------------ weights

@@ -21,12 +21,35 @@ def test_pooled_target_logprobs_equal_the_engines_pooling(rule: str) -> None:
     gen = torch.Generator().manual_seed(0)
     k, r, v = 3, 7, 40
     logits = torch.randn(k, r, v, generator=gen) * 3
-    logits[1, :, 35:] = float("-inf")  # a member lacking the last ids (masked, never a target)
+    logits[:, :, 38:] = float("-inf")  # padding every member lacks (masked, never a target)
     targets = torch.randint(0, 35, (r,), generator=gen)
     weights, temps = torch.tensor([0.5, 0.2, 0.3]), torch.tensor([0.7, 1.0, 1.6])
     ours = pooled_target_logprobs(logits, targets, weights, temps, rule)
     engines = pool_logprobs(list(logits), weights.tolist(), rule, temps.tolist()).gather(1, targets[:, None])[:, 0]
     torch.testing.assert_close(ours, engines, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rule", ["prob_mean", "logprob_mean"])
+def test_the_fit_leaves_out_what_members_abstain_on(rule: str) -> None:
+    """Ids one member lacks (the specials of a longer tokenizer) are pooled over the others by
+    the engines, but the fit's objective gives them nothing: it differs from the engines by the
+    mass the other members put there, nothing when that mass is as small as a special token's
+    in text."""
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 7, 40, generator=gen) * 3
+    logits[1, :, 35:] = float("-inf")  # member 1 lacks ids 35..39
+    targets = torch.randint(0, 35, (7,), generator=gen)
+    weights, temps = torch.tensor([0.5, 0.2, 0.3]), torch.tensor([0.7, 1.0, 1.6])
+
+    def gap(x: torch.Tensor) -> float:
+        ours = pooled_target_logprobs(x, targets, weights, temps, rule)
+        engines = pool_logprobs(list(x), weights.tolist(), rule, temps.tolist()).gather(1, targets[:, None])[:, 0]
+        return float((ours - engines).abs().max())
+
+    assert gap(logits) > 1e-3
+    rare = logits.clone()
+    rare[[0, 2], :, 35:] -= 20.0  # the members that have them make them rare
+    assert gap(rare) < 1e-5
 
 
 def _sampled(rows: int = 3000, vocab: int = 30, seed: int = 0):

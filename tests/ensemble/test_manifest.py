@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -141,10 +142,11 @@ def _manifest(**overrides) -> EnsembleManifest:
         ({"special_tokens": SpecialTokens(eos=100)}, "outside the shared vocabulary"),
         ({"tokenizer_from": "c"}, "tokenizer_from 'c' is not a member"),
         ({"name": " "}, "non-empty name"),
+        ({"contrastive_alpha": 1.0}, "plausibility alpha must be a number in [0, 1), got 1.0"),
     ],
 )
 def test_manifest_validation_messages(overrides: dict, message: str) -> None:
-    with pytest.raises(ManifestError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(ManifestError, match=re.escape(message)):
         _manifest(**overrides)
 
 
@@ -265,13 +267,13 @@ def test_cli_build_and_show(tmp_path: Path, tiny_models: dict[str, Path], capsys
     status = cli_main([
         "build", str(out), "--member", f"expert={tiny_models['qwen2']}:1.5",
         "--member", f"amateur={tiny_models['gemma3']}:-0.5", "--rule", "logprob_mean",
-        "--tokenizer-from", "expert", "--temperature", "amateur=2",
+        "--tokenizer-from", "expert", "--temperature", "amateur=2", "--contrastive-alpha", "0.25",
     ])
     assert status == 0
     assert f"wrote {out}" in capsys.readouterr().out
     manifest = EnsembleManifest.load(out)
     assert manifest.rule == "logprob_mean" and manifest.weights == (1.5, -0.5)
-    assert manifest.temperatures == (1.0, 2.0)
+    assert manifest.temperatures == (1.0, 2.0) and manifest.contrastive_alpha == 0.25
     assert cli_main(["show", str(out)]) == 0
     assert json.loads(capsys.readouterr().out)["members"][0]["name"] == "expert"
 
@@ -324,6 +326,22 @@ def test_member_without_special_tokens_is_masked_not_refused(
     member = Member(manifest.members[1], manifest.vocab_size, model=None, device="cpu")
     fitted = member.shared_logits(torch.zeros(1, 151_665))
     assert torch.isneginf(fitted[0, 151_643:]).all() and torch.isfinite(fitted[0, :151_643]).all()
+
+    # The ids the plain member lacks (<|im_end|> among them) are pooled over the full member
+    # alone: under logprob_mean the ensemble can still end a turn.
+    from ensemble.pooling import member_logprobs, pool_logprobs
+    from ensemble.reference import load_members
+
+    eot = AutoTokenizer.from_pretrained(tiny_models["llama"]).convert_tokens_to_ids("<|im_end|>")
+    assert eot >= 151_643
+    members = load_members(manifest, "cpu", torch.float32)
+    ids = torch.tensor([[9707, 11, 1879, 0]])
+    rows = [m.shared_logits(m.model(input_ids=ids).logits[0]) for m in members]
+    pooled = pool_logprobs(rows, [1.0, 1.0], "logprob_mean")
+    assert torch.isfinite(pooled[:, :151_665]).all()
+    # Within the ids only the full member has, the pool keeps the full member's own odds.
+    full = member_logprobs(rows[0])
+    torch.testing.assert_close(pooled[:, eot] - pooled[:, eot + 1], full[:, eot] - full[:, eot + 1], rtol=0, atol=1e-4)
 
     # The plain tokenizer as the reference: the other member's extra specials lie beyond it.
     folder = build_ensemble(tmp_path / "ens2", [MemberSpec("plain", str(plain)), MemberSpec("full", str(tiny_models["llama"]))])

@@ -47,11 +47,60 @@ def test_logprob_mean_is_the_normalised_geometric_mean() -> None:
 
 def test_negative_weights_contrastive_logprob_mean() -> None:
     expert, amateur = _logits(2, 30, seed=3), _logits(2, 30, seed=4)
-    pooled = pool_logprobs([expert, amateur], [1.5, -0.5], "logprob_mean")
+    pooled = pool_logprobs([expert, amateur], [1.5, -0.5], "logprob_mean", alpha=0.0)
     expected = torch.log_softmax(
         1.5 * torch.log_softmax(expert, -1) - 0.5 * torch.log_softmax(amateur, -1), -1
     )
     torch.testing.assert_close(pooled, expected, rtol=0, atol=1e-5)
+
+
+def test_contrastive_pooling_keeps_only_tokens_the_positive_members_find_plausible() -> None:
+    """Li et al.'s adaptive plausibility constraint: without it, a token the expert finds
+    implausible wins because the amateur dislikes it even more."""
+    expert = torch.tensor([[-6.0, 4.0, 3.5, 0.0, -1.0]])
+    amateur = torch.tensor([[-30.0, 4.0, 3.0, 0.0, -1.0]])
+    unmasked = pool_logprobs([expert, amateur], [1.5, -0.5], "logprob_mean", alpha=0.0)
+    assert int(unmasked.argmax()) == 0  # the implausible token wins
+    pooled = pool_logprobs([expert, amateur], [1.5, -0.5], "logprob_mean")  # default alpha 0.1
+    p_expert = torch.softmax(expert, -1)
+    plausible = p_expert >= 0.1 * p_expert.max()
+    assert plausible.tolist() == [[False, True, True, False, False]]
+    assert torch.isneginf(pooled[~plausible]).all()
+    expected = torch.log_softmax(unmasked.masked_fill(~plausible, float("-inf")), -1)
+    torch.testing.assert_close(pooled, expected, rtol=0, atol=1e-6)
+    assert int(pooled.argmax()) == 1
+    # Rows without a negative weight are not masked, whatever alpha is.
+    rows = torch.tensor([[1.5, -0.5], [0.5, 0.5]])
+    both = pool_logprobs([expert.repeat(2, 1), amateur.repeat(2, 1)], rows, "logprob_mean", alpha=0.5)
+    assert torch.isfinite(both[1]).all() and torch.isneginf(both[0]).sum() == 3
+    for bad in (-0.1, 1.0, float("nan"), True):
+        with pytest.raises(ValueError, match="alpha must be a number in"):
+            pool_logprobs([expert, amateur], [1.5, -0.5], "logprob_mean", alpha=bad)
+
+
+@pytest.mark.parametrize("rule", ["prob_mean", "logprob_mean"])
+def test_a_member_that_cannot_score_a_token_abstains_on_it(rule: str) -> None:
+    """Member b's tokenizer lacks id 3 (say an end-of-turn token): it is pooled over member a
+    alone, so the ensemble can still produce it; ids no member has stay -inf."""
+    a, b = _logits(4, 12, seed=21), _logits(4, 12, seed=22)
+    b[:, 3] = float("-inf")
+    a[:, 11], b[:, 11] = float("-inf"), float("-inf")
+    pooled = pool_logprobs([a, b], [1.0, 3.0], rule)  # type: ignore[arg-type]
+    assert torch.isfinite(pooled[:, :11]).all() and torch.isneginf(pooled[:, 11]).all()
+    torch.testing.assert_close(pooled.exp().sum(-1), torch.ones(4), rtol=0, atol=1e-5)
+    la, lb = torch.log_softmax(a, -1), torch.log_softmax(b, -1)
+    if rule == "prob_mean":
+        unnormalised = torch.log(0.25 * la.exp() + 0.75 * lb.exp())
+    else:
+        unnormalised = 0.25 * la + 0.75 * lb
+    unnormalised[:, 3] = la[:, 3]  # pooled over the one member that scores it, at its full weight
+    torch.testing.assert_close(pooled, torch.log_softmax(unnormalised, -1), rtol=0, atol=1e-5)
+    # A token only a negative-weight member could score has no positive evidence: ruled out.
+    if rule == "logprob_mean":
+        c = _logits(4, 12, seed=23)
+        c[:, 5] = float("-inf")
+        pooled = pool_logprobs([c, a], [1.5, -0.5], rule, alpha=0.0)
+        assert torch.isneginf(pooled[:, 5]).all() and torch.isfinite(pooled[:, [0, 1, 2, 3, 4, 6, 7, 8, 9, 10]]).all()
 
 
 def test_negative_weights_rejected_for_prob_mean() -> None:

@@ -254,8 +254,8 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"loss.weights.{term} is set but {term!r} is not in loss.terms")
         if weight < 0:
             raise ConfigError(f"loss.weights.{term} must be >= 0")
-    if not 0.0 <= lo.gamma < 1.0:
-        raise ConfigError("loss.gamma must be in [0, 1)")
+    if not 0.0 < lo.gamma < 1.0:
+        raise ConfigError("loss.gamma must be in (0, 1)")
     if "latents" in lo.terms and not cfg.self_transfer:
         raise ConfigError("loss term 'latents' needs self-transfer (model.student unset or equal to model.teacher)")
     if lo.balance and len(lo.terms) < 2:

@@ -89,6 +89,7 @@ def test_overrides_do_not_touch_the_input():
         (["train.stop_after=11"], "train.stop_after must be in 1..train.steps"),
         (["nonsense"], "must look like section.key=value"),
         (["data.train=[]"], "data.train is empty"),
+        (["loss.gamma=0"], "loss.gamma must be in (0, 1)"),
         (["train.lr.x=1"], "train.lr must be a number"),
         (["train.warmup_steps=1", "train.warmup_steps.x=1"], "train.warmup_steps.x: warmup_steps is not a section"),
     ],

@@ -420,7 +420,10 @@ def _write(folder: Path, best: RuleFit, report: FitReport) -> None:
         member["weight"], member["temperature"] = w, t
     stored["rule"] = best.rule
     EnsembleManifest.from_dict(stored)  # validate before anything is replaced
-    for target, content in ((path, stored), (folder / FIT_FILE, report.to_dict())):
+    # config.json carries the manifest for vLLM too (`manifest.hf_config`): keep the two equal.
+    config = json.loads((folder / "config.json").read_text())
+    config["chorus"] = stored
+    for target, content in ((path, stored), (folder / "config.json", config), (folder / FIT_FILE, report.to_dict())):
         tmp = target.with_suffix(".tmp")
         tmp.write_text(json.dumps(content, indent=2) + "\n")
         tmp.replace(target)

@@ -196,6 +196,19 @@ class EnsembleManifest:
     def temperatures(self) -> tuple[float, ...]:
         return tuple(m.temperature for m in self.members)
 
+    def without_idle_members(self) -> EnsembleManifest:
+        """A copy without the members of weight 0: under either rule they add nothing to the pool
+        (bit for bit), so an engine whose weights are fixed (vLLM) need not load or run them."""
+        kept = tuple(m for m in self.members if m.weight != 0)
+        if len(kept) == len(self.members):
+            return self
+        names = {m.name for m in kept}
+        return replace(
+            self, members=kept,
+            tokenizer_from=self.tokenizer_from if self.tokenizer_from in names else None,
+            chat_template_from=self.chat_template_from if self.chat_template_from in names else None,
+        )
+
     def member(self, name: str) -> MemberSpec:
         """The member called `name`; ManifestError if there is none."""
         for m in self.members:

@@ -12,7 +12,8 @@ before the first request (resetting what start-up's dummy runs counted), then ev
 
 The pooling rule and member weights are fixed when the engine loads (vLLM's ``compute_logits``
 sees a batch of rows, not requests), and per-member log-probs are not reported: requests asking
-for either get `EngineRequestError`, unless they ask for exactly the ensemble's own pooling.
+for either get `EngineRequestError`, unless they ask for exactly the ensemble's own pooling. So a
+member of weight 0 (one `ensemble fit` dropped) is neither loaded nor run.
 
 Start-up takes 15-40 s on a CPU (vLLM starts an engine-core and a worker process), so scripts
 using this engine need an ``if __name__ == "__main__":`` guard.
@@ -29,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ensemble.manifest import EnsembleManifest
+from ensemble.manifest import EnsembleManifest, hf_config
 from ensemble.parallel import MemberShape, check_tensor_parallel
 from ensemble.pooling_stats import driver_snapshot
 from ensemble.protocol import (
@@ -44,7 +45,10 @@ from ensemble.vllm_worker import QUALNAME as WORKER_EXTENSION
 
 # AsyncEngineArgs fields that VLLMEngineConfig sets itself; pass-through args may not repeat them.
 _OWN_ARGS = frozenset({"model", "tokenizer", "tensor_parallel_size", "max_model_len", "enforce_eager", "dtype",
-                       "worker_extension_cls"})
+                       "worker_extension_cls", "hf_overrides"})
+# The config.json entries that describe the members vLLM runs (`manifest.hf_config`).
+_SERVED_KEYS = ("chorus", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                "head_dim")
 COUNTERS_POLL_S = 1.0  # how often the ensemble counters are read back from the workers
 
 log = logging.getLogger(__name__)
@@ -287,10 +291,12 @@ class VLLMEngine:
                 f"max_model_len {config.max_model_len} exceeds the ensemble's {self.manifest.max_model_len} "
                 "(the shortest member context)"
             )
+        # The weights are fixed here, so members of weight 0 are neither loaded nor run.
+        self.served = self.manifest.without_idle_members()
         # vLLM checks only the head count at start; other misfits fail in a worker, mid-load.
         check_tensor_parallel(
             config.tensor_parallel_size,
-            [MemberShape.from_folder(m.name, m.path) for m in self.manifest.members],
+            [MemberShape.from_folder(m.name, m.path) for m in self.served.members],
         )
         enforce_eager = current_platform.is_cpu() if config.enforce_eager is None else config.enforce_eager
         self.dtype = engine_dtype(config.dtype, current_platform.device_type)
@@ -306,6 +312,10 @@ class VLLMEngine:
             enforce_eager=enforce_eager,
             dtype=self.dtype,
             worker_extension_cls=WORKER_EXTENSION,
+            # The model pools by the manifest this engine loaded (chorus_ensemble.json, which
+            # `ensemble fit` rewrites), never by an older copy in config.json; without idle
+            # members, and with the sizes of the members it runs.
+            hf_overrides={k: v for k, v in hf_config(self.served).items() if k in _SERVED_KEYS},
             **{"disable_log_stats": True, **config.engine_args},
         )
         self._stats: dict[str, Any] = {}
@@ -331,6 +341,7 @@ class VLLMEngine:
             "tensor_parallel_size": config.tensor_parallel_size,
             "dtype": str(self._llm.model_config.dtype).removeprefix("torch."),
             "per_request_pooling": False,
+            "served_members": [m.name for m in self.served.members],
         }
 
     @classmethod

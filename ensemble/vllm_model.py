@@ -40,8 +40,9 @@ from ensemble.manifest import EnsembleManifest, MemberSpec
 from ensemble.pooling import fit_vocab, pool_logprobs
 from ensemble.pooling_stats import PoolingCounters
 
-# The float32 K x rows x V pooling buffer is bounded to about this many bytes (DESIGN.md: on a GPU
-# with a 150k vocabulary and many rows, e.g. prompt logprobs, it would otherwise be gigabytes).
+# The float32 K x rows x V pooling buffer is bounded to about this many bytes: on a GPU with a 150k
+# vocabulary and many rows, e.g. prompt logprobs, it would otherwise be gigabytes
+# (docs/architecture.md, "Pooling memory on a GPU").
 POOL_BUFFER_BYTES = 256 * 2**20
 
 

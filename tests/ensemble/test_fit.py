@@ -108,6 +108,8 @@ def test_fit_command_rewrites_the_manifest(make_ensemble, tiny_models, dev_text:
     # Relative member paths and the rest of the manifest survive.
     stored = json.loads((folder / "chorus_ensemble.json").read_text())
     assert [m["name"] for m in stored["members"]] == ["llama", "gemma"]
+    # vLLM's copy in config.json is the fitted manifest too.
+    assert json.loads((folder / "config.json").read_text())["chorus"] == stored
 
 
 def test_fit_dry_run_writes_nothing(make_ensemble, tiny_models, dev_text: Path) -> None:

@@ -156,6 +156,14 @@ def test_negative_weights_allowed_for_logprob_mean() -> None:
     assert m.weights == (1.5, -0.5)
 
 
+def test_without_idle_members() -> None:
+    m = _manifest(rule="logprob_mean", tokenizer_from="b", chat_template_from="a",
+                  members=(MemberSpec("a", "/a", weight=0.0), MemberSpec("b", "/b", weight=2.0)))
+    served = m.without_idle_members()
+    assert served.member_names == ("b",) and served.tokenizer_from == "b" and served.chat_template_from is None
+    assert served.without_idle_members() is served and _manifest().without_idle_members() == _manifest()
+
+
 def test_from_dict_rejects_unknown_fields() -> None:
     data = _manifest().to_dict()
     data["colour"] = "blue"

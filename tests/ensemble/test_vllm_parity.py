@@ -96,6 +96,7 @@ async def _probe(engine, prompts: list[list[int]]) -> dict[str, object]:
     same = SamplingOptions(max_tokens=2, temperature=0.0, pooling=engine.manifest.rule,
                            weights=tuple(2 * w for w in engine.manifest.weights))
     probes["same_pooling"] = (await collect(engine, prompts[0], same, "same"))[-1]
+    probes["info"] = dict(engine.info)
     probes["counters"] = await _counted_request(engine, prompts[2])
     return probes
 
@@ -128,9 +129,24 @@ def prompts(tokenizer_dir: Path) -> list[list[int]]:
 
 @pytest.fixture(scope="module")
 def pair_run(tiny_models, make_ensemble, prompts) -> EngineRun:
-    """Llama + Qwen2 (different head sizes, QKV bias, tied and untied heads): one engine."""
-    folder = make_ensemble([("llama", tiny_models["llama"], 1.0), ("qwen", tiny_models["qwen2"], 2.0)],
-                           tokenizer_from="qwen")
+    """Llama + Qwen2 (different head sizes, QKV bias, tied and untied heads) and an idle Gemma3
+    (weight 0, which vLLM neither loads nor runs): one engine.
+
+    Its manifest is rewritten after the build, as an older `ensemble fit` did, leaving the copy in
+    config.json as built: the engine must pool by the manifest (logprob_mean, the new weights and
+    temperatures), as the reference engine does.
+    """
+    import json
+
+    folder = make_ensemble([("llama", tiny_models["llama"], 1.0), ("qwen", tiny_models["qwen2"], 2.0),
+                            ("idle", tiny_models["gemma3"], 1.0)], tokenizer_from="qwen")
+    path = folder / "chorus_ensemble.json"
+    stored = json.loads(path.read_text())
+    stored["rule"] = "logprob_mean"
+    for member, weight, temperature in zip(stored["members"], (0.7, 0.3, 0.0), (1.0, 1.3, 1.0)):
+        member["weight"], member["temperature"] = weight, temperature
+    path.write_text(json.dumps(stored))
+    assert json.loads((folder / "config.json").read_text())["chorus"]["rule"] == "prob_mean"
     return run_engine(folder, prompts, probe=_probe)
 
 
@@ -159,6 +175,12 @@ def self_runs(tiny_models, make_ensemble, prompts) -> tuple[EngineRun, list[Requ
 def test_pair_matches_reference(pair_run: EngineRun, prompts) -> None:
     worst = compare(pair_run.outputs, run_reference(pair_run.folder, prompts))
     print(f"llama+qwen2: max |logprob diff| {worst:.2e}, vLLM start-up {pair_run.startup_s:.1f} s")
+
+
+def test_idle_members_are_not_served(pair_run: EngineRun) -> None:
+    info = pair_run.probes["info"]
+    assert info["served_members"] == ["llama", "qwen"]
+    assert [m["name"] for m in info["members"]] == ["llama", "qwen", "idle"]
 
 
 def test_trio_with_sliding_window_matches_reference(trio_run: EngineRun, prompts) -> None:
@@ -212,7 +234,9 @@ def test_ensemble_counters_match_the_reference_engine(pair_run: EngineRun, promp
 
     ref_rows, ref_agreement, _, _ = counter_deltas(*asyncio.run(reference()))
     assert rows == ref_rows == COUNTED.max_tokens and steps == COUNTED.max_tokens and seconds > 0.0
-    assert agreement == ref_agreement and set(agreement) == {"llama", "qwen"}
+    # The reference engine also runs (and counts) the idle member; vLLM does not run it.
+    assert set(ref_agreement) == {"llama", "qwen", "idle"}
+    assert agreement == {k: v for k, v in ref_agreement.items() if k != "idle"} and set(agreement) == {"llama", "qwen"}
 
 
 def test_seeded_sampling_gives_n_reproducible_completions(pair_run: EngineRun) -> None:

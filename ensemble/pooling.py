@@ -33,13 +33,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Literal
 
 import torch
 from torch import Tensor
 
-PoolingRule = Literal["prob_mean", "logprob_mean"]
-POOLING_RULES: tuple[str, ...] = ("prob_mean", "logprob_mean")
+from ensemble.protocol import POOLING_RULES, PoolingRule
+
 # Contrastive decoding's plausibility threshold (Li et al. 2023 use 0.1).
 DEFAULT_ALPHA = 0.1
 

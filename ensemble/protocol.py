@@ -14,10 +14,13 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, get_args, runtime_checkable
 
 PoolingRule = Literal["prob_mean", "logprob_mean"]
+POOLING_RULES: tuple[str, ...] = get_args(PoolingRule)
 FinishReason = Literal["stop", "length", "abort"]
+SAMPLING_EPS = 1e-5  # temperatures below this decode greedily (vLLM's constant)
+MAX_LOGPROBS = 20  # the most top alternatives a request may ask for (vLLM's default max_logprobs)
 
 
 class EngineRequestError(ValueError):

@@ -21,10 +21,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ensemble.protocol import EngineRequestError, SamplingOptions
-
-SAMPLING_EPS = 1e-5  # below this temperature sampling is greedy (vLLM's constant)
-MAX_LOGPROBS = 20  # the most top alternatives a request may ask for (vLLM's default)
+from ensemble.protocol import MAX_LOGPROBS, SAMPLING_EPS, EngineRequestError, SamplingOptions
 
 
 def is_greedy(options: SamplingOptions) -> bool:

@@ -21,8 +21,9 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
 
+from ensemble.protocol import MAX_LOGPROBS, PoolingRule
+
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
-MAX_LOGPROBS = 20  # vLLM's default max_logprobs
 MAX_N = 32
 # Size limits on lists a client controls (README "Security"). OpenAI allows 4 stop strings; vLLM
 # has no limit; these leave room for lm-eval's `until` lists and tokenizers' special ids.
@@ -33,7 +34,6 @@ MAX_PROMPTS = 64
 MAX_SEQUENCES = 128  # prompts × n in one request
 MAX_MESSAGES = 4096
 
-PoolingName = Literal["prob_mean", "logprob_mean"]
 StopString = Annotated[str, Field(max_length=MAX_STOP_LEN)]
 StopParam = StopString | Annotated[list[StopString], Field(max_length=MAX_STOP)] | None
 StopTokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=MAX_STOP_TOKEN_IDS)] | None
@@ -196,7 +196,7 @@ class CompletionRequest(RequestBody):
     return_tokens_as_token_ids: bool | None = Field(
         default=None, description="vLLM extra: name logprob tokens as 'token_id:<id>'.")
     # chorus ensemble extras.
-    pooling: PoolingName | None = Field(default=None, description=POOLING_DOC)
+    pooling: PoolingRule | None = Field(default=None, description=POOLING_DOC)
     member_weights: MemberWeights = Field(default=None, description=WEIGHTS_DOC)
     return_member_logprobs: bool = Field(default=False, description=MEMBER_LOGPROBS_DOC)
 
@@ -319,7 +319,7 @@ class ChatCompletionRequest(RequestBody):
     chat_template_kwargs: dict[str, Any] | None = Field(
         default=None, description="vLLM extra: extra variables for the chat template.")
     # chorus ensemble extras.
-    pooling: PoolingName | None = Field(default=None, description=POOLING_DOC)
+    pooling: PoolingRule | None = Field(default=None, description=POOLING_DOC)
     member_weights: MemberWeights = Field(default=None, description=WEIGHTS_DOC)
     return_member_logprobs: bool = Field(default=False, description=MEMBER_LOGPROBS_DOC)
 

@@ -6,11 +6,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from ensemble.protocol import SamplingOptions
+from ensemble.protocol import SAMPLING_EPS, SamplingOptions
 from server.errors import APIError, bad_request
 from server.protocol import MAX_SEQUENCES, ChatCompletionRequest, CompletionRequest
 
-SAMPLING_EPS = 1e-5  # temperatures below this decode greedily (vLLM's constant)
 
 
 def stop_strings(stop: str | list[str] | None) -> tuple[str, ...]:

@@ -8,92 +8,31 @@ every member. Tokenizers spell the same bytes differently:
 * SentencePiece style (Llama 2, Gemma) writes a space as ``▁`` and unknown bytes as ``<0xNN>``;
 * added/special tokens (``<|im_end|>``) are literal text.
 
-`token_bytes_table` turns a tokenizer into one ``bytes`` entry per id in those terms, and
+`token_bytes_table` turns a tokenizer into one ``bytes`` entry per id in those terms (the
+regular tokens decoded by `transfer.tokens`, the one token-to-bytes implementation), and
 `first_mismatch` finds the first id whose bytes differ between two tokenizers.
 """
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any
 
-_BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+from transfer.tokens import piece_bytes, tokenizer_kind
+
 # Vocabulary fillers that are not tokens of any text.
 _PLACEHOLDER = re.compile(r"\[PAD\d+\]|<\|?(?:pad|PAD)_?\d*\|?>|<pad_\d+>")
-_SPM_SPACE = "\u2581"
 
 # End-of-turn markers of the common chat formats, most specific first.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|end|>", "<|end_of_turn|>", "<|endofturn|>")
-
-
-@lru_cache(maxsize=1)
-def _byte_decoder() -> dict[str, int]:
-    """GPT-2's printable-character -> byte table (inverse of `bytes_to_unicode`)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
-        range(ord("®"), ord("ÿ") + 1)
-    )
-    chars = printable[:]
-    n = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            chars.append(256 + n)
-            n += 1
-    return {chr(c): b for b, c in zip(printable, chars)}
-
-
-def _contains_type(node: Any, type_name: str) -> bool:
-    if isinstance(node, dict):
-        return node.get("type") == type_name or any(_contains_type(v, type_name) for v in node.values())
-    if isinstance(node, list):
-        return any(_contains_type(v, type_name) for v in node)
-    return False
-
-
-def _component(backend: Any, name: str) -> Any:
-    part = getattr(backend, name, None)
-    return json.loads(part.__getstate__()) if part is not None else None
-
-
-def tokenizer_view(tokenizer: Any) -> str:
-    """How `tokenizer` spells bytes: ``"byte_level"``, ``"sentencepiece"`` or ``"text"``."""
-    backend = tokenizer.backend_tokenizer
-    decoder, pre = _component(backend, "decoder"), _component(backend, "pre_tokenizer")
-    if _contains_type(decoder, "ByteLevel") or _contains_type(pre, "ByteLevel"):
-        return "byte_level"
-    normalizer = _component(backend, "normalizer")
-    if (
-        getattr(backend.model, "byte_fallback", False)
-        or any(_contains_type(c, t) for c in (decoder, pre) for t in ("ByteFallback", "Metaspace"))
-        or _contains_type(normalizer, "Replace")
-    ):
-        return "sentencepiece"
-    return "text"
-
-
-def piece_bytes(piece: str, view: str) -> bytes:
-    """The bytes a regular vocabulary piece stands for under `view`."""
-    if view == "byte_level":
-        table = _byte_decoder()
-        if all(ch in table for ch in piece):
-            return bytes(table[ch] for ch in piece)
-        return piece.encode("utf-8")
-    if view == "sentencepiece":
-        match = _BYTE_PIECE.match(piece)
-        if match:
-            return bytes([int(match.group(1), 16)])
-        return piece.replace(_SPM_SPACE, " ").encode("utf-8")
-    return piece.encode("utf-8")
 
 
 @dataclass(frozen=True)
 class TokenTable:
     """One tokenizer's vocabulary as bytes per id (None for an unused id)."""
 
-    view: str
+    view: str  # `transfer.tokens.tokenizer_kind`: byte_level, sentencepiece or plain
     entries: tuple[bytes | None, ...]
     pieces: tuple[str | None, ...]  # the raw token strings, for error messages
     num_regular: int  # ids covered by the tokenizer model's own vocabulary (no added tokens)
@@ -123,7 +62,7 @@ def token_bytes_table(tokenizer: Any) -> TokenTable:
     Regular tokens are decoded under the tokenizer's view; added tokens (specials such as
     ``<|im_end|>``) are their literal UTF-8 text.
     """
-    view = tokenizer_view(tokenizer)
+    view, space_char = tokenizer_kind(tokenizer)
     regular = tokenizer.backend_tokenizer.get_vocab(with_added_tokens=False)
     added = {i: tok.content for i, tok in tokenizer.added_tokens_decoder.items()}
     size = max([len(tokenizer), *(i + 1 for i in regular.values()), *(i + 1 for i in added)])
@@ -131,7 +70,7 @@ def token_bytes_table(tokenizer: Any) -> TokenTable:
     entries: list[bytes | None] = [None] * size
     for piece, i in regular.items():
         pieces[i] = piece
-        entries[i] = piece_bytes(piece, view)
+        entries[i] = piece_bytes(piece, view, space_char)
     for i, content in added.items():
         pieces[i] = content
         entries[i] = content.encode("utf-8")

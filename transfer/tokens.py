@@ -97,7 +97,8 @@ def _byte_fallback(token: str) -> bytes | None:
     return None
 
 
-def _decode_piece(token: str, kind: str, space_char: str) -> bytes:
+def piece_bytes(token: str, kind: str, space_char: str) -> bytes:
+    """The bytes a regular vocabulary string stands for, under `tokenizer_kind`'s (kind, space_char)."""
     if kind == BYTE_LEVEL:
         try:
             return token.translate(_BYTE_DECODER).encode("latin-1")
@@ -140,7 +141,7 @@ def token_bytes(tokenizer: Any) -> list[bytes | None]:
         elif idx in special_ids:
             out[idx] = None
         else:
-            out[idx] = _decode_piece(token, kind, space_char)
+            out[idx] = piece_bytes(token, kind, space_char)
     try:
         _CACHE[tokenizer] = (len(tokenizer), out)
     except TypeError:

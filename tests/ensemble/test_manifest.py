@@ -303,7 +303,7 @@ def test_placeholders_and_specials_in_token_tables() -> None:
     from ensemble.vocab import TokenTable
 
     pieces = ("a", "b", "<|im_end|>", "[PAD3]", "[PAD4]")
-    table = TokenTable("text", tuple(p.encode() for p in pieces), pieces, 2, frozenset({2}))
+    table = TokenTable("plain", tuple(p.encode() for p in pieces), pieces, 2, frozenset({2}))
     assert table.useful_size() == 3
     assert [table.is_text_token(i) for i in range(6)] == [True, True, False, False, False, False]
 

@@ -49,6 +49,15 @@ for model in gemma3 smollm2 qwen2.5; do
   fi
   run="$OUT/$model-$PIVOT"
   n="${steps[$model]}"
+  # The recipe a cached member was made with: a changed config or step count rebuilds it.
+  recipe="steps=$n config=$(sha256sum "$CONFIG" | cut -c1-16)"
+  [[ "$n" == 0 ]] && recipe="fvt"
+  if [[ -d "$run" && "$(cat "$run.recipe" 2>/dev/null)" != "$recipe" ]]; then
+    echo "[default] $model on the $PIVOT tokenizer: made by another recipe, rebuilding" >&2
+    rm -rf "$run"
+    stale=1
+  fi
+  echo "$recipe" > "$run.recipe"
   if [[ -f "$run/model/config.json" ]]; then
     echo "[default] $model on the $PIVOT tokenizer: cached at $run/model" >&2
   elif [[ "$n" == 0 ]]; then
@@ -66,7 +75,7 @@ for model in gemma3 smollm2 qwen2.5; do
   members+=(--member "${names[$model]}=$run/model")
 done
 
-if [[ ! -f "$ENSEMBLE/chorus_ensemble.json" || ( "$fit" == 1 && ! -f "$ENSEMBLE/fit.json" ) ]]; then
+if [[ -n "${stale:-}" || ! -f "$ENSEMBLE/chorus_ensemble.json" || ( "$fit" == 1 && ! -f "$ENSEMBLE/fit.json" ) ]]; then
   "${BIN}ensemble" build "$ENSEMBLE" "${members[@]}" --rule prob_mean --tokenizer-from "$template_from" \
     --chat-template-from "$template_from" --name chorus-default --overwrite >&2
   if [[ "$fit" == 1 ]]; then "${BIN}ensemble" fit "$ENSEMBLE" >&2; fi

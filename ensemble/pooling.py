@@ -115,41 +115,46 @@ def _pool_rows(logprobs: Tensor, w: Tensor, rule: str, alpha: float = DEFAULT_AL
     """Pool stacked member log-probs ``[K, R, V]`` with weights ``[K]`` or ``[R, K]``."""
     # Weights broadcast to [K, R, 1].
     wk = w[:, None, None] if w.dim() == 1 else w.t()[:, :, None]
-    scored = torch.isfinite(logprobs)
-    voters, abstainers = scored & (wk != 0), ~scored & (wk != 0)  # [K, R, V]
-    # Tokens some weighted member abstains on while another scores them (rare: the ids only some
-    # tokenizers have); every other token is pooled exactly as if no member could abstain.
-    split = voters.any(dim=0) & abstainers.any(dim=0)
+    active = wk != 0
+    holes = ~torch.isfinite(logprobs) & active  # [K, R, V]: a weighted member cannot score the token
+    abstains = bool(holes.any())  # rare (masked ids): otherwise nothing below looks at `holes`
+    zero = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
+    if abstains:
+        voters = active & ~holes
+        # Tokens some weighted member abstains on while another scores them; every other token is
+        # pooled exactly as if no member could abstain.
+        split = voters.any(dim=0) & holes.any(dim=0)
+        share = torch.where(voters, wk, zero).sum(dim=0)  # the weight of the members scoring each token
     if rule == "prob_mean":
         # log(0) = -inf makes a zero-weight member vanish from the logsumexp.
         pooled = torch.logsumexp(logprobs + torch.log(wk), dim=0)
-        if not bool(split.any()):
+        if not abstains or not bool(split.any()):
             return pooled
         # Divide each split token by the weight of the members that score it, renormalise its row.
-        share = torch.where(voters, wk, torch.zeros((), dtype=wk.dtype, device=wk.device)).sum(dim=0)
         pooled = torch.where(split, pooled - torch.log(share), pooled)
         rows = split.any(dim=-1)
         return torch.where(rows[:, None], torch.log_softmax(pooled, dim=-1), pooled)
     # Geometric pool: members that do not vote contribute nothing (avoids 0 * -inf = nan).
-    zero = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
-    scores = torch.where(voters, wk * logprobs, zero).sum(dim=0)
-    if bool(split.any()):
+    if not abstains:
+        scores = torch.where(active, wk * logprobs, zero).sum(dim=0)
+    else:
+        scores = torch.where(voters, wk * logprobs, zero).sum(dim=0)
         # Split tokens: the weighted mean over the members that score them; none with positive
         # weight (only a contrastive member scores it): ruled out.
-        share = torch.where(voters, wk, zero).sum(dim=0)
         scores = torch.where(split, torch.where(share > 0, scores / share.clamp_min(1e-30), -math.inf), scores)
-    scores = scores.masked_fill(~voters.any(dim=0), float("-inf"))
+        scores = scores.masked_fill(~voters.any(dim=0), float("-inf"))
     negative = (wk < 0).any(dim=0)[:, 0]  # [R]: contrastive rows
     if alpha > 0 and bool(negative.any()):
-        scores = torch.where(negative[:, None], _plausible(scores, logprobs, wk, alpha), scores)
+        scores = torch.where(negative[:, None], _plausible(scores, logprobs, wk, holes, alpha), scores)
     return torch.log_softmax(scores, dim=-1)
 
 
-def _plausible(scores: Tensor, logprobs: Tensor, wk: Tensor, alpha: float) -> Tensor:
+def _plausible(scores: Tensor, logprobs: Tensor, wk: Tensor, holes: Tensor, alpha: float) -> Tensor:
     """`scores` ``[R, V]`` with ``-inf`` wherever the positive members' geometric pool gives a
-    token less than `alpha` times its most likely token's probability."""
+    token less than `alpha` times its most likely token's probability (`holes`: where a weighted
+    member cannot score a token)."""
     positive = wk.clamp_min(0)
-    voters = torch.isfinite(logprobs) & (positive > 0)
+    voters = (positive > 0) & ~holes
     zero = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
     share = torch.where(voters, positive, zero).sum(dim=0)
     pos = torch.where(voters, positive * logprobs, zero).sum(dim=0) / share.clamp_min(1e-30)

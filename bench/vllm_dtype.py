@@ -40,7 +40,9 @@ def cpu_model() -> str:
 
 def prompts_from_text(tokenizer, text: str, n: int, length: int) -> list[list[int]]:
     """`n` prompts of `length` tokens, consecutive slices of `text` tokenized once."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    from transfer.tokens import encode_text
+
+    ids = encode_text(tokenizer, text)
     if len(ids) < n * length:
         raise SystemExit(f"the text has {len(ids)} tokens, fewer than {n} x {length}")
     return [ids[i * length:(i + 1) * length] for i in range(n)]

@@ -103,6 +103,7 @@ class LossConfig:
     terms: tuple[str, ...] = ("alm",)
     weights: dict[str, float] = field(default_factory=dict)  # missing terms weigh 1.0
     balance: bool = False  # weight each term by 1 / ||grad|| over the last layer
+    balance_every: int = 1  # refresh those weights every this many steps (each refresh: a backward per term)
     gamma: float = 0.1
     tau: float = 100.0
     distance: Literal["binary_kl", "binary_ce", "abs"] = "binary_kl"  # binary_kl: binary_ce minus its floor
@@ -211,6 +212,7 @@ def validate(cfg: RunConfig) -> None:
     if not d.train:
         raise ConfigError("data.train is empty: name at least one text or jsonl file")
     _positive("loss.tau", lo.tau)
+    _positive("loss.balance_every", lo.balance_every)
     _positive("output.checkpoint_every", o.checkpoint_every)
     _positive("output.eval_every", o.eval_every)
     _positive("output.log_every", o.log_every)

@@ -482,39 +482,50 @@ def latents_loss(
     return ((hs - ht).pow(2) / scale).mean()
 
 
+def balance_weights(
+    losses: Mapping[str, Tensor], params: Sequence[Tensor], eps: float = 1e-12
+) -> dict[str, float]:
+    """1 / ||grad L_i|| over `params` (e.g. the last layer's trainable parameters), per term.
+
+    tokenkit's "approx_gradmag" balance: multiplying term i by this weight gives it a gradient of
+    norm 1 on `params`, so no term drowns the others whatever its scale. A term with no (or no
+    finite) gradient there gets weight 0. Computed with `torch.autograd.grad(..., retain_graph=True)`,
+    so the caller can still call `backward()` on the losses; each term costs one backward pass from
+    the loss to `params`, which is why training can refresh these weights only every few steps.
+    """
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        raise ValueError("balance_params holds no parameter that requires grad")
+    out: dict[str, float] = {}
+    for name, loss in losses.items():
+        norm = 0.0
+        if loss.requires_grad:
+            grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+            norm = math.sqrt(sum(float(g.float().pow(2).sum()) for g in grads if g is not None))
+        out[name] = 1.0 / (norm + eps) if norm > 0 and math.isfinite(norm) else 0.0
+    return out
+
+
 def combine_losses(
     losses: Mapping[str, Tensor],
     weights: Mapping[str, float] | None = None,
-    balance_params: Sequence[Tensor] | None = None,
-    eps: float = 1e-12,
+    balance: Mapping[str, float] | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
-    """(total loss, the weight used per term).
+    """(total loss, the weight used per term): total = sum_i w_i b_i L_i.
 
-    Fixed weights: total = sum_i w_i L_i (missing weights are 1). With `balance_params` (e.g.
-    the last layer's trainable parameters) each term is also divided by the norm of its
-    gradient w.r.t. those parameters, so every term contributes a gradient of norm w_i there;
-    a term with no gradient there gets weight 0. The norms are computed with
-    `torch.autograd.grad(..., retain_graph=True)`, so `total.backward()` still works.
+    w_i are the fixed weights (missing ones are 1); b_i the balancing factors of
+    `balance_weights` (missing ones, or no `balance` at all, are 1).
     """
     if not losses:
         raise ValueError("combine_losses needs at least one loss term")
     weights = dict(weights or {})
-    unknown = set(weights) - set(losses)
+    unknown = (set(weights) | set(balance or {})) - set(losses)
     if unknown:
         raise ValueError(f"weights given for unknown loss terms: {sorted(unknown)}")
     used: dict[str, float] = {}
     total: Tensor | None = None
-    params = [p for p in (balance_params or []) if p.requires_grad]
-    if balance_params is not None and not params:
-        raise ValueError("balance_params holds no parameter that requires grad")
     for name, loss in losses.items():
-        weight = float(weights.get(name, 1.0))
-        if params:
-            norm = 0.0
-            if loss.requires_grad:
-                grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
-                norm = math.sqrt(sum(float(g.float().pow(2).sum()) for g in grads if g is not None))
-            weight = weight / (norm + eps) if norm > 0 and math.isfinite(norm) else 0.0
+        weight = float(weights.get(name, 1.0)) * float((balance or {}).get(name, 1.0))
         used[name] = weight
         term = loss * weight
         total = term if total is None else total + term

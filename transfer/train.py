@@ -402,6 +402,7 @@ def train(cfg: RunConfig, resume: bool = False, on_step: Optional[Callable[[int,
 
     log = RunLog(out / "log.jsonl")
     step, tokens_seen, elapsed = 0, 0, 0.0
+    factors: dict[str, float] | None = None  # gradient-balancing factors, refreshed every loss.balance_every steps
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         (out / CONFIG_FILE).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
@@ -409,6 +410,7 @@ def train(cfg: RunConfig, resume: bool = False, on_step: Optional[Callable[[int,
         accelerator.load_state(str(latest))
         state = json.loads((latest / STATE_FILE).read_text(encoding="utf-8"))
         step, tokens_seen, elapsed = state["step"], state["tokens"], state["elapsed"]
+        factors = state.get("balance")
         if accelerator.is_main_process:
             log.truncate_after(step)
             for partial in (out / CHECKPOINTS).glob(".tmp-step-*"):  # a save the kill interrupted
@@ -450,7 +452,9 @@ def train(cfg: RunConfig, resume: bool = False, on_step: Optional[Callable[[int,
             with sync:  # the backward too: FSDP reads no_sync in its post-backward hooks
                 with accelerator.autocast():
                     terms = compute_losses(batch, student, teacher, models, cfg)
-                    total, used = losses.combine_losses(terms, weights, balance)
+                    if balance is not None and (factors is None or step % cfg.loss.balance_every == 0):
+                        factors = losses.balance_weights(terms, balance)
+                    total, used = losses.combine_losses(terms, weights, factors)
                 accelerator.backward(total / cfg.train.grad_accum)
             for name, value in terms.items():
                 sums[name] = sums.get(name, 0.0) + float(value.detach()) / cfg.train.grad_accum
@@ -485,7 +489,8 @@ def train(cfg: RunConfig, resume: bool = False, on_step: Optional[Callable[[int,
         if step % cfg.output.eval_every == 0 or step == cfg.train.steps:
             evaluate_now(step)
         if step % cfg.output.checkpoint_every == 0 or step == stop:
-            state = {"step": step, "tokens": tokens_seen, "elapsed": elapsed, "data": order.state_dict()}
+            state = {"step": step, "tokens": tokens_seen, "elapsed": elapsed, "data": order.state_dict(),
+                     "balance": factors}
             save_checkpoint(accelerator, out, step, state, cfg.output.keep_checkpoints)
             if accelerator.is_main_process:
                 _export_log(log, out, cfg)

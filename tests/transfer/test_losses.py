@@ -403,15 +403,18 @@ def test_combine_losses_balances_gradient_magnitudes():
     out = layer(inp)
     terms = {"big": 1000.0 * out.pow(2).mean(), "small": 1e-3 * (out * other).sum(), "constant": other.sum() * 0}
     params = list(layer.parameters())
-    total, used = losses.combine_losses(terms, balance_params=params)
+    factors = losses.balance_weights(terms, params)
+    total, used = losses.combine_losses(terms, {"small": 2.0}, factors)
     assert used["constant"] == 0.0  # no gradient on the balanced parameters
-    for name in ("big", "small"):
+    for name, norm in (("big", 1.0), ("small", 2.0)):  # the fixed weight scales the balanced norm
         grads = torch.autograd.grad(terms[name] * used[name], params, retain_graph=True)
-        assert math.isclose(math.sqrt(sum(float(g.pow(2).sum()) for g in grads)), 1.0, rel_tol=1e-4)
+        assert math.isclose(math.sqrt(sum(float(g.pow(2).sum()) for g in grads)), norm, rel_tol=1e-4)
     total.backward()
     assert all(torch.isfinite(p.grad).all() for p in params)
     with pytest.raises(ValueError, match="requires grad"):
-        losses.combine_losses(terms, balance_params=[torch.zeros(2)])
+        losses.balance_weights(terms, [torch.zeros(2)])
+    with pytest.raises(ValueError, match="unknown"):
+        losses.combine_losses({"big": terms["big"]}, balance={"small": 1.0})
 
 
 # --------------------------------------------------------------------------- blockwise vocabulary statistics

@@ -57,6 +57,37 @@ def test_killed_run_resumes_exactly(reference_run, tiny_dir, corpus, tiny_config
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
+def test_balance_refreshed_every_n_steps_and_resumed_exactly(tiny_dir, corpus, tiny_config, tmp_path):
+    """loss.balance_every=3: the balancing weights change only at steps 1, 4, ...; a run killed
+    after step 5 resumes with the weights of its checkpoint (not fresh ones) and matches the
+    uninterrupted run."""
+    def run(out, **kw):
+        return config_from_dict(tiny_config(tiny_dir("llama-gpt2"), corpus, out,
+                                            loss={"balance": True, "balance_every": 3}, **kw))
+
+    def records(out):
+        return {r["step"]: r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "loss" in r}
+
+    whole = train(run(tmp_path / "whole"))
+    weights = {step: (r["weight_alm"], r["weight_sft"]) for step, r in records(whole).items()}
+    assert weights[1] == weights[2] == weights[3] != weights[4] == weights[5] == weights[6]
+
+    def kill_at_5(step: int, record: dict) -> None:
+        if step == 5:
+            raise Killed
+
+    cfg = run(tmp_path / "killed")
+    with pytest.raises(Killed):
+        train(cfg, on_step=kill_at_5)
+    train(cfg, resume=True)  # resumes from step 4, inside the window refreshed at step 4
+    want, got = records(whole), records(tmp_path / "killed")
+    for step in range(1, 7):
+        for key in ("loss", "weight_alm", "weight_sft"):
+            assert got[step][key] == pytest.approx(want[step][key], rel=1e-5), (step, key)
+    with pytest.raises(ConfigError, match="balance_every"):
+        config_from_dict(tiny_config(tiny_dir("llama-gpt2"), corpus, tmp_path, loss={"balance_every": 0}))
+
+
 def test_reference_run_outputs(reference_run, corpus):
     """The final folder loads with from_pretrained (byte tokenizer included), and its held-out
     bits per byte equal the ones the run logged at its last step (same bytes, merged LoRA)."""

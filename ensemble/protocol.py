@@ -100,6 +100,8 @@ class EngineStats:
     member_agreement: dict[str, int] | None = None  # member name -> rows whose pooled top-1 was its own top-1
     pooling_seconds: float | None = None  # time spent pooling member distributions
     pooling_steps: int | None = None  # engine steps that pooled (the count behind pooling_seconds)
+    prefix_cache_queries: int | None = None  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int | None = None  # of those, tokens found there (their KV was reused)
 
 
 @runtime_checkable

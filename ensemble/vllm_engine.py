@@ -259,7 +259,8 @@ class OutputTranslator:
 
 
 def _stats_logger_factory(box: dict[str, Any]):
-    """A vLLM stat-logger factory whose loggers keep the latest `SchedulerStats` in `box`."""
+    """A vLLM stat-logger factory whose loggers keep the latest `SchedulerStats` in `box`, and
+    the prefix-cache queries and hits (tokens) summed over all of them."""
     from vllm.v1.metrics.loggers import StatLoggerBase
 
     class LatestSchedulerStats(StatLoggerBase):
@@ -269,6 +270,10 @@ def _stats_logger_factory(box: dict[str, Any]):
         def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0) -> None:
             if scheduler_stats is not None:
                 box["latest"] = scheduler_stats
+                prefix = scheduler_stats.prefix_cache_stats  # this interval's tokens, as vLLM counts them
+                if prefix is not None:
+                    box["prefix_cache_queries"] = box.get("prefix_cache_queries", 0) + int(prefix.queries)
+                    box["prefix_cache_hits"] = box.get("prefix_cache_hits", 0) + int(prefix.hits)
 
         def log_engine_initialized(self) -> None:
             pass
@@ -326,6 +331,7 @@ class VLLMEngine:
         self._active: set[str] = set()
         self.model_name = self.manifest.name
         self.max_model_len = int(self._llm.model_config.max_model_len)
+        self.max_num_seqs = int(self._llm.vllm_config.scheduler_config.max_num_seqs)  # the server's admission cap
         self.tokenizer = self._llm.get_tokenizer()
         self.info = {
             "engine": "vllm",
@@ -342,6 +348,8 @@ class VLLMEngine:
             "dtype": str(self._llm.model_config.dtype).removeprefix("torch."),
             "per_request_pooling": False,
             "served_members": [m.name for m in self.served.members],
+            "max_num_seqs": self.max_num_seqs,
+            "prefix_caching": bool(self._llm.vllm_config.cache_config.enable_prefix_caching),
         }
 
     @classmethod
@@ -399,7 +407,8 @@ class VLLMEngine:
         The counters are per pooled row of ``compute_logits`` (see `ensemble.vllm_model`): a
         member agrees on a row when its top-1 token is the pooled top-1.
         """
-        counters = self._counters or {}
+        counters = {**(self._counters or {}), "prefix_cache_queries": self._stats.get("prefix_cache_queries", 0),
+                    "prefix_cache_hits": self._stats.get("prefix_cache_hits", 0)}
         latest = self._stats.get("latest")
         if latest is None:
             return EngineStats(num_running=0, num_waiting=0, kv_cache_usage=0.0, **counters)

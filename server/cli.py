@@ -7,6 +7,14 @@ CHORUS_HOST, CHORUS_PORT, CHORUS_ENGINE, CHORUS_TENSOR_PARALLEL_SIZE, CHORUS_MAX
 CHORUS_API_KEY, CHORUS_MAX_RUNNING, CHORUS_MAX_QUEUE, CHORUS_REQUEST_TIMEOUT,
 CHORUS_SERVED_MODEL_NAME, CHORUS_SHUTDOWN_TIMEOUT, CHORUS_MAX_BODY_MB, CHORUS_STREAM_STALL_TIMEOUT,
 CHORUS_TOKENIZER_WORKERS, CHORUS_LOG_LEVEL. A flag beats its variable.
+
+vLLM's engine arguments follow serve's own flags, as `vllm serve` takes them (`serve --help-vllm`
+lists them; `server.vllm_args` parses them with vLLM's own parser):
+
+    serve --ensemble runs/ensemble --max-num-seqs 8 --enable-prefix-caching
+
+CHORUS_VLLM_ARGS holds more of them for containers (split like a shell would); the command line's
+come after it, so they win.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 import sys
 from collections.abc import Sequence
 
@@ -47,10 +56,14 @@ def build_parser() -> argparse.ArgumentParser:
     """The `serve` argument parser (defaults read from CHORUS_* variables)."""
     p = argparse.ArgumentParser(
         prog="serve",
+        allow_abbrev=False,  # the command line also carries vLLM's flags: no prefix may match ours
         description="Serve an ensemble folder behind the OpenAI HTTP API "
                     "(/v1/completions, /v1/chat/completions, /v1/models, /health, /metrics, /tokenize, /detokenize).",
-        epilog="Each option also reads CHORUS_<OPTION> (e.g. CHORUS_PORT=9000); a flag beats its variable.",
+        epilog="Each option also reads CHORUS_<OPTION> (e.g. CHORUS_PORT=9000); a flag beats its variable. "
+               "vLLM's engine arguments (e.g. --max-num-seqs 8 --enable-prefix-caching) are accepted too, "
+               "with the vllm engine: serve --help-vllm lists them; CHORUS_VLLM_ARGS holds more.",
     )
+    p.add_argument("--help-vllm", action="store_true", help="list vLLM's engine arguments and exit")
     p.add_argument("--ensemble", default=_env("ENSEMBLE"), metavar="DIR",
                    help="ensemble folder made by 'ensemble build' [CHORUS_ENSEMBLE]")
     p.add_argument("--host", default=_env("HOST", "127.0.0.1"), help="bind address [CHORUS_HOST, 127.0.0.1]")
@@ -98,11 +111,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def config_from_args(args: argparse.Namespace) -> ServerConfig:
-    """A validated `ServerConfig` (ConfigError with one line on bad values)."""
+def config_from_args(args: argparse.Namespace, vllm_argv: Sequence[str] = ()) -> ServerConfig:
+    """A validated `ServerConfig` (ConfigError with one line on bad values); `vllm_argv` are the
+    vLLM engine flags left over after serve's own (parsed by `server.vllm_args`)."""
     def as_int(value):
         return None if value is None else int(value)
 
+    vllm_argv = [*shlex.split(_env("VLLM_ARGS", "")), *vllm_argv]
+    if vllm_argv and args.engine != "vllm":
+        raise ConfigError(f"vLLM engine arguments ({' '.join(vllm_argv)}) need --engine vllm")
+    engine_args = {}
+    if vllm_argv:
+        from server.vllm_args import parse_vllm_args
+
+        engine_args = parse_vllm_args(vllm_argv)
     return ServerConfig(
         ensemble=args.ensemble or "",
         host=args.host,
@@ -125,6 +147,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         tokenizer_workers=as_int(args.tokenizer_workers),
         stream_stall_timeout=(_positive_float_or_none(args.stream_stall_timeout)
                               if isinstance(args.stream_stall_timeout, str) else args.stream_stall_timeout),
+        engine_args=engine_args,
     )
 
 
@@ -145,9 +168,14 @@ def banner(config: ServerConfig, port: int) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `serve` console script."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, vllm_argv = parser.parse_known_args(argv)
+    if args.help_vllm:
+        from server.vllm_args import vllm_help
+
+        print(vllm_help())
+        return 0
     try:
-        config = config_from_args(args)
+        config = config_from_args(args, vllm_argv)
     except (ConfigError, ValueError, TypeError) as err:
         parser.exit(2, f"serve: error: {err}\n")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 ENGINES = ("vllm", "torch")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -46,6 +48,8 @@ class ServerConfig:
             stream is cut off and its sequences aborted; None = never.
         tokenizer_workers: threads that tokenize prompts (each with its own tokenizer copy); at
             most `max_queue` + `max_running` tokenizer jobs wait, more get a 429.
+        engine_args: further ``vllm.AsyncEngineArgs`` fields (vllm engine only), as parsed from
+            vLLM's own flags by `server.vllm_args` (e.g. ``{"max_num_seqs": 8}``).
     """
 
     ensemble: str
@@ -67,6 +71,7 @@ class ServerConfig:
     max_body_mb: float = 16.0
     stream_stall_timeout: float | None = 30.0
     tokenizer_workers: int = 2
+    engine_args: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         folder = Path(self.ensemble).expanduser()
@@ -111,6 +116,9 @@ class ServerConfig:
         if self.stream_stall_timeout is not None:
             _positive("stream_stall_timeout", self.stream_stall_timeout, " of seconds")
         _positive("max_body_mb", self.max_body_mb)
+        object.__setattr__(self, "engine_args", dict(self.engine_args))
+        if self.engine_args and self.engine != "vllm":
+            raise ConfigError(f"vLLM engine arguments ({', '.join(self.engine_args)}) need the vllm engine")
         if not (math.isfinite(self.shutdown_timeout) and self.shutdown_timeout >= 0):
             raise ConfigError(f"shutdown_timeout must be >= 0, got {self.shutdown_timeout!r}")
 

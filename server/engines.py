@@ -19,18 +19,21 @@ def _start(config: ServerConfig) -> Engine:
         return ReferenceEngine(config.ensemble, dtype=dtype)
     from ensemble.vllm_engine import VLLMEngine
 
+    args = vllm_engine_args(config)
     return VLLMEngine.from_folder(
         config.ensemble,
         tensor_parallel_size=config.tensor_parallel_size,
         max_model_len=config.max_model_len,
         dtype=config.dtype,
-        engine_args=vllm_engine_args(config),
+        enforce_eager=args.pop("enforce_eager", None),  # a VLLMEngineConfig field of its own
+        engine_args=args,
     )
 
 
 def vllm_engine_args(config: ServerConfig) -> dict:
-    """`vllm.AsyncEngineArgs` fields the server's flags set beyond VLLMEngineConfig's own."""
-    args: dict = {}
+    """`vllm.AsyncEngineArgs` fields the server sets beyond VLLMEngineConfig's own: vLLM's flags
+    from the command line (`config.engine_args`) and the server flags that map onto them."""
+    args: dict = dict(config.engine_args)
     if config.distributed_executor_backend is not None:
         args["distributed_executor_backend"] = config.distributed_executor_backend
     if config.kv_cache_gib is not None:

@@ -9,7 +9,9 @@ vLLM names exported (all measured by the server around the engine):
       at scrape time; "waiting" adds requests queued by the server's admission control),
   vllm:prompt_tokens_total, vllm:generation_tokens_total, vllm:request_success_total{finished_reason},
   vllm:time_to_first_token_seconds, vllm:inter_token_latency_seconds, vllm:e2e_request_latency_seconds,
-  vllm:admission_rejections_total{reason}.
+  vllm:admission_rejections_total{reason},
+  vllm:prefix_cache_queries_total, vllm:prefix_cache_hits_total  (tokens; from vLLM's scheduler
+      stats, exported when the engine reports them: the vllm engine does).
 chorus names:
   chorus:requests_aborted_total{reason}  (client_disconnect, slow_client, timeout, shutdown, engine_dead,
   error),
@@ -23,7 +25,7 @@ chorus names:
 
 Optional ensemble counters an engine may add to its `EngineStats` (all cumulative since start):
   pooled_tokens: int, member_agreement: dict[member name, int], pooling_seconds: float,
-  pooling_steps: int.
+  pooling_steps: int, prefix_cache_queries: int, prefix_cache_hits: int.
 """
 
 from __future__ import annotations
@@ -80,7 +82,7 @@ class _EngineLoadCollector(Collector):
 
 
 def ensemble_families(model_name: str, stats: object) -> list:
-    """Metric families for the optional ensemble counters of `stats` (none when it has none)."""
+    """Metric families for the optional counters of `stats` (ensemble and prefix cache; none when it has none)."""
     families: list = []
     pooled = getattr(stats, "pooled_tokens", None)
     agreement = getattr(stats, "member_agreement", None)
@@ -104,6 +106,13 @@ def ensemble_families(model_name: str, stats: object) -> list:
                 agree.add_metric([model_name, str(member)], count)
                 ratio.add_metric([model_name, str(member)], count / pooled if pooled else 0.0)
             families += [agree, ratio]
+    for name, text in (("prefix_cache_queries", "Prefix cache queries, in terms of number of queried tokens."),
+                       ("prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.")):
+        value = getattr(stats, name, None)
+        if isinstance(value, int):
+            family = CounterMetricFamily(f"vllm:{name}", text, labels=["model_name", "engine"])
+            family.add_metric([model_name, "0"], value)
+            families.append(family)
     seconds = getattr(stats, "pooling_seconds", None)
     steps = getattr(stats, "pooling_steps", None)
     if isinstance(seconds, (int, float)) and isinstance(steps, int):

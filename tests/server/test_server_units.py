@@ -275,6 +275,55 @@ def test_admission_counts_sequences_not_requests() -> None:
     asyncio.run(scenario())
 
 
+def test_admission_serves_lower_priority_values_first() -> None:
+    """Waiters are served by (priority, arrival); a newcomer goes straight in only when it fits and
+    no waiter is ahead of it (same or lower priority value)."""
+    async def scenario() -> list[str]:
+        adm = Admission(max_running=2, max_queue=8)
+        order: list[str] = []
+        await adm.acquire(2)
+
+        async def wait(name: str, priority: int, sequences: int = 1) -> None:
+            await adm.acquire(sequences, priority)
+            order.append(name)
+
+        tasks = []
+        for name, priority in (("late-a", 5), ("urgent", -3), ("normal-a", 0), ("normal-b", 0), ("late-b", 5)):
+            tasks.append(asyncio.create_task(wait(name, priority)))
+            await asyncio.sleep(0)
+        assert adm.waiting == 5
+        adm.release(2)  # two slots: the two at the head
+        await asyncio.sleep(0)
+        assert order == ["urgent", "normal-a"]
+        adm.release(1)
+        await asyncio.sleep(0)
+        # a newcomer of priority 0 fits into no room; one of priority -9 would jump every waiter
+        adm.release(1)
+        await asyncio.sleep(0)
+        assert order == ["urgent", "normal-a", "normal-b", "late-a"]
+        jumper = asyncio.create_task(wait("jumper", -9))
+        await asyncio.sleep(0)
+        assert not jumper.done() and adm.waiting == 2  # no room yet: it queues at the head
+        adm.release(1)
+        await asyncio.sleep(0)
+        assert order[-1] == "jumper"
+        adm.release(1)
+        await asyncio.gather(*tasks, jumper)
+        assert order == ["urgent", "normal-a", "normal-b", "late-a", "jumper", "late-b"]
+        # with room and only later-priority waiters ahead, a more urgent newcomer goes straight in
+        adm.release(2)
+        await adm.acquire(1)
+        blocker = asyncio.create_task(wait("heavy-late", 5, sequences=2))
+        await asyncio.sleep(0)
+        assert adm.try_acquire(1, priority=0) is None and adm.running == 2
+        adm.release(1)
+        adm.release(1)
+        await blocker
+        return order
+
+    assert asyncio.run(scenario())[-1] == "heavy-late"
+
+
 def test_invalid_text_is_found_anywhere_in_a_body() -> None:
     from server.protocol import invalid_text_path, prompt_count
 

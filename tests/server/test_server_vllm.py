@@ -27,7 +27,7 @@ MAX_LEN = 512
 
 
 # vLLM engine flags, as `serve` takes them after its own (parsed by vLLM's own parser).
-VLLM_FLAGS = ["--max-num-seqs", "6", "--enable-prefix-caching", "--block-size", "32"]
+VLLM_FLAGS = ["--max-num-seqs", "6", "--enable-prefix-caching", "--block-size", "32", "--scheduling-policy", "priority"]
 # A prompt of several KV blocks, for the prefix cache.
 LONG_PROMPT = " ".join(f"Line {i}: the quick brown fox jumps over the lazy dog." for i in range(20))
 
@@ -133,7 +133,11 @@ def test_vllm_flags_reach_the_engine_and_admission(vllm_server: ServerThread, cl
     assert vllm_server.engine.max_num_seqs == 6
     assert vllm_server.state.ready.admission.max_running == 6
     info = client.models.list().data[0].model_dump()["ensemble"]
-    assert info["max_num_seqs"] == 6 and info["prefix_caching"] is True
+    assert info["max_num_seqs"] == 6 and info["prefix_caching"] is True and info["scheduling_policy"] == "priority"
+    for priority in (-5, 0, 7):  # vLLM's request priority reaches its priority scheduler
+        out = client.completions.create(model="pair", prompt=PROMPT, max_tokens=2, temperature=0,
+                                        extra_body={"priority": priority})
+        assert out.usage.completion_tokens >= 1
 
 
 def test_a_repeated_prefix_is_served_from_the_prefix_cache(vllm_server: ServerThread, client: openai.OpenAI) -> None:
@@ -154,13 +158,16 @@ def test_a_repeated_prefix_is_served_from_the_prefix_cache(vllm_server: ServerTh
 
 
 def test_no_enable_prefix_caching_turns_the_cache_off(server_ensemble: Path) -> None:
-    """The same repeated prompt on a server started with --no-enable-prefix-caching: no hits."""
+    """The same repeated prompt on a server started with --no-enable-prefix-caching: no hits. This
+    server schedules first come, first served (vLLM's default): a request priority is a 400."""
     for server in start_server(server_ensemble, engine="vllm", max_model_len=MAX_LEN,
                                engine_args=parse_vllm_args(["--no-enable-prefix-caching", "--block-size", "32"])):
         with openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0, timeout=60) as c:
             assert c.models.list().data[0].model_dump()["ensemble"]["prefix_caching"] is False
             texts = {c.completions.create(model="pair", prompt=LONG_PROMPT, max_tokens=1, temperature=0)
                      .choices[0].text for _ in range(2)}
+            with pytest.raises(openai.BadRequestError, match="--scheduling-policy priority"):
+                c.completions.create(model="pair", prompt="hi", max_tokens=1, extra_body={"priority": 3})
         assert len(texts) == 1
         time.sleep(0.5)  # vLLM's stats of the last step arrive with its output, or just after
         assert server.metric("vllm:prefix_cache_hits_total") == 0

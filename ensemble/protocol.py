@@ -45,6 +45,7 @@ class SamplingOptions:
     ignore_eos: bool = False
     logprobs: int | None = None  # number of top alternatives of the *pooled* distribution per token
     prompt_logprobs: int | None = None  # same, for the prompt tokens (used by `echo`)
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) added to the pooled logits
     priority: int = 0  # scheduling priority, lower first (vLLM's); non-zero needs a priority-scheduling engine
     # Ensemble extras.
     pooling: PoolingRule | None = None  # per-request rule; None = the ensemble's own

@@ -3,7 +3,8 @@
 Pure functions over one row of pooled log-probabilities (``[V]`` float32); the only state is the
 caller's seeded `torch.Generator`. The order follows vLLM's v1 sampler:
 
-1. presence / frequency penalties on the scores, from the tokens generated so far;
+1. `logit_bias` added to the scores, then presence / frequency penalties from the tokens
+   generated so far;
 2. greedy (argmax) when ``temperature`` is (almost) 0;
 3. otherwise divide by the temperature, apply min-p, then top-k, then top-p, and draw with the
    exponential race ``argmax(p / q), q ~ Exp(1)`` (equivalent to sampling from ``p``).
@@ -55,6 +56,11 @@ def check_options(options: SamplingOptions, vocab_size: int) -> None:
         value = getattr(options, name)
         if value is not None and not (isinstance(value, int) and 0 <= value <= MAX_LOGPROBS):
             raise bad(f"{name} must be an integer in [0, {MAX_LOGPROBS}], got {value}")
+    for token, bias in options.logit_bias:
+        if not 0 <= token < vocab_size:
+            raise bad(f"logit_bias holds token id {token}, outside the vocabulary of {vocab_size}")
+        if not math.isfinite(bias):
+            raise bad(f"logit_bias for token {token} is {bias}, not a finite number")
     for token in options.stop_token_ids:
         if not (isinstance(token, int) and 0 <= token < vocab_size):
             raise bad(f"stop_token_ids holds {token}, outside the vocabulary of {vocab_size}")
@@ -74,6 +80,15 @@ def apply_penalties(scores: Tensor, output_token_ids: Sequence[int], presence: f
     out = scores.clone()
     out[ids] -= frequency * n + presence
     return out
+
+
+def apply_logit_bias(scores: Tensor, bias: Sequence[tuple[int, float]]) -> Tensor:
+    """``scores[id] += b`` for each (id, b) of `bias` (OpenAI's / vLLM's `logit_bias`)."""
+    if not bias:
+        return scores
+    ids = torch.tensor([t for t, _ in bias], dtype=torch.long, device=scores.device)
+    values = torch.tensor([b for _, b in bias], dtype=scores.dtype, device=scores.device)
+    return scores.index_add(-1, ids, values)
 
 
 def apply_min_p(logits: Tensor, min_p: float) -> Tensor:
@@ -122,9 +137,8 @@ def sample_token(
     `output_token_ids` are this completion's tokens so far (for the penalties); `generator` makes
     random draws reproducible (same seed, same tokens).
     """
-    scores = apply_penalties(
-        pooled_logprobs.to(torch.float32), output_token_ids, options.presence_penalty, options.frequency_penalty
-    )
+    scores = apply_logit_bias(pooled_logprobs.to(torch.float32), options.logit_bias)
+    scores = apply_penalties(scores, output_token_ids, options.presence_penalty, options.frequency_penalty)
     if is_greedy(options):
         return int(torch.argmax(scores))
     logits = scores / options.temperature

@@ -170,6 +170,7 @@ def sampling_params(options: SamplingOptions):
             ignore_eos=options.ignore_eos,
             logprobs=options.logprobs,
             prompt_logprobs=options.prompt_logprobs,
+            logit_bias=dict(options.logit_bias) or None,
             output_kind=RequestOutputKind.DELTA,
         )
     except (ValueError, TypeError, VLLMClientError) as err:

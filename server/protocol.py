@@ -8,7 +8,7 @@ e.g. `client.completions.create(..., extra_body={"pooling": "logprob_mean"})`.
 Requests are validated strictly (no string-to-number coercion, no NaN/inf) so wrong types and
 out-of-range values become 400s with the offending field named. Unknown fields are accepted and
 ignored, as OpenAI and vLLM do. Fields that exist in the OpenAI API but that chorus cannot honour
-(`logit_bias`, `suffix`, `tools`, non-text `response_format`, ...) are rejected with a clear 400 by
+(`suffix`, `tools`, non-text `response_format`, ...) are rejected with a clear 400 by
 `server.sampling`, never silently dropped.
 """
 
@@ -30,6 +30,7 @@ MAX_N = 32
 MAX_STOP = 64
 MAX_STOP_LEN = 1024
 MAX_STOP_TOKEN_IDS = 1024
+MAX_LOGIT_BIAS = 1024  # token ids in one `logit_bias` (like stop_token_ids)
 MAX_PROMPTS = 64
 MAX_SEQUENCES = 128  # prompts × n in one request
 MAX_MESSAGES = 4096
@@ -37,6 +38,8 @@ MAX_MESSAGES = 4096
 StopString = Annotated[str, Field(max_length=MAX_STOP_LEN)]
 StopParam = StopString | Annotated[list[StopString], Field(max_length=MAX_STOP)] | None
 StopTokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=MAX_STOP_TOKEN_IDS)] | None
+# OpenAI's {token id as a string: bias}; biases are clamped to [-100, 100] as vLLM does.
+LogitBias = Annotated[dict[str, Annotated[float, Field(allow_inf_nan=False)]], Field(max_length=MAX_LOGIT_BIAS)] | None
 
 
 def random_id(prefix: str) -> str:
@@ -169,7 +172,8 @@ class CompletionRequest(RequestBody):
     best_of: Annotated[int, Field(ge=1, le=MAX_N)] | None = None
     echo: bool | None = False
     frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = 0.0
-    logit_bias: dict[str, float] | None = None
+    logit_bias: LogitBias = Field(
+        default=None, description="{token id: bias}: added to the pooled logits before sampling (clamped to ±100).")
     logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     max_tokens: Annotated[int, Field(ge=0)] | None = Field(
         default=16, description="Tokens to generate; 0 only with `echo` (vLLM's behaviour): the prompt alone "
@@ -280,7 +284,8 @@ class ChatCompletionRequest(RequestBody):
     messages: Annotated[list[ChatMessageParam], Field(min_length=1, max_length=MAX_MESSAGES)]
     model: str | None = None
     frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = 0.0
-    logit_bias: dict[str, float] | None = None
+    logit_bias: LogitBias = Field(
+        default=None, description="{token id: bias}: added to the pooled logits before sampling (clamped to ±100).")
     logprobs: bool | None = False
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     max_tokens: Annotated[int, Field(ge=1)] | None = Field(

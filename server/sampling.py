@@ -37,6 +37,20 @@ def check_token_ids(ids: Sequence[int], vocab_size: int, param: str) -> None:
             raise bad_request(f"'{param}' holds token id {t}, outside the vocabulary of {vocab_size}", param=param)
 
 
+def logit_bias(asked: dict[str, float] | None, vocab_size: int) -> tuple[tuple[int, float], ...]:
+    """`logit_bias` as sorted (token id, bias) pairs, biases clamped to [-100, 100] (vLLM's rule);
+    400 for a key that is not a token id of the vocabulary."""
+    pairs = []
+    for key, bias in (asked or {}).items():
+        try:
+            token = int(key)
+        except ValueError:
+            raise bad_request(f"'logit_bias' keys must be token ids, got {key[:40]!r}", param="logit_bias") from None
+        pairs.append((token, max(-100.0, min(100.0, float(bias)))))
+    check_token_ids([t for t, _ in pairs], vocab_size, "logit_bias")
+    return tuple(sorted(pairs))
+
+
 def member_weights(asked: list[float] | dict[str, float] | None, members: list[str]) -> tuple[float, ...] | None:
     """Per-request weights in member order, from a list or a {name: weight} object."""
     if asked is None:
@@ -79,8 +93,6 @@ def check_context(prompt_len: int, max_tokens: int, max_model_len: int, param: s
 
 
 def _reject_unsupported(body: CompletionRequest | ChatCompletionRequest) -> None:
-    if body.logit_bias:
-        raise bad_request("'logit_bias' is not supported by chorus", param="logit_bias")
     if isinstance(body, CompletionRequest):
         if body.suffix:
             raise bad_request("'suffix' is not supported by chorus", param="suffix")
@@ -139,6 +151,7 @@ def build_options(
         ignore_eos=bool(body.ignore_eos),
         logprobs=logprobs,
         prompt_logprobs=prompt_logprobs,
+        logit_bias=logit_bias(body.logit_bias, vocab_size),
         priority=int(body.priority),
         pooling=body.pooling,
         weights=member_weights(body.member_weights, members),

@@ -86,6 +86,20 @@ def test_filters_restrict_what_is_sampled() -> None:
     assert picks.count(1) >= 99
 
 
+def test_logit_bias_comes_before_the_penalties() -> None:
+    """vLLM's order: the bias is added to the pooled scores, then the penalties apply."""
+    scores = torch.log_softmax(torch.tensor([3.0, 2.0, 1.0, 0.0]), -1)
+    assert sample_token(scores, SamplingOptions(temperature=0.0)) == 0
+    assert sample_token(scores, SamplingOptions(temperature=0.0, logit_bias=((3, 100.0),))) == 3
+    assert sample_token(scores, SamplingOptions(temperature=0.0, logit_bias=((0, -100.0), (1, -100.0)))) == 2
+    # +1.5 makes token 1 win, unless a frequency penalty of 2 for having said it already takes it back
+    biased = SamplingOptions(temperature=0.0, logit_bias=((1, 1.5),), frequency_penalty=2.0)
+    assert sample_token(scores, biased) == 1
+    assert sample_token(scores, biased, output_token_ids=[1]) == 0
+    with pytest.raises(EngineRequestError, match="logit_bias holds token id 4"):
+        check_options(SamplingOptions(logit_bias=((4, 1.0),)), vocab_size=4)
+
+
 def test_top_logprobs() -> None:
     row = _row([0.1, 0.6, 0.3])
     top = top_logprobs(row, 2)

@@ -68,6 +68,12 @@ async def _probe(engine, prompts: list[list[int]]) -> dict[str, object]:
     stopped = (await collect(engine, prompts[0], SamplingOptions(max_tokens=8, temperature=0.0,
                                                                  stop_token_ids=(stop,)), "stop"))[-1]
     probes["stopped"] = (greedy.outputs[0].token_ids, stop, stopped)
+    # logit_bias on the pooled logits: -100 bans the greedy tokens, +100 forces one.
+    banned = SamplingOptions(max_tokens=8, temperature=0.0, ignore_eos=True,
+                             logit_bias=tuple(sorted((t, -100.0) for t in set(greedy.outputs[0].token_ids[:4]))))
+    forced = SamplingOptions(max_tokens=3, temperature=0.0, ignore_eos=True, logit_bias=((7, 100.0),))
+    probes["biased"] = [(options, (await collect(engine, prompts[0], options, f"bias-{i}"))[-1])
+                        for i, options in enumerate((banned, forced))]
     errors = {}
     bad = {
         "pooling": SamplingOptions(pooling="logprob_mean" if engine.manifest.rule == "prob_mean" else "prob_mean"),
@@ -251,6 +257,27 @@ def test_stop_token_ids(pair_run: EngineRun) -> None:
     completion = stopped.outputs[0]
     assert completion.finish_reason == "stop" and completion.stop_reason == stop
     assert completion.token_ids == greedy[: greedy.index(stop) + 1]
+
+
+def test_logit_bias_matches_reference(pair_run: EngineRun, prompts) -> None:
+    """logit_bias is added to the pooled logits before sampling, on vLLM as on the reference."""
+    from ensemble.reference import ReferenceEngine
+
+    (banned, vllm_banned), (forced, vllm_forced) = pair_run.probes["biased"]
+    greedy, _, _ = pair_run.probes["stopped"]
+    assert not {t for t, _ in banned.logit_bias} & set(vllm_banned.outputs[0].token_ids)
+    assert vllm_forced.outputs[0].token_ids == [7, 7, 7]
+
+    async def reference() -> list[list[int]]:
+        engine = ReferenceEngine(pair_run.folder)
+        try:
+            return [(await collect(engine, prompts[0], options, f"ref-{i}"))[-1].outputs[0].token_ids
+                    for i, options in enumerate((banned, forced))]
+        finally:
+            await engine.shutdown()
+
+    assert asyncio.run(reference()) == [vllm_banned.outputs[0].token_ids, [7, 7, 7]]
+    assert vllm_banned.outputs[0].token_ids[:4] != greedy[:4]
 
 
 def test_request_errors(pair_run: EngineRun) -> None:

@@ -355,6 +355,7 @@ class _FedEngine:
     def __init__(self) -> None:
         self.feed: asyncio.Queue[RequestOutput] = asyncio.Queue()
         self.aborted: list[str] = []
+        self.info: dict = {}
 
     async def generate(self, prompt_token_ids, options, request_id):
         while True:
@@ -559,7 +560,8 @@ def test_build_options_for_chat() -> None:
 @pytest.mark.parametrize(
     "body, param",
     [
-        ({"prompt": "x", "logit_bias": {"1": 5}}, "logit_bias"),
+        ({"prompt": "x", "logit_bias": {"one": 5}}, "logit_bias"),
+        ({"prompt": "x", "logit_bias": {"100": 5}}, "logit_bias"),
         ({"prompt": "x", "suffix": "end"}, "suffix"),
         ({"prompt": "x", "best_of": 3}, "best_of"),
         ({"prompt": "x", "stop": ["ok", ""]}, "stop"),
@@ -697,3 +699,10 @@ def test_vllm_engine_flags_on_the_command_line(tmp_path, monkeypatch, capsys) ->
     assert "--max-num-seqs" in capsys.readouterr().out
     with pytest.raises(ConfigError, match="vllm engine"):
         ServerConfig(ensemble=str(tmp_path), engine="torch", engine_args={"max_num_seqs": 2})
+
+
+def test_logit_bias_becomes_sorted_clamped_pairs() -> None:
+    body = CompletionRequest(prompt="x", logit_bias={"9": 250, "3": -1e9, "5": 0.5})
+    opts = build_options(body, max_tokens=5, vocab_size=100, members=MEMBERS)
+    assert opts.logit_bias == ((3, -100.0), (5, 0.5), (9, 100.0))
+    assert build_options(CompletionRequest(prompt="x"), max_tokens=5, vocab_size=100, members=MEMBERS).logit_bias == ()

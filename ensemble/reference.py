@@ -18,160 +18,35 @@ Ensemble counters (`EngineStats` optional fields, cumulative since start, kept b
 `ensemble.pooling_stats.PoolingCounters` as in the vLLM engine): every decode step times its
 pooling call, and every pooled row counts, per member, whether the member's own most likely token
 was the ensemble's (the pooled argmax: the chosen token under greedy decoding).
+
+Modules: `ensemble.reference_members` (`Member`, `load_members`), `ensemble.reference_requests`
+(a request and its completions), `ensemble.reference_decode` (prefill, pooling and decode steps,
+a base class of the engine) and this one (the engine: the Engine API, validation and the worker
+thread's scheduler). Every public name of those modules is importable from here.
 """
 
 from __future__ import annotations
 
 import asyncio
-import copy
-import secrets
 import threading
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
 
-from ensemble.manifest import EnsembleManifest, MemberSpec
-from ensemble.pooling import fit_vocab, mask_padded_vocab, member_logprobs, normalise_weights, pool_logprobs
+from ensemble.manifest import EnsembleManifest
+from ensemble.pooling import normalise_weights
 from ensemble.pooling_stats import PoolingCounters
-from ensemble.protocol import (
-    CompletionOutput,
-    EngineRequestError,
-    EngineStats,
-    RequestOutput,
-    SamplingOptions,
-    TokenLogprob,
-)
-from ensemble.sampling import check_options, sample_token, top_logprobs
-from ensemble.stopping import StopChecker
-
-# Echo with logprobs scores the prompt in chunks whose full-vocabulary rows take at most this much
-# memory (a 8k-token prompt at a 262k vocabulary would otherwise need 8 GiB per member).
-PROMPT_LOGPROBS_BYTES = 256 << 20
+from ensemble.protocol import EngineRequestError, EngineStats, RequestOutput, SamplingOptions
+from ensemble.reference_decode import PROMPT_LOGPROBS_BYTES, DecodeMixin  # noqa: F401 (re-exported)
+from ensemble.reference_members import Member, load_members  # noqa: F401 (Member: re-exported)
+from ensemble.reference_requests import _Request, _Sequence  # noqa: F401 (_Sequence: re-exported)
+from ensemble.sampling import check_options
 
 
-# ----------------------------------------------------------------------------- members
-
-
-class Member:
-    """One member model and how its logits map onto the shared vocabulary."""
-
-    def __init__(self, spec: MemberSpec, vocab_size: int, model: Any, device: str | torch.device) -> None:
-        self.spec = spec
-        self.vocab_size = vocab_size
-        self.model = model
-        self.device = torch.device(device)
-
-    @staticmethod
-    def load_model(path: str, device: str | torch.device, dtype: torch.dtype) -> Any:
-        """A member's Hugging Face causal LM, in eval mode on `device`."""
-        from transformers import AutoModelForCausalLM
-
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
-
-    def shared_logits(self, logits: Tensor) -> Tensor:
-        """Fit ``[T, V_member]`` logits to the shared vocabulary, masking ids the member lacks."""
-        x = fit_vocab(logits, self.vocab_size)
-        if self.spec.vocab_size is not None and self.spec.vocab_size < self.vocab_size:
-            x = mask_padded_vocab(x, self.spec.vocab_size)
-        return x
-
-    @torch.inference_mode()
-    def forward(self, token_ids: Sequence[int], cache: Any | None, all_positions: bool = False) -> tuple[Tensor, Any]:
-        """Run `token_ids` after `cache` (None: a fresh sequence); return (logits, cache).
-
-        The logits are ``[T, vocab]`` over the shared vocabulary for every position when
-        `all_positions`, else ``[1, vocab]`` for the last one.
-        """
-        ids = torch.tensor([list(token_ids)], dtype=torch.long, device=self.device)
-        out = self.model(
-            input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=0 if all_positions else 1
-        )
-        return self.shared_logits(out.logits[0]), out.past_key_values
-
-
-def load_members(manifest: EnsembleManifest, device: str | torch.device, dtype: torch.dtype) -> list[Member]:
-    """The manifest's members in order; members reading the same folder share one set of weights
-    (each keeps its own caches)."""
-    models: dict[str, Any] = {}
-    for spec in manifest.members:
-        if spec.path not in models:
-            models[spec.path] = Member.load_model(spec.path, device, dtype)
-    return [Member(spec, manifest.vocab_size, models[spec.path], device) for spec in manifest.members]
-
-
-# ----------------------------------------------------------------------------- request state
-
-
-@dataclass
-class _Sequence:
-    """One of a request's `n` completions."""
-
-    index: int
-    caches: list[Any]
-    generator: torch.Generator
-    checker: StopChecker
-    rows: list[Tensor]  # each member's logits [V] for the next token
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[TokenLogprob] | None = None
-    text: str = ""
-    finish_reason: str | None = None
-    stop_reason: str | int | None = None
-
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None
-
-    def output(self) -> CompletionOutput:
-        return CompletionOutput(
-            index=self.index,
-            text=self.text,
-            token_ids=list(self.token_ids),
-            logprobs=list(self.logprobs) if self.logprobs is not None else None,
-            finish_reason=self.finish_reason,  # type: ignore[arg-type]
-            stop_reason=self.stop_reason,
-        )
-
-
-@dataclass
-class _Request:
-    request_id: str
-    prompt: list[int]
-    options: SamplingOptions
-    rule: str
-    weights: tuple[float, ...]
-    sink: Callable[[RequestOutput | BaseException], None]
-    sequences: list[_Sequence] = field(default_factory=list)
-    prompt_logprobs: list[TokenLogprob | None] | None = None
-    aborted: bool = False
-
-    @property
-    def finished(self) -> bool:
-        return self.aborted or (bool(self.sequences) and all(s.finished for s in self.sequences))
-
-    def output(self) -> RequestOutput:
-        if self.sequences:
-            outputs = [s.output() for s in self.sequences]
-        else:  # not prefilled yet (aborted while waiting)
-            reason = "abort" if self.aborted else None
-            outputs = [CompletionOutput(i, "", [], finish_reason=reason) for i in range(self.options.n)]
-        return RequestOutput(
-            request_id=self.request_id,
-            prompt_token_ids=list(self.prompt),
-            outputs=outputs,
-            finished=self.finished,
-            prompt_logprobs=list(self.prompt_logprobs) if self.prompt_logprobs is not None else None,
-        )
-
-
-# ----------------------------------------------------------------------------- the engine
-
-
-class ReferenceEngine:
+class ReferenceEngine(DecodeMixin):
     """A pooled ensemble over Hugging Face models; implements `ensemble.protocol.Engine`.
 
     Args:
@@ -396,110 +271,3 @@ class ReferenceEngine:
                 seq.caches, seq.rows = [], []
         self._retire([request])
         self._emit(request, request.output())
-
-    # ------------------------------------------------------------------ model work
-
-    def _prefill(self, request: _Request) -> None:
-        """Run the prompt through every member and set up the request's `n` completions."""
-        options = request.options
-        if options.prompt_logprobs is not None:
-            caches, rows = self._prefill_with_prompt_logprobs(request)
-        else:
-            caches, rows = [], []
-            for member in self.members:
-                logits, cache = member.forward(request.prompt, None)
-                caches.append(cache)
-                rows.append(logits[-1])
-        special = self.manifest.special_tokens
-        max_new = min(options.max_tokens, max(1, self.max_model_len - len(request.prompt)))
-        base_seed = options.seed if options.seed is not None else secrets.randbits(62)
-        for i in range(options.n):
-            request.sequences.append(
-                _Sequence(
-                    index=i,
-                    caches=caches if i == options.n - 1 else [copy.deepcopy(c) for c in caches],
-                    generator=torch.Generator().manual_seed(base_seed + i),
-                    checker=StopChecker(self.tokenizer, options, special.eos, special.eot, max_new),
-                    rows=list(rows),
-                    logprobs=[] if options.logprobs is not None or options.member_logprobs else None,
-                )
-            )
-
-    def _pool(self, member_rows: list[Tensor], requests: Sequence[_Request]) -> Tensor:
-        """Pool ``[N, V]`` rows per member, row i belonging to requests[i] (its rule and weights)."""
-        device = member_rows[0].device
-        out = torch.empty(member_rows[0].shape, dtype=torch.float32, device=device)
-        for rule in sorted({r.rule for r in requests}):
-            idx = [i for i, r in enumerate(requests) if r.rule == rule]
-            index = torch.tensor(idx, dtype=torch.long, device=device)
-            weights = torch.tensor([requests[i].weights for i in idx], dtype=torch.float32, device=device)
-            out[index] = pool_logprobs(
-                [rows[index] for rows in member_rows], weights, rule,  # type: ignore[arg-type]
-                temperatures=self.manifest.temperatures, alpha=self.manifest.contrastive_alpha,
-            )
-        return out.cpu()
-
-    def _token_logprob(self, pooled: Tensor, token: int, k: int | None, member_rows: list[Tensor] | None) -> TokenLogprob:
-        members = None
-        if member_rows is not None:
-            members = {
-                m.spec.name: float(member_logprobs(row, m.spec.temperature)[token])
-                for m, row in zip(self.members, member_rows)
-            }
-        return TokenLogprob(token, float(pooled[token]), top_logprobs(pooled, k or 0), members)
-
-    def prompt_chunk_tokens(self) -> int:
-        """Prompt positions whose full-vocabulary rows (every member's) fit `PROMPT_LOGPROBS_BYTES`."""
-        row_bytes = 4 * self.manifest.vocab_size * (len(self.members) + 1)  # members' rows and the pooled one
-        return max(1, PROMPT_LOGPROBS_BYTES // row_bytes)
-
-    def _prefill_with_prompt_logprobs(self, request: _Request) -> tuple[list[Any], list[Tensor]]:
-        """Prefill `request`'s prompt chunk by chunk, scoring each chunk's positions as it goes (echo
-        with logprobs): memory stays at one chunk's rows, not ``[prompt length, vocabulary]`` per
-        member. Returns the members' caches and last rows; sets ``request.prompt_logprobs``."""
-        prompt = request.prompt
-        chunk = self.prompt_chunk_tokens()
-        want_members = request.options.member_logprobs
-        caches: list[Any] = [None] * len(self.members)
-        rows: list[Tensor] = []
-        result: list[TokenLogprob | None] = [None]
-        for start in range(0, len(prompt), chunk):
-            piece = prompt[start:start + chunk]
-            logits = []
-            for k, member in enumerate(self.members):
-                out, caches[k] = member.forward(piece, caches[k], all_positions=True)
-                logits.append(out)
-            scored = min(len(piece), len(prompt) - 1 - start)  # rows that predict a prompt token
-            if scored > 0:
-                pooled = self._pool([x[:scored] for x in logits], [request] * scored)
-                for pos in range(scored):
-                    member_rows = [x[pos] for x in logits] if want_members else None
-                    result.append(self._token_logprob(pooled[pos], prompt[start + pos + 1],
-                                                      request.options.prompt_logprobs, member_rows))
-            rows = [x[-1] for x in logits]
-        request.prompt_logprobs = result
-        return caches, rows
-
-    def _step(self, requests: Sequence[_Request]) -> None:
-        """Advance every unfinished completion of `requests` by one token."""
-        seqs = [(r, s) for r in requests for s in r.sequences if not s.finished]
-        if not seqs:
-            return
-        member_rows = [torch.stack([s.rows[k] for _, s in seqs]) for k in range(len(self.members))]
-        pooled = self._counters.timed_pool(member_rows, lambda: self._pool(member_rows, [r for r, _ in seqs]))
-        for i, (request, seq) in enumerate(seqs):
-            options = request.options
-            token = sample_token(pooled[i], options, seq.token_ids, seq.generator)
-            if seq.logprobs is not None:
-                rows = [m[i] for m in member_rows] if options.member_logprobs else None
-                seq.logprobs.append(self._token_logprob(pooled[i], token, options.logprobs, rows))
-            seq.token_ids.append(token)
-            decision = seq.checker.check(seq.token_ids)
-            seq.text = decision.text
-            if decision.finished:
-                seq.finish_reason, seq.stop_reason = decision.finish_reason, decision.stop_reason
-                seq.caches, seq.rows = [], []
-                continue
-            for k, member in enumerate(self.members):
-                logits, seq.caches[k] = member.forward([token], seq.caches[k])
-                seq.rows[k] = logits[-1]

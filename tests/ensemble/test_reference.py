@@ -147,10 +147,10 @@ def test_prompt_logprobs_are_scored_in_bounded_chunks(trio_engine: ReferenceEngi
     """Echo with logprobs on a long prompt: the prompt goes through the members a few positions at
     a time (chunks across Gemma's sliding window here), never as one ``[length, vocabulary]``
     block, and the scores equal one full forward pass."""
-    import ensemble.reference as reference
+    import ensemble.reference_decode as reference_decode  # where prompt_chunk_tokens reads it
 
     row_bytes = 4 * trio_engine.manifest.vocab_size * (len(trio_engine.members) + 1)
-    monkeypatch.setattr(reference, "PROMPT_LOGPROBS_BYTES", 3 * row_bytes)
+    monkeypatch.setattr(reference_decode, "PROMPT_LOGPROBS_BYTES", 3 * row_bytes)
     assert trio_engine.prompt_chunk_tokens() == 3
     seen: list[int] = []
     for member in trio_engine.members:

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoTokenizer
 
-from transfer import align, losses, tokens, zoo
+from transfer import align, losses, losses_logprobs, tokens, zoo
 
 torch.manual_seed(0)
 
@@ -422,7 +422,7 @@ def test_combine_losses_balances_gradient_magnitudes():
 
 def test_vocab_stats_match_autograd_reference_across_blocks(monkeypatch):
     """Values and gradients of the blockwise pass equal plain autograd, with blocks of 2 rows."""
-    monkeypatch.setattr(losses, "STATS_BLOCK", 2 * 50)
+    monkeypatch.setattr(losses_logprobs, "STATS_BLOCK", 2 * 50)  # read where vocab_stats lives
     logits = torch.randn(2, 5, 50, dtype=torch.float64)
     logits[0, 1, 3] = float("-inf")
     targets = torch.randint(0, 50, (2, 5))

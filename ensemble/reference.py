@@ -8,8 +8,9 @@ with `ensemble.pooling.pool_logprobs` (the request's own rule and weights), one 
 every member. All maths is float32 by default, so this engine is the oracle the vLLM engine is
 tested against: greedy tokens and log-probs must agree.
 
-Serving: `ReferenceEngine` implements `ensemble.protocol.Engine`. A worker thread runs a FIFO
-scheduler (admit waiting requests while sequence slots are free, then advance every running
+Serving: `ReferenceEngine` implements `ensemble.protocol.Engine`. A worker thread runs a priority
+scheduler (admit waiting requests in order of (priority, arrival), lower priority values first
+as in vLLM's priority policy, never preempting a running one, while sequence slots are free; then advance every running
 completion by one token per step), so the asyncio event loop never waits on torch. Correctness
 and clarity come before speed: members run one completion at a time; only the pooling and the
 bookkeeping are batched.
@@ -86,6 +87,7 @@ class ReferenceEngine(DecodeMixin):
             "max_model_len": self.max_model_len,
             "chat_template": bool(getattr(self.tokenizer, "chat_template", None)),
             "dtype": str(dtype).removeprefix("torch."),
+            "scheduling_policy": "priority",
         }
         self._cond = threading.Condition()
         self._waiting: deque[_Request] = deque()
@@ -118,7 +120,10 @@ class ReferenceEngine(DecodeMixin):
             if request_id in self._ids:
                 raise EngineRequestError(f"request id {request_id!r} is already in flight")
             self._ids.add(request_id)
-            self._waiting.append(request)
+            # behind every waiter of the same or a lower priority value: (priority, arrival) order
+            at = next((i for i, r in enumerate(self._waiting) if r.options.priority > options.priority),
+                      len(self._waiting))
+            self._waiting.insert(at, request)
             self._cond.notify()
         finished = False
         try:
@@ -230,7 +235,7 @@ class ReferenceEngine(DecodeMixin):
                 return
 
     def _admit(self) -> list[_Request]:
-        """Move waiting requests to running, FIFO, while completion slots are free (lock held)."""
+        """Move waiting requests to running, in queue order, while completion slots are free (lock held)."""
         admitted: list[_Request] = []
         if self._closed:
             return admitted

@@ -266,6 +266,35 @@ def test_concurrent_requests_equal_each_alone(trio_engine: ReferenceEngine) -> N
             assert [[e.logprob for e in c.logprobs] for c in a.outputs] == [[e.logprob for e in c.logprobs] for c in b.outputs]
 
 
+def test_waiting_requests_are_admitted_by_priority(trio_engine: ReferenceEngine) -> None:
+    """With every slot taken, waiting requests start in (priority, arrival) order, lower values
+    first (vLLM's priority policy); equal priorities keep their arrival order."""
+    prompt = _ids(trio_engine, PROMPTS[2])
+    full = dict(n=4, max_tokens=2, temperature=0.0, ignore_eos=True)  # each fills all 4 slots
+    started: list[str] = []
+
+    async def run() -> None:
+        async def one(name: str, options: SamplingOptions, first: asyncio.Event | None = None) -> None:
+            async for _ in trio_engine.generate(prompt, options, name):
+                if name not in started:
+                    started.append(name)
+                    if first is not None:
+                        first.set()
+
+        running = asyncio.Event()
+        blocker = asyncio.create_task(one("blocker", SamplingOptions(n=4, max_tokens=40, ignore_eos=True), running))
+        await running.wait()
+        waiters = [asyncio.create_task(one(name, SamplingOptions(priority=p, **full)))
+                   for name, p in (("late", 5), ("normal-a", 0), ("urgent", -1), ("normal-b", 0))]
+        await asyncio.sleep(0.01)
+        assert trio_engine.stats().num_waiting == 4
+        await asyncio.gather(blocker, *waiters)
+
+    asyncio.run(run())
+    assert started == ["blocker", "urgent", "normal-a", "normal-b", "late"]
+    assert trio_engine.info["scheduling_policy"] == "priority"
+
+
 # ----------------------------------------------------------------------------- serving
 
 

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ensemble.pooling import DEFAULT_ALPHA, POOLING_RULES, check_alpha
+from ensemble.pooling import DEFAULT_ALPHA, POOLING_RULES, check_alpha, normalise_weights
 
 MANIFEST_FILE = "chorus_ensemble.json"
 FORMAT_VERSION = 1
@@ -281,17 +281,15 @@ class EnsembleManifest:
 
 
 def check_weights(weights: list[float], rule: str, names: list[str] | None = None) -> None:
-    """Raise ManifestError unless `weights` suit `rule` (finite; >= 0 for prob_mean; sum > 0)."""
+    """Raise ManifestError unless `weights` suit `rule`: the pooling's own check
+    (`ensemble.pooling.normalise_weights`: finite; >= 0 for prob_mean; a positive sum), with the
+    members named."""
     names = names or [f"#{i}" for i in range(len(weights))]
-    for name, w in zip(names, weights):
-        if not math.isfinite(w):
-            raise ManifestError(f"member {name!r} weight must be finite, got {w}")
-        if rule == "prob_mean" and w < 0:
-            raise ManifestError(
-                f"member {name!r} has negative weight {w}: negative weights need rule 'logprob_mean'"
-            )
-    if not sum(weights) > 0:
-        raise ManifestError(f"member weights must sum to a positive number, got {list(weights)}")
+    try:
+        normalise_weights(weights, len(weights), rule)
+    except ValueError as err:
+        named = ", ".join(f"{name}={w}" for name, w in zip(names, weights))
+        raise ManifestError(f"member weights ({named}): {err}") from None
 
 
 def _transformers_version() -> str:

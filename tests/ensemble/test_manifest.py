@@ -136,7 +136,7 @@ def _manifest(**overrides) -> EnsembleManifest:
         ({"members": (MemberSpec("a", "/a"), MemberSpec("a", "/b"))}, "unique; repeated: a"),
         ({"rule": "max"}, "unknown pooling rule 'max'"),
         ({"members": (MemberSpec("a", "/a", weight=-1.0), MemberSpec("b", "/b", weight=2.0))},
-         "negative weight -1.0: negative weights need rule 'logprob_mean'"),
+         "member weights (a=-1.0, b=2.0): negative weights are only allowed with pooling 'logprob_mean'"),
         ({"members": (MemberSpec("a", "/a", weight=0.0),)}, "sum to a positive"),
         ({"vocab_size": 0}, "vocab_size must be a positive integer"),
         ({"special_tokens": SpecialTokens(eos=100)}, "outside the shared vocabulary"),

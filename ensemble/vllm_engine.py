@@ -1,9 +1,11 @@
 """`VLLMEngine`: the `ensemble.protocol.Engine` contract on top of vLLM's `AsyncLLM`.
 
 vLLM loads the ensemble folder as one model (`ensemble.vllm_model.EnsembleForCausalLM`, found
-through the ``vllm.general_plugins`` entry point), so this file only translates: our
-`SamplingOptions` to vLLM's `SamplingParams`, vLLM's cumulative `RequestOutput` to ours, aborts,
-load statistics (from a stat logger that keeps vLLM's latest `SchedulerStats`) and shutdown.
+through the ``vllm.general_plugins`` entry point), so this file only starts vLLM and relays:
+requests (translated by `ensemble.vllm_translate`: our `SamplingOptions` to vLLM's
+`SamplingParams`, vLLM's delta outputs to our cumulative `RequestOutput`), aborts, load
+statistics (from a stat logger that keeps vLLM's latest `SchedulerStats` and sums its
+prefix-cache counters) and shutdown.
 
 Ensemble counters (rows pooled, member agreement, pooling time) are kept by the model in the
 worker process; a `ensemble.vllm_worker` extension reads them back with ``collective_rpc``: once
@@ -24,8 +26,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import math
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,14 +34,9 @@ from typing import Any
 from ensemble.manifest import EnsembleManifest, hf_config
 from ensemble.parallel import MemberShape, check_tensor_parallel
 from ensemble.pooling_stats import driver_snapshot
-from ensemble.protocol import (
-    CompletionOutput,
-    EngineRequestError,
-    EngineStats,
-    RequestOutput,
-    SamplingOptions,
-    TokenLogprob,
-)
+from ensemble.protocol import EngineRequestError, EngineStats, RequestOutput, SamplingOptions
+from ensemble.sampling import check_options
+from ensemble.vllm_translate import OutputTranslator, check_fixed_pooling, sampling_params
 from ensemble.vllm_worker import QUALNAME as WORKER_EXTENSION
 
 # AsyncEngineArgs fields that VLLMEngineConfig sets itself; pass-through args may not repeat them.
@@ -120,145 +116,6 @@ def engine_dtype(requested: str, device_type: str, native: bool | None = None) -
     return str(chosen).removeprefix("torch.")
 
 
-def _check_fixed_pooling(options: SamplingOptions, manifest: EnsembleManifest) -> None:
-    """Raise EngineRequestError if `options` ask for pooling other than the ensemble's own."""
-    fixed = (
-        f"the vLLM engine pools with the ensemble's own rule {manifest.rule!r} and weights "
-        f"{list(manifest.weights)}, fixed when it loads (vLLM computes logits for a batch of rows, "
-        "not per request)"
-    )
-    if options.pooling is not None and options.pooling != manifest.rule:
-        raise EngineRequestError(f"per-request pooling {options.pooling!r} is not supported: {fixed}")
-    if options.weights is not None:
-        own = manifest.weights
-        asked = tuple(float(w) for w in options.weights)
-        same = len(asked) == len(own) and sum(asked) > 0 and all(
-            math.isclose(a / sum(asked), o / sum(own), rel_tol=1e-9, abs_tol=1e-12) for a, o in zip(asked, own)
-        )
-        if not same:
-            raise EngineRequestError(f"per-request weights {list(asked)} are not supported: {fixed}")
-    if options.member_logprobs:
-        raise EngineRequestError(
-            "member_logprobs is not supported by the vLLM engine: it reports the pooled "
-            "distribution only (use the reference engine for per-member log-probs)"
-        )
-
-
-def sampling_params(options: SamplingOptions):
-    """Translate our `SamplingOptions` into vLLM's `SamplingParams` (delta outputs: each carries
-    only what is new, which `OutputTranslator` adds up, so nothing is copied whole per token).
-
-    Raises EngineRequestError when vLLM rejects a value.
-    """
-    from vllm import SamplingParams
-    from vllm.exceptions import VLLMClientError
-    from vllm.sampling_params import RequestOutputKind
-
-    try:
-        return SamplingParams(
-            n=options.n,
-            max_tokens=options.max_tokens,
-            temperature=options.temperature,
-            top_p=options.top_p,
-            top_k=options.top_k,
-            min_p=options.min_p,
-            presence_penalty=options.presence_penalty,
-            frequency_penalty=options.frequency_penalty,
-            seed=options.seed,
-            stop=list(options.stop) or None,
-            stop_token_ids=list(options.stop_token_ids) or None,
-            ignore_eos=options.ignore_eos,
-            logprobs=options.logprobs,
-            prompt_logprobs=options.prompt_logprobs,
-            logit_bias=dict(options.logit_bias) or None,
-            output_kind=RequestOutputKind.DELTA,
-        )
-    except (ValueError, TypeError, VLLMClientError) as err:
-        raise EngineRequestError(str(err)) from None
-
-
-def token_logprob(token_id: int, position: Mapping[int, Any], top: int) -> TokenLogprob:
-    """Our `TokenLogprob` from one position of vLLM logprobs (``{token id: Logprob}``).
-
-    vLLM reports the chosen token plus the `top` best ones, each with its rank; `top` keeps the
-    ranks 1..top, best first.
-    """
-    chosen = position[token_id]
-    best = sorted(
-        ((tid, lp) for tid, lp in position.items() if lp.rank is not None and lp.rank <= top),
-        key=lambda item: item[1].rank,
-    )
-    return TokenLogprob(token_id=token_id, logprob=float(chosen.logprob), top=[(t, float(lp.logprob)) for t, lp in best])
-
-
-def _finish_reason(reason: str | None) -> str | None:
-    if reason is None or reason in ("stop", "length", "abort"):
-        return reason
-    if reason == "repetition":
-        return "stop"
-    raise RuntimeError(f"vLLM ended the request with {reason!r} (an internal error; retry it)")
-
-
-class OutputTranslator:
-    """Turns one request's stream of vLLM `RequestOutput`s into ours, incrementally.
-
-    `update` takes each *delta* vLLM output in turn (new text, token ids, log-probs and prompt
-    log-probs since the previous one; vLLM's may carry only the completions that changed), adds it
-    to the request's state, and returns our cumulative `RequestOutput` with all `n` completions.
-    Each log-prob is converted once.
-    """
-
-    def __init__(self, request_id: str, prompt_token_ids: list[int], options: SamplingOptions) -> None:
-        self.request_id = request_id
-        self.prompt_token_ids = prompt_token_ids
-        self.options = options
-        self.completions = [
-            CompletionOutput(index=i, text="", token_ids=[], logprobs=[] if options.logprobs is not None else None)
-            for i in range(options.n)
-        ]
-        self.prompt_logprobs: list[TokenLogprob | None] | None = None
-
-    def _add_prompt_logprobs(self, entries: Sequence[Any]) -> None:
-        """Prompt positions in order (vLLM's first is None: nothing predicts the first token)."""
-        k = self.options.prompt_logprobs or 0
-        if self.prompt_logprobs is None:
-            self.prompt_logprobs = []
-        for entry in entries:
-            pos = len(self.prompt_logprobs)
-            if pos == 0 or entry is None or pos >= len(self.prompt_token_ids):
-                self.prompt_logprobs.append(None)
-            else:
-                self.prompt_logprobs.append(token_logprob(self.prompt_token_ids[pos], entry, k))
-
-    def update(self, out: Any) -> RequestOutput:
-        if self.options.prompt_logprobs is not None and out.prompt_logprobs:
-            self._add_prompt_logprobs(list(out.prompt_logprobs))
-        for vc in out.outputs:
-            mine = self.completions[vc.index]
-            mine.text += vc.text
-            first_new = len(mine.token_ids)
-            mine.token_ids.extend(vc.token_ids)
-            if mine.logprobs is not None and vc.logprobs is not None:
-                k = self.options.logprobs or 0
-                for i, position in enumerate(vc.logprobs):
-                    mine.logprobs.append(token_logprob(mine.token_ids[first_new + i], position, k))
-            mine.finish_reason = _finish_reason(vc.finish_reason)  # type: ignore[assignment]
-            mine.stop_reason = vc.stop_reason
-        if out.finished:
-            for mine in self.completions:
-                if mine.finish_reason is None:
-                    mine.finish_reason = "abort"
-        return RequestOutput(
-            request_id=self.request_id,
-            prompt_token_ids=self.prompt_token_ids,
-            outputs=[dataclasses.replace(c, token_ids=list(c.token_ids),
-                                         logprobs=list(c.logprobs) if c.logprobs is not None else None)
-                     for c in self.completions],
-            finished=bool(out.finished),
-            prompt_logprobs=list(self.prompt_logprobs) if self.prompt_logprobs is not None else None,
-        )
-
-
 def _stats_logger_factory(box: dict[str, Any]):
     """A vLLM stat-logger factory whose loggers keep the latest `SchedulerStats` in `box`, and
     the prefix-cache queries and hits (tokens) summed over all of them."""
@@ -334,7 +191,12 @@ class VLLMEngine:
         self.max_model_len = int(self._llm.model_config.max_model_len)
         self.max_num_seqs = int(self._llm.vllm_config.scheduler_config.max_num_seqs)  # the server's admission cap
         self.tokenizer = self._llm.get_tokenizer()
-        self.info = {
+        self.info = self._describe()
+
+    def _describe(self) -> dict[str, Any]:
+        """`info`: the members, the pooling and the vLLM settings that shape serving (/v1/models)."""
+        vllm_config = self._llm.vllm_config
+        return {
             "engine": "vllm",
             "members": [
                 {"name": m.name, "weight": m.weight, "temperature": m.temperature, "path": m.path}
@@ -345,13 +207,13 @@ class VLLMEngine:
             "vocab_size": self.manifest.vocab_size,
             "max_model_len": self.max_model_len,
             "chat_template": bool(getattr(self.tokenizer, "chat_template", None)),
-            "tensor_parallel_size": config.tensor_parallel_size,
+            "tensor_parallel_size": self.config.tensor_parallel_size,
             "dtype": str(self._llm.model_config.dtype).removeprefix("torch."),
             "per_request_pooling": False,
             "served_members": [m.name for m in self.served.members],
             "max_num_seqs": self.max_num_seqs,
-            "prefix_caching": bool(self._llm.vllm_config.cache_config.enable_prefix_caching),
-            "scheduling_policy": str(self._llm.vllm_config.scheduler_config.policy),
+            "prefix_caching": bool(vllm_config.cache_config.enable_prefix_caching),
+            "scheduling_policy": str(vllm_config.scheduler_config.policy),
         }
 
     @classmethod
@@ -369,7 +231,8 @@ class VLLMEngine:
             raise RuntimeError("the engine has been shut down")
         if request_id in self._active:
             raise EngineRequestError(f"request id {request_id!r} is already in flight")
-        _check_fixed_pooling(options, self.manifest)
+        check_fixed_pooling(options, self.manifest)
+        check_options(options, self.manifest.vocab_size)  # the reference engine's checks, its messages
         prompt = [int(t) for t in prompt_token_ids]
         if not prompt:
             raise EngineRequestError("the prompt is empty")

@@ -117,9 +117,12 @@ def config_from_args(args: argparse.Namespace, vllm_argv: Sequence[str] = ()) ->
     def as_int(value):
         return None if value is None else int(value)
 
-    vllm_argv = [*shlex.split(_env("VLLM_ARGS", "")), *vllm_argv]
+    try:
+        vllm_argv = [*shlex.split(_env("VLLM_ARGS", "")), *vllm_argv]
+    except ValueError as err:
+        raise ConfigError(f"CHORUS_VLLM_ARGS cannot be split like a shell command line: {err}") from None
     if vllm_argv and args.engine != "vllm":
-        raise ConfigError(f"vLLM engine arguments ({' '.join(vllm_argv)}) need --engine vllm")
+        raise ConfigError(f"unrecognized arguments: {' '.join(vllm_argv)} (vLLM engine arguments need --engine vllm)")
     engine_args = {}
     if vllm_argv:
         from server.vllm_args import parse_vllm_args
@@ -170,9 +173,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, vllm_argv = parser.parse_known_args(argv)
     if args.help_vllm:
-        from server.vllm_args import vllm_help
+        from server.vllm_args import VLLMArgsError, vllm_help
 
-        print(vllm_help())
+        try:
+            print(vllm_help())
+        except VLLMArgsError as err:
+            parser.exit(2, f"serve: error: {err}\n")
         return 0
     try:
         config = config_from_args(args, vllm_argv)

@@ -63,11 +63,12 @@ class Admission:
         """The slots a request of `sequences` sequences takes (at least 1, at most all)."""
         return max(1, min(int(sequences), self.max_running))
 
-    def check(self, sequences: int = 1) -> None:
-        """Raise QueueFullError now if `try_acquire(sequences)` would: lets a route refuse a request
-        before it spends work (tokenizing) on it."""
+    def check(self, sequences: int = 1, priority: int = 0) -> None:
+        """Raise QueueFullError now if `try_acquire(sequences, priority)` would: lets a route refuse
+        a request before it spends work (tokenizing) on it. A full queue refuses every newcomer
+        that must wait, whatever its priority (waiters are never evicted)."""
         weight = self.weight_of(sequences)
-        if (self._running + weight > self.max_running or self.waiting) and self.waiting >= self.max_queue:
+        if (self._running + weight > self.max_running or self._ahead(priority)) and self.waiting >= self.max_queue:
             raise QueueFullError(
                 f"server is at capacity: {self._running} of {self.max_running} sequences running and "
                 f"{self.waiting} requests waiting (--max-queue {self.max_queue}); retry later"
@@ -77,14 +78,17 @@ class Admission:
         """Take room for `sequences` now (returns None) or join the queue (returns a future that
         resolves when the room is handed over). Raises QueueFullError when the queue is full."""
         weight = self.weight_of(sequences)
-        ahead = any(not w.future.done() and w.order[0] <= priority for w in self._waiters)
-        if self._running + weight <= self.max_running and not ahead:
+        if self._running + weight <= self.max_running and not self._ahead(priority):
             self._running += weight
             return None
-        self.check(sequences)
+        self.check(sequences, priority)
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         bisect.insort(self._waiters, _Waiter(weight, fut, (priority, next(self._arrivals))), key=lambda w: w.order)
         return fut
+
+    def _ahead(self, priority: int) -> bool:
+        """Whether a waiter would be served before a newcomer of `priority` (same or lower value)."""
+        return any(not w.future.done() and w.order[0] <= priority for w in self._waiters)
 
     async def acquire(self, sequences: int = 1, priority: int = 0) -> None:
         """Take room for `sequences`, waiting in the queue if needed (ahead of every waiter with

@@ -69,7 +69,7 @@ async def chat_prompt_ids(ready: Ready, state: ServerState, body) -> list[int]:
 async def _chat(body: ChatCompletionRequest, state: ServerState):
     ready = state.require_ready()
     state.check_model(ready, body.model)
-    refuse_if_full(ready, body.n or 1)  # before rendering and tokenizing
+    refuse_if_full(ready, body.n or 1, body.priority)  # before rendering and tokenizing
     prompt = await chat_prompt_ids(ready, state, body)
     asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     max_tokens = int(asked) if asked is not None else max(1, ready.max_model_len - len(prompt))

@@ -11,7 +11,7 @@ import anyio
 
 from ensemble.protocol import EngineRequestError, RequestOutput, SamplingOptions
 from server.engines import engine_healthy
-from server.errors import APIError, engine_dead_error, internal_error
+from server.errors import APIError, bad_request, engine_dead_error, internal_error
 from server.generation import DeadlineExceeded, GenerationCall
 from server.limits import QueueFullError
 from server.protocol import ErrorResponse
@@ -48,10 +48,16 @@ GENERATION_RESPONSES: dict[int | str, dict] = {
 }
 
 
-def refuse_if_full(ready: Ready, sequences: int) -> None:
-    """429 before any work (tokenizing) when admission would refuse `sequences` anyway."""
+def refuse_if_full(ready: Ready, sequences: int, priority: int = 0) -> None:
+    """Before any work (tokenizing): 400 for a `priority` the engine cannot honour, 429 when
+    admission would refuse `sequences` anyway."""
+    policy = ready.engine.info.get("scheduling_policy")
+    if priority and policy != "priority":
+        raise bad_request(f"'priority' {priority} needs an engine that schedules by priority (vLLM: "
+                          f"--scheduling-policy priority); this one schedules {policy or 'first come, first served'}",
+                          param="priority")
     try:
-        ready.admission.check(sequences)
+        ready.admission.check(sequences, priority)
     except QueueFullError as err:
         ready.metrics.queue_rejections.inc()
         raise _as_api_error(err) from None

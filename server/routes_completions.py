@@ -54,7 +54,7 @@ async def _completion(body: CompletionRequest, state: ServerState):
         raise bad_request("max_tokens must be at least 1, got 0 (0 is only allowed with 'echo': true, "
                           "which returns the prompt alone)", param="max_tokens")
     check_sequences(prompt_count(body.prompt), body.n)  # before tokenizing anything
-    refuse_if_full(ready, prompt_count(body.prompt) * body.n)
+    refuse_if_full(ready, prompt_count(body.prompt) * body.n, body.priority)
     prompts = await ready.tokenization.completion_prompts(body.prompt, body.add_special_tokens, ready.vocab_size)
     # Echo without generation runs one engine step, as vLLM does, and drops its token.
     engine_tokens = max(max_tokens, 1)

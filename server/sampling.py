@@ -39,16 +39,17 @@ def check_token_ids(ids: Sequence[int], vocab_size: int, param: str) -> None:
 
 def logit_bias(asked: dict[str, float] | None, vocab_size: int) -> tuple[tuple[int, float], ...]:
     """`logit_bias` as sorted (token id, bias) pairs, biases clamped to [-100, 100] (vLLM's rule);
-    400 for a key that is not a token id of the vocabulary."""
-    pairs = []
+    keys that name the same id ("5", "05") keep the last one given, as vLLM's server does; 400
+    for a key that is not a token id of the vocabulary."""
+    biases: dict[int, float] = {}
     for key, bias in (asked or {}).items():
         try:
             token = int(key)
         except ValueError:
             raise bad_request(f"'logit_bias' keys must be token ids, got {key[:40]!r}", param="logit_bias") from None
-        pairs.append((token, max(-100.0, min(100.0, float(bias)))))
-    check_token_ids([t for t, _ in pairs], vocab_size, "logit_bias")
-    return tuple(sorted(pairs))
+        biases[token] = max(-100.0, min(100.0, float(bias)))
+    check_token_ids(list(biases), vocab_size, "logit_bias")
+    return tuple(sorted(biases.items()))
 
 
 def member_weights(asked: list[float] | dict[str, float] | None, members: list[str]) -> tuple[float, ...] | None:

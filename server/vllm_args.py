@@ -34,6 +34,19 @@ NOT_FOR_AN_ENSEMBLE: dict[str, str] = {
     "speculative_config": "vLLM's speculative decoding verifies with one target model, not a pooled ensemble",
     "enable_lora": "LoRA adapters belong to one model; an ensemble member cannot take a vLLM LoRA request",
     "kv_cache_memory_bytes": "use --kv-cache-gib",
+    "logprobs_mode": "chorus reports the pooled distribution's own log-probs (vLLM's raw_logprobs), "
+                     "as the reference engine does",
+    "data_parallel_size": "run one server per replica behind a load balancer (docker/README.md, "
+                          "'Data parallelism')",
+}
+# Fields serve sets from its own flags: reachable through vLLM's parser only by an alias (-tp),
+# an underscore spelling (--max_model_len) or CHORUS_VLLM_ARGS, and refused there.
+SERVE_OWNS = {
+    "tensor_parallel_size": "--tensor-parallel-size",
+    "max_model_len": "--max-model-len",
+    "dtype": "--dtype",
+    "served_model_name": "--served-model-name",
+    "distributed_executor_backend": "--distributed-executor-backend",
 }
 
 
@@ -52,17 +65,28 @@ def _vllm_parser() -> argparse.ArgumentParser:
     return AsyncEngineArgs.add_cli_args(parser)
 
 
+def _given_only(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """`parser` with every default suppressed, so parsing returns exactly the flags given (even
+    one whose value equals vLLM's default, which may not be chorus's: ``--no-enforce-eager``)."""
+    for action in parser._actions:  # noqa: SLF001 - argparse keeps its actions here, no public API
+        action.default = argparse.SUPPRESS
+    return parser
+
+
 def vllm_help() -> str:
     """vLLM's own help for its engine arguments (what `serve --help-vllm` prints)."""
-    return _vllm_parser().format_help()
+    try:
+        return _vllm_parser().format_help()
+    except ImportError as err:
+        raise VLLMArgsError(f"vLLM is not installed ({err}): install chorus with the cpu or gpu extra") from None
 
 
 def parse_vllm_args(argv: Sequence[str]) -> dict[str, Any]:
     """The ``AsyncEngineArgs`` fields that `argv` (vLLM engine flags) sets.
 
-    Only flags given with a value other than vLLM's default are returned, so vLLM keeps deciding
-    everything else. Raises `VLLMArgsError` for an unknown flag, a bad value or a flag in
-    `NOT_FOR_AN_ENSEMBLE`.
+    Only the flags given are returned, so vLLM keeps deciding everything else. Raises
+    `VLLMArgsError` for an unknown flag, a bad value, a flag in `NOT_FOR_AN_ENSEMBLE` or one of
+    `SERVE_OWNS` spelled so that it reached vLLM's parser.
     """
     argv = list(argv)
     if not argv:
@@ -71,8 +95,7 @@ def parse_vllm_args(argv: Sequence[str]) -> dict[str, Any]:
 
     from vllm.engine.arg_utils import AsyncEngineArgs
 
-    parser = _vllm_parser()
-    defaults = vars(parser.parse_args([]))
+    parser = _given_only(_vllm_parser())
     errors = io.StringIO()
     try:
         with contextlib.redirect_stderr(errors):
@@ -84,9 +107,18 @@ def parse_vllm_args(argv: Sequence[str]) -> dict[str, Any]:
             message += " (neither serve's nor vLLM's: see serve --help and serve --help-vllm)"
         raise VLLMArgsError(f"vLLM engine {message}") from None
     fields = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
-    chosen = {k: v for k, v in vars(parsed).items() if k in fields and v != defaults.get(k)}
+    chosen = {k: v for k, v in vars(parsed).items() if k in fields}
     for name in chosen:
-        if name in NOT_FOR_AN_ENSEMBLE:
-            flag = "--" + name.replace("_", "-")
+        flag = "--" + name.replace("_", "-")
+        if name in SERVE_OWNS:
+            raise VLLMArgsError(f"{flag} reached vLLM's parser (an alias, an underscore spelling or "
+                                f"CHORUS_VLLM_ARGS): set it with serve's own {SERVE_OWNS[name]}")
+        if name in NOT_FOR_AN_ENSEMBLE and not _harmless(name, chosen[name]):
             raise VLLMArgsError(f"{flag} cannot be used with an ensemble: {NOT_FOR_AN_ENSEMBLE[name]}")
     return chosen
+
+
+def _harmless(name: str, value: Any) -> bool:
+    """A refused flag given with the one value that changes nothing (e.g. ``-pp 1``)."""
+    return (name in ("pipeline_parallel_size", "data_parallel_size") and value == 1) or (
+        name == "logprobs_mode" and value == "raw_logprobs") or (name == "enable_lora" and not value)

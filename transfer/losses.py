@@ -31,7 +31,7 @@ sum of the terms). Every public name of those modules is importable from here.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -121,26 +121,41 @@ def latents_loss(
 
 
 def balance_weights(
-    losses: Mapping[str, Tensor], params: Sequence[Tensor], eps: float = 1e-12
+    losses: Mapping[str, Tensor],
+    params: Sequence[Tensor],
+    reduce: Callable[[Tensor], Tensor] | None = None,
+    previous: Mapping[str, float] | None = None,
 ) -> dict[str, float]:
     """1 / ||grad L_i|| over `params` (e.g. the last layer's trainable parameters), per term.
 
     tokenkit's "approx_gradmag" balance: multiplying term i by this weight gives it a gradient of
-    norm 1 on `params`, so no term drowns the others whatever its scale. A term with no (or no
-    finite) gradient there gets weight 0. Computed with `torch.autograd.grad(..., retain_graph=True)`,
-    so the caller can still call `backward()` on the losses; each term costs one backward pass from
-    the loss to `params`, which is why training can refresh these weights only every few steps.
+    norm 1 on `params`, so no term drowns the others whatever its scale. Computed with
+    `torch.autograd.grad(..., retain_graph=True)`, so the caller can still call `backward()` on
+    the losses; each term costs one backward pass from the loss to `params`, which is why
+    training can refresh these weights only every few steps (`loss.balance_every`).
+
+    `reduce` averages a 1-D tensor over the processes of a distributed run (e.g.
+    ``lambda t: accelerator.reduce(t, "mean")``): the squared norms are averaged before they are
+    inverted, so every process gets the same factors. A term whose gradient there is zero or not
+    finite keeps its `previous` factor (0 when there is none).
     """
     params = [p for p in params if p.requires_grad]
     if not params:
-        raise ValueError("balance_params holds no parameter that requires grad")
-    out: dict[str, float] = {}
-    for name, loss in losses.items():
-        norm = 0.0
+        raise ValueError("balance_weights needs at least one parameter that requires grad")
+    squares = []
+    for loss in losses.values():
+        square = 0.0
         if loss.requires_grad:
             grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
-            norm = math.sqrt(sum(float(g.float().pow(2).sum()) for g in grads if g is not None))
-        out[name] = 1.0 / (norm + eps) if norm > 0 and math.isfinite(norm) else 0.0
+            square = sum(float(g.float().pow(2).sum()) for g in grads if g is not None)
+        squares.append(square)
+    if reduce is not None:
+        squares = reduce(torch.tensor(squares, dtype=torch.float32, device=params[0].device)).tolist()
+    out: dict[str, float] = {}
+    for name, square in zip(losses, squares):
+        norm = math.sqrt(square) if square >= 0 else math.nan
+        fallback = float((previous or {}).get(name, 0.0))
+        out[name] = 1.0 / norm if norm > 0 and math.isfinite(norm) else fallback
     return out
 
 

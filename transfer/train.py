@@ -256,14 +256,22 @@ def _accumulate(run: _Run, mine: list[int]) -> tuple[dict[str, float], int, dict
         with sync:  # the backward too: FSDP reads no_sync in its post-backward hooks
             with accelerator.autocast():
                 terms = compute_losses(batch, student, run.teacher, run.models, cfg)
-                if run.balance is not None and (run.factors is None or run.step % cfg.loss.balance_every == 0):
-                    run.factors = losses.balance_weights(terms, run.balance)
+                if run.balance is not None and j == 0 and (run.factors is None or run.step % cfg.loss.balance_every == 0):
+                    run.factors = losses.balance_weights(terms, run.balance, _mean_over_processes(accelerator),
+                                                         previous=run.factors)
                 total, used = losses.combine_losses(terms, run.weights, run.factors)
             accelerator.backward(total / cfg.train.grad_accum)
         for name, value in terms.items():
             sums[name] = sums.get(name, 0.0) + float(value.detach()) / cfg.train.grad_accum
         sums["loss"] = sums.get("loss", 0.0) + float(total.detach()) / cfg.train.grad_accum
     return sums, n_tokens, used
+
+
+def _mean_over_processes(accelerator: Any) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
+    """Averages a tensor over the processes of a distributed run (None when there is one)."""
+    if accelerator.num_processes == 1:
+        return None
+    return lambda tensor: accelerator.reduce(tensor, reduction="mean")
 
 
 def _optimizer_step(run: _Run) -> tuple[Optional[torch.Tensor], float]:

@@ -98,6 +98,17 @@ def test_logit_bias_comes_before_the_penalties() -> None:
     assert sample_token(scores, biased, output_token_ids=[1]) == 0
     with pytest.raises(EngineRequestError, match="logit_bias holds token id 4"):
         check_options(SamplingOptions(logit_bias=((4, 1.0),)), vocab_size=4)
+    with pytest.raises(EngineRequestError, match="twice"):
+        check_options(SamplingOptions(logit_bias=((1, 1.0), (1, 2.0))), vocab_size=4)
+    # the bias is added before the division by the temperature: 20,000 seeded draws at T=2 follow
+    # softmax((scores + bias) / 2) within 1.5 points (bias after the division would give token 3
+    # about twice the odds)
+    gen = torch.Generator().manual_seed(0)
+    hot = [sample_token(scores, SamplingOptions(temperature=2.0, logit_bias=((3, 2.0),)), generator=gen)
+           for _ in range(20_000)]
+    want = torch.softmax((scores + torch.tensor([0.0, 0.0, 0.0, 2.0])) / 2.0, -1)
+    for token in range(4):
+        assert hot.count(token) / len(hot) == pytest.approx(float(want[token]), abs=0.015)
 
 
 def test_top_logprobs() -> None:

@@ -19,14 +19,8 @@ from vllm.sampling_params import RequestOutputKind
 
 from ensemble.manifest import EnsembleManifest, MemberSpec
 from ensemble.protocol import EngineRequestError, SamplingOptions
-from ensemble.vllm_engine import (
-    OutputTranslator,
-    VLLMEngineConfig,
-    _check_fixed_pooling,
-    engine_dtype,
-    sampling_params,
-    token_logprob,
-)
+from ensemble.vllm_engine import VLLMEngineConfig, engine_dtype
+from ensemble.vllm_translate import OutputTranslator, check_fixed_pooling, sampling_params, token_logprob
 from ensemble.vllm_model import pool_chunk_rows
 
 pytestmark = pytest.mark.vllm
@@ -60,16 +54,16 @@ def test_sampling_params_reject_bad_values_as_request_errors() -> None:
 
 def test_per_request_pooling_is_refused_unless_it_is_the_ensembles_own() -> None:
     manifest = _manifest()
-    _check_fixed_pooling(SamplingOptions(), manifest)
-    _check_fixed_pooling(SamplingOptions(pooling="prob_mean", weights=(2.0, 6.0)), manifest)  # same, scaled
+    check_fixed_pooling(SamplingOptions(), manifest)
+    check_fixed_pooling(SamplingOptions(pooling="prob_mean", weights=(2.0, 6.0)), manifest)  # same, scaled
     with pytest.raises(EngineRequestError, match="fixed when it loads"):
-        _check_fixed_pooling(SamplingOptions(pooling="logprob_mean"), manifest)
+        check_fixed_pooling(SamplingOptions(pooling="logprob_mean"), manifest)
     with pytest.raises(EngineRequestError, match="fixed when it loads"):
-        _check_fixed_pooling(SamplingOptions(weights=(1.0, 1.0)), manifest)
+        check_fixed_pooling(SamplingOptions(weights=(1.0, 1.0)), manifest)
     with pytest.raises(EngineRequestError, match="fixed when it loads"):
-        _check_fixed_pooling(SamplingOptions(weights=(1.0, 3.0, 1.0)), manifest)
+        check_fixed_pooling(SamplingOptions(weights=(1.0, 3.0, 1.0)), manifest)
     with pytest.raises(EngineRequestError, match="member_logprobs"):
-        _check_fixed_pooling(SamplingOptions(member_logprobs=True), manifest)
+        check_fixed_pooling(SamplingOptions(member_logprobs=True), manifest)
 
 
 def test_token_logprob_keeps_ranks_up_to_k_best_first() -> None:

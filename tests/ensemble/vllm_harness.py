@@ -102,7 +102,7 @@ def run_plain_vllm(model_folder: Path, prompts: list[list[int]], max_model_len: 
     """One model alone in vLLM (no ensemble, no plugin code), same greedy requests, in our form."""
     from vllm import LLM, TokensPrompt
 
-    from ensemble.vllm_engine import OutputTranslator, sampling_params
+    from ensemble.vllm_translate import OutputTranslator, sampling_params
 
     llm = LLM(model=str(model_folder), max_model_len=max_model_len, dtype="float32", enforce_eager=True)
     try:

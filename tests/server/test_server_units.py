@@ -310,6 +310,18 @@ def test_admission_serves_lower_priority_values_first() -> None:
         adm.release(1)
         await asyncio.gather(*tasks, jumper)
         assert order == ["urgent", "normal-a", "normal-b", "late-a", "jumper", "late-b"]
+        # a full queue: the early check lets in a newcomer that goes straight in, refuses one that must wait
+        tight = Admission(max_running=2, max_queue=1)
+        await tight.acquire(1)
+        late = asyncio.create_task(tight.acquire(2, priority=5))  # cannot fit: queued
+        await asyncio.sleep(0)
+        tight.check(1, priority=0)  # room, and nobody ahead of it
+        with pytest.raises(QueueFullError):
+            tight.check(1, priority=5)  # the late waiter is ahead of it, and the queue is full
+        assert tight.try_acquire(1, priority=0) is None
+        tight.release(1)
+        tight.release(1)
+        await late
         # with room and only later-priority waiters ahead, a more urgent newcomer goes straight in
         adm.release(2)
         await adm.acquire(1)
@@ -672,6 +684,7 @@ def test_vllm_engine_flags_on_the_command_line(tmp_path, monkeypatch, capsys) ->
     own field; flags that cannot apply to an ensemble, unknown flags and bad values are one-line errors."""
     from server.cli import main
     from server.engines import vllm_engine_args
+    from server.vllm_args import parse_vllm_args
 
     monkeypatch.setenv("CHORUS_ENSEMBLE", str(tmp_path))
     monkeypatch.setenv("CHORUS_VLLM_ARGS", "--max-num-seqs 4 --scheduling-policy priority")
@@ -683,7 +696,10 @@ def test_vllm_engine_flags_on_the_command_line(tmp_path, monkeypatch, capsys) ->
     assert vllm_engine_args(config) == {**config.engine_args, "kv_cache_memory_bytes": 1 << 30}
     monkeypatch.delenv("CHORUS_VLLM_ARGS")
     for argv, message in [
-        (["--engine", "torch", "--max-num-seqs", "8"], "need --engine vllm"),
+        (["--engine", "torch", "--max-num-seqs", "8"], "unrecognized arguments: --max-num-seqs 8 (vLLM engine"),
+        (["-tp", "2"], "set it with serve's own --tensor-parallel-size"),
+        (["--max_model_len", "64"], "set it with serve's own --max-model-len"),
+        (["--logprobs-mode", "processed_logprobs"], "--logprobs-mode cannot be used with an ensemble"),
         (["--pipeline-parallel-size", "2"], "--pipeline-parallel-size cannot be used with an ensemble"),
         (["--model", "x"], "--model cannot be used with an ensemble"),
         (["--kv-cache-memory-bytes", "1000"], "use --kv-cache-gib"),
@@ -695,6 +711,14 @@ def test_vllm_engine_flags_on_the_command_line(tmp_path, monkeypatch, capsys) ->
         assert exit_.value.code == 2
         err = capsys.readouterr().err
         assert err.startswith("serve: error: ") and message in err and err.count("\n") == 1, err
+    assert parse_vllm_args(["--no-enforce-eager", "-pp", "1"]) == {"enforce_eager": False, "pipeline_parallel_size": 1}
+    monkeypatch.setenv("CHORUS_VLLM_ARGS", "--max-num-seqs '8")
+    with pytest.raises(ConfigError, match="CHORUS_VLLM_ARGS cannot be split"):
+        config_from_args(*build_parser().parse_known_args([]))
+    monkeypatch.setenv("CHORUS_VLLM_ARGS", "--served_model_name other")
+    with pytest.raises(ValueError, match="serve's own --served-model-name"):
+        config_from_args(*build_parser().parse_known_args([]))
+    monkeypatch.delenv("CHORUS_VLLM_ARGS")
     assert main(["--help-vllm"]) == 0
     assert "--max-num-seqs" in capsys.readouterr().out
     with pytest.raises(ConfigError, match="vllm engine"):
@@ -702,7 +726,7 @@ def test_vllm_engine_flags_on_the_command_line(tmp_path, monkeypatch, capsys) ->
 
 
 def test_logit_bias_becomes_sorted_clamped_pairs() -> None:
-    body = CompletionRequest(prompt="x", logit_bias={"9": 250, "3": -1e9, "5": 0.5})
+    body = CompletionRequest(prompt="x", logit_bias={"9": 250, "3": -1e9, "5": 0.5, "05": 7, "+9": 1})
     opts = build_options(body, max_tokens=5, vocab_size=100, members=MEMBERS)
-    assert opts.logit_bias == ((3, -100.0), (5, 0.5), (9, 100.0))
+    assert opts.logit_bias == ((3, -100.0), (5, 7.0), (9, 1.0))  # the last key naming an id wins
     assert build_options(CompletionRequest(prompt="x"), max_tokens=5, vocab_size=100, members=MEMBERS).logit_bias == ()

@@ -134,10 +134,22 @@ def test_vllm_flags_reach_the_engine_and_admission(vllm_server: ServerThread, cl
     assert vllm_server.state.ready.admission.max_running == 6
     info = client.models.list().data[0].model_dump()["ensemble"]
     assert info["max_num_seqs"] == 6 and info["prefix_caching"] is True and info["scheduling_policy"] == "priority"
-    for priority in (-5, 0, 7):  # vLLM's request priority reaches its priority scheduler
-        out = client.completions.create(model="pair", prompt=PROMPT, max_tokens=2, temperature=0,
-                                        extra_body={"priority": priority})
-        assert out.usage.completion_tokens >= 1
+    llm = vllm_server.engine._llm
+    passed: list[int | None] = []
+
+    def spy(*args, **kwargs):  # what the engine hands to vLLM's AsyncLLM.generate
+        passed.append(kwargs.get("priority"))
+        return type(llm).generate(llm, *args, **kwargs)
+
+    llm.generate = spy
+    try:
+        for priority in (-5, 0, 7):  # vLLM's request priority reaches its priority scheduler
+            out = client.completions.create(model="pair", prompt=PROMPT, max_tokens=2, temperature=0,
+                                            extra_body={"priority": priority})
+            assert out.usage.completion_tokens >= 1
+    finally:
+        del llm.generate
+    assert passed == [-5, 0, 7]
 
 
 def test_a_repeated_prefix_is_served_from_the_prefix_cache(vllm_server: ServerThread, client: openai.OpenAI) -> None:

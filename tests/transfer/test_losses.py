@@ -409,10 +409,16 @@ def test_combine_losses_balances_gradient_magnitudes():
     for name, norm in (("big", 1.0), ("small", 2.0)):  # the fixed weight scales the balanced norm
         grads = torch.autograd.grad(terms[name] * used[name], params, retain_graph=True)
         assert math.isclose(math.sqrt(sum(float(g.pow(2).sum()) for g in grads)), norm, rel_tol=1e-4)
+    # averaged over processes: squared norms 4x as large -> factors halved, the same on every process
+    reduced = losses.balance_weights(terms, params, reduce=lambda squares: squares * 4)
+    assert reduced["big"] == pytest.approx(factors["big"] / 2, rel=1e-5)
+    # a term without a usable gradient keeps the factor it had
+    assert losses.balance_weights(terms, params, previous={"constant": 0.7})["constant"] == 0.7
     total.backward()
     assert all(torch.isfinite(p.grad).all() for p in params)
     with pytest.raises(ValueError, match="requires grad"):
         losses.balance_weights(terms, [torch.zeros(2)])
+
     with pytest.raises(ValueError, match="unknown"):
         losses.combine_losses({"big": terms["big"]}, balance={"small": 1.0})
 

@@ -178,7 +178,9 @@ def test_chat_jsonl_through_both_chat_templates(tiny_dir, corpus, tiny_config, l
 @pytest.mark.slow
 def test_two_process_ddp_run_resumes_exactly(tiny_dir, corpus, tiny_config, losses_by_step, tmp_path):
     """`accelerate launch --cpu --num_processes 2`: DDP over gloo, split batches, main-process
-    checkpoints; stopped at step 4 and resumed, it matches an uninterrupted 2-process run."""
+    checkpoints; stopped at step 4 and resumed, it matches an uninterrupted 2-process run. The
+    loss terms are balanced every 3 steps: the factors come from the gradient norms averaged over
+    both processes, so the main process's checkpoint holds every process's factors."""
     import os
     import subprocess
     import sys
@@ -187,7 +189,8 @@ def test_two_process_ddp_run_resumes_exactly(tiny_dir, corpus, tiny_config, loss
 
     def launch(out, *extra):
         config = tmp_path / f"{out.name}.yaml"
-        config.write_text(yaml.safe_dump(tiny_config(tiny_dir("llama-gpt2"), corpus, out)))
+        config.write_text(yaml.safe_dump(tiny_config(tiny_dir("llama-gpt2"), corpus, out,
+                                                     loss={"balance": True, "balance_every": 3})))
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                "-m", "transfer.cli", "run", str(config), *extra]

@@ -1,0 +1,164 @@
+"""Translation between chorus's engine protocol and vLLM's request objects.
+
+`sampling_params` turns our `SamplingOptions` into vLLM's `SamplingParams` (delta outputs);
+`OutputTranslator` adds vLLM's delta `RequestOutput`s up into our cumulative `RequestOutput`;
+`token_logprob` converts one position of vLLM log-probs; `check_fixed_pooling` refuses what the
+vLLM engine cannot serve (per-request pooling, per-member log-probs). Used by
+`ensemble.vllm_engine.VLLMEngine`; pure functions of their arguments, tested without an engine
+(tests/ensemble/test_vllm_translation.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from ensemble.manifest import EnsembleManifest
+from ensemble.protocol import (
+    CompletionOutput,
+    EngineRequestError,
+    RequestOutput,
+    SamplingOptions,
+    TokenLogprob,
+)
+
+
+def check_fixed_pooling(options: SamplingOptions, manifest: EnsembleManifest) -> None:
+    """Raise EngineRequestError if `options` ask for pooling other than the ensemble's own."""
+    fixed = (
+        f"the vLLM engine pools with the ensemble's own rule {manifest.rule!r} and weights "
+        f"{list(manifest.weights)}, fixed when it loads (vLLM computes logits for a batch of rows, "
+        "not per request)"
+    )
+    if options.pooling is not None and options.pooling != manifest.rule:
+        raise EngineRequestError(f"per-request pooling {options.pooling!r} is not supported: {fixed}")
+    if options.weights is not None:
+        own = manifest.weights
+        asked = tuple(float(w) for w in options.weights)
+        same = len(asked) == len(own) and sum(asked) > 0 and all(
+            math.isclose(a / sum(asked), o / sum(own), rel_tol=1e-9, abs_tol=1e-12) for a, o in zip(asked, own)
+        )
+        if not same:
+            raise EngineRequestError(f"per-request weights {list(asked)} are not supported: {fixed}")
+    if options.member_logprobs:
+        raise EngineRequestError(
+            "member_logprobs is not supported by the vLLM engine: it reports the pooled "
+            "distribution only (use the reference engine for per-member log-probs)"
+        )
+
+
+def sampling_params(options: SamplingOptions):
+    """Translate our `SamplingOptions` into vLLM's `SamplingParams` (delta outputs: each carries
+    only what is new, which `OutputTranslator` adds up, so nothing is copied whole per token).
+
+    Raises EngineRequestError when vLLM rejects a value.
+    """
+    from vllm import SamplingParams
+    from vllm.exceptions import VLLMClientError
+    from vllm.sampling_params import RequestOutputKind
+
+    try:
+        return SamplingParams(
+            n=options.n,
+            max_tokens=options.max_tokens,
+            temperature=options.temperature,
+            top_p=options.top_p,
+            top_k=options.top_k,
+            min_p=options.min_p,
+            presence_penalty=options.presence_penalty,
+            frequency_penalty=options.frequency_penalty,
+            seed=options.seed,
+            stop=list(options.stop) or None,
+            stop_token_ids=list(options.stop_token_ids) or None,
+            ignore_eos=options.ignore_eos,
+            logprobs=options.logprobs,
+            prompt_logprobs=options.prompt_logprobs,
+            logit_bias=dict(options.logit_bias) or None,
+            output_kind=RequestOutputKind.DELTA,
+        )
+    except (ValueError, TypeError, VLLMClientError) as err:
+        raise EngineRequestError(str(err)) from None
+
+
+def token_logprob(token_id: int, position: Mapping[int, Any], top: int) -> TokenLogprob:
+    """Our `TokenLogprob` from one position of vLLM logprobs (``{token id: Logprob}``).
+
+    vLLM reports the chosen token plus the `top` best ones, each with its rank; `top` keeps the
+    ranks 1..top, best first.
+    """
+    chosen = position[token_id]
+    best = sorted(
+        ((tid, lp) for tid, lp in position.items() if lp.rank is not None and lp.rank <= top),
+        key=lambda item: item[1].rank,
+    )
+    return TokenLogprob(token_id=token_id, logprob=float(chosen.logprob), top=[(t, float(lp.logprob)) for t, lp in best])
+
+
+def _finish_reason(reason: str | None) -> str | None:
+    if reason is None or reason in ("stop", "length", "abort"):
+        return reason
+    if reason == "repetition":
+        return "stop"
+    raise RuntimeError(f"vLLM ended the request with {reason!r} (an internal error; retry it)")
+
+
+class OutputTranslator:
+    """Turns one request's stream of vLLM `RequestOutput`s into ours, incrementally.
+
+    `update` takes each *delta* vLLM output in turn (new text, token ids, log-probs and prompt
+    log-probs since the previous one; vLLM's may carry only the completions that changed), adds it
+    to the request's state, and returns our cumulative `RequestOutput` with all `n` completions.
+    Each log-prob is converted once.
+    """
+
+    def __init__(self, request_id: str, prompt_token_ids: list[int], options: SamplingOptions) -> None:
+        self.request_id = request_id
+        self.prompt_token_ids = prompt_token_ids
+        self.options = options
+        self.completions = [
+            CompletionOutput(index=i, text="", token_ids=[], logprobs=[] if options.logprobs is not None else None)
+            for i in range(options.n)
+        ]
+        self.prompt_logprobs: list[TokenLogprob | None] | None = None
+
+    def _add_prompt_logprobs(self, entries: Sequence[Any]) -> None:
+        """Prompt positions in order (vLLM's first is None: nothing predicts the first token)."""
+        k = self.options.prompt_logprobs or 0
+        if self.prompt_logprobs is None:
+            self.prompt_logprobs = []
+        for entry in entries:
+            pos = len(self.prompt_logprobs)
+            if pos == 0 or entry is None or pos >= len(self.prompt_token_ids):
+                self.prompt_logprobs.append(None)
+            else:
+                self.prompt_logprobs.append(token_logprob(self.prompt_token_ids[pos], entry, k))
+
+    def update(self, out: Any) -> RequestOutput:
+        if self.options.prompt_logprobs is not None and out.prompt_logprobs:
+            self._add_prompt_logprobs(list(out.prompt_logprobs))
+        for vc in out.outputs:
+            mine = self.completions[vc.index]
+            mine.text += vc.text
+            first_new = len(mine.token_ids)
+            mine.token_ids.extend(vc.token_ids)
+            if mine.logprobs is not None and vc.logprobs is not None:
+                k = self.options.logprobs or 0
+                for i, position in enumerate(vc.logprobs):
+                    mine.logprobs.append(token_logprob(mine.token_ids[first_new + i], position, k))
+            mine.finish_reason = _finish_reason(vc.finish_reason)  # type: ignore[assignment]
+            mine.stop_reason = vc.stop_reason
+        if out.finished:
+            for mine in self.completions:
+                if mine.finish_reason is None:
+                    mine.finish_reason = "abort"
+        return RequestOutput(
+            request_id=self.request_id,
+            prompt_token_ids=self.prompt_token_ids,
+            outputs=[dataclasses.replace(c, token_ids=list(c.token_ids),
+                                         logprobs=list(c.logprobs) if c.logprobs is not None else None)
+                     for c in self.completions],
+            finished=bool(out.finished),
+            prompt_logprobs=list(self.prompt_logprobs) if self.prompt_logprobs is not None else None,
+        )

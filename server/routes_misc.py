@@ -11,7 +11,7 @@ from starlette.responses import PlainTextResponse, Response
 
 from server.engines import engine_healthy
 from server.errors import APIError, error_response
-from server.protocol import (
+from server.protocol_misc import (
     DetokenizeRequest,
     DetokenizeResponse,
     ModelCard,

@@ -13,7 +13,9 @@
 # Used by `make serve` (scripts/serve_default.sh) and by the images (`default-ensemble`).
 # Settings: CHORUS_CACHE (zoo), CHORUS_DEFAULT_DIR (runs, default $CHORUS_CACHE/default),
 # CHORUS_DEFAULT_ENSEMBLE (the folder, default $CHORUS_DEFAULT_DIR/ensemble-gemma3, or ensemble),
-# CHORUS_ALM_STEPS (40), CHORUS_QWEN_STEPS (0), CHORUS_FIT, CHORUS_DEFAULT_CONFIG (the run config),
+# CHORUS_ALM_STEPS (40 where training runs in bf16 natively, 30 where it falls back to fp32, so
+# that a cold `make serve` stays within 30 minutes on 2 cores: README "Precision and hardware"),
+# CHORUS_QWEN_STEPS (0), CHORUS_FIT, CHORUS_DEFAULT_CONFIG (the run config),
 # CHORUS_VENV (where the console scripts are; else PATH).
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -35,7 +37,13 @@ ENSEMBLE="${CHORUS_DEFAULT_ENSEMBLE:-$OUT/$folder}"
 mkdir -p "$OUT"
 
 # member name in the ensemble, zoo model, ALM steps
-declare -A steps=([smollm2]="${CHORUS_ALM_STEPS:-40}" [gemma3]="${CHORUS_ALM_STEPS:-40}" [qwen2.5]="${CHORUS_QWEN_STEPS:-0}")
+# A step costs about 29 s in fp32 on 2 AVX2 cores, 15-22 s in native bf16 (ensemble/RESULTS.md).
+default_steps() {
+  "${BIN}python" -c "import torch; from transfer.precision import native_bf16
+print(40 if native_bf16('cuda' if torch.cuda.is_available() else 'cpu') else 30)" 2>/dev/null || echo 30
+}
+alm_steps="${CHORUS_ALM_STEPS:-$(default_steps)}"
+declare -A steps=([smollm2]="$alm_steps" [gemma3]="$alm_steps" [qwen2.5]="${CHORUS_QWEN_STEPS:-0}")
 declare -A names=([smollm2]=smollm [gemma3]=gemma [qwen2.5]=qwen)
 members=()
 for model in gemma3 smollm2 qwen2.5; do

@@ -1,9 +1,12 @@
-"""Run configuration for tokenizer transfer: frozen dataclasses loaded from YAML.
+"""Run configuration for tokenizer transfer: frozen pydantic models loaded from YAML.
 
-A config file has four sections (``model``, ``data``, ``train``, ``loss``, ``output``); any value
+A config file has five sections (``model``, ``data``, ``train``, ``loss``, ``output``); any value
 can be overridden on the command line with a dotted path (``train.lr=2e-5``,
 ``loss.terms=[sft]``), parsed as YAML. Every problem is reported as a one-line
 :class:`~transfer.errors.ConfigError` naming the offending key.
+
+Each section is a frozen pydantic model; values keep their YAML types (strict validation, plus
+the few conversions of :data:`Int`, :data:`Float`, :data:`Str` and :data:`Strs`).
 
 Paths may be written as ``zoo:NAME`` (resolved through :mod:`transfer.zoo` by
 :func:`resolve_model`, :func:`resolve_tokenizer`, :func:`resolve_text`); a student tokenizer
@@ -12,15 +15,14 @@ may also be ``bytes`` (the byte-level tokenizer).
 
 from __future__ import annotations
 
-import dataclasses
+import copy
 import difflib
-import types
-import typing
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, get_args
 
 import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError, model_validator
+from pydantic_core import ErrorDetails
 
 from .errors import ConfigError
 
@@ -28,8 +30,41 @@ LOSS_TERMS = ("alm", "sft", "latents")
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-@dataclass(frozen=True)
-class ModelConfig:
+# --------------------------------------------------------------------------------------------
+# Value types: strict, plus the few conversions YAML needs
+
+
+def _numeric(value: Any) -> Any:
+    """A numeric string as its float (YAML 1.1 reads ``1e-5``, without a dot, as a string)."""
+    try:
+        return float(value) if isinstance(value, str) else value
+    except ValueError:
+        return value
+
+
+Int = Annotated[int, Strict(), BeforeValidator(lambda v: int(v) if isinstance(v, float) and v.is_integer() else v)]
+"""An integer; a whole float (``5.0``) too."""
+Float = Annotated[float, Strict(), BeforeValidator(_numeric)]
+"""A number: a float, an integer or a numeric string."""
+Bool = Annotated[bool, Strict()]
+Str = Annotated[str, Strict(), BeforeValidator(lambda v: v if v is None or isinstance(v, (dict, list)) else str(v))]
+"""A string; any other scalar as its text (``2024`` -> ``"2024"``)."""
+Strs = Annotated[tuple[Str, ...], BeforeValidator(lambda v: [v] if isinstance(v, str) else v)]
+"""A list of strings; a single string is a list of one."""
+
+
+class _Section(BaseModel):
+    """A config section: immutable, refuses unknown keys; an empty YAML section (``None``) is ``{}``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_is_default(cls, raw: Any) -> Any:
+        return {} if raw is None else raw
+
+
+class ModelConfig(_Section):
     """Which models and tokenizers take part.
 
     ``teacher``: the frozen model (HF folder or ``zoo:NAME``), scored with its own tokenizer.
@@ -39,13 +74,12 @@ class ModelConfig:
     initialised for it by FVT.
     """
 
-    teacher: str
-    student: Optional[str] = None
-    tokenizer: Optional[str] = None
+    teacher: Str
+    student: Optional[Str] = None
+    tokenizer: Optional[Str] = None
 
 
-@dataclass(frozen=True)
-class DataConfig:
+class DataConfig(_Section):
     """Training / evaluation text.
 
     ``train``: one or more files (a YAML list), whose examples are pooled and shuffled together;
@@ -55,81 +89,127 @@ class DataConfig:
     student's tokenization.
     """
 
-    train: tuple[str, ...]
-    eval: Optional[str] = None
+    train: Strs
+    eval: Optional[Str] = None
     format: Literal["auto", "text", "jsonl"] = "auto"
-    seq_len: int = 512
-    chunk_bytes: int = 0  # 0: 5 * seq_len
-    seed: int = 0
+    seq_len: Int = Field(512, ge=2)
+    chunk_bytes: Int = Field(0, ge=0)  # 0: 5 * seq_len
+    seed: Int = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> DataConfig:
+        if not self.train:
+            raise ValueError("data.train is empty: name at least one text or jsonl file")
+        return self
 
 
-@dataclass(frozen=True)
-class LoraSettings:
+class LoraSettings(_Section):
     """LoRA adapters (peft) on the student's projections, plus trainable embeddings and head."""
 
-    r: int = 64
-    alpha: int = 64
-    dropout: float = 0.0
-    targets: tuple[str, ...] = DEFAULT_LORA_TARGETS
-    train_embeddings: bool = True
+    r: Int = Field(64, gt=0)
+    alpha: Int = Field(64, gt=0)
+    dropout: Float = Field(0.0, ge=0, lt=1)
+    targets: Strs = DEFAULT_LORA_TARGETS
+    train_embeddings: Bool = True
 
 
-@dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(_Section):
     """Optimisation. ``batch_size`` is the global number of examples per optimizer step; each
-    process gets ``batch_size / (processes * grad_accum)`` per micro-batch."""
+    process gets ``batch_size / (processes * grad_accum)`` per micro-batch. ``warmup_steps`` may
+    exceed ``steps`` (a short probe of a long schedule: the rate never peaks)."""
 
-    steps: int = 5000
-    lr: float = 1e-5
-    embedding_lr: Optional[float] = None  # input/output embeddings' lr; None: train.lr
-    betas: tuple[float, float] = (0.9, 0.95)
-    weight_decay: float = 0.01
-    warmup_steps: int = 2000
+    steps: Int = Field(5000, gt=0)
+    lr: Float = Field(1e-5, gt=0)
+    embedding_lr: Optional[Annotated[Float, Field(gt=0)]] = None  # input/output embeddings' lr; None: train.lr
+    betas: tuple[Float, ...] = (0.9, 0.95)
+    weight_decay: Float = Field(0.01, ge=0)
+    warmup_steps: Int = Field(2000, ge=0)
     schedule: Literal["linear", "constant"] = "linear"
-    clip: float = 1.0
-    batch_size: int = 64
-    grad_accum: int = 1
+    clip: Float = Field(1.0, ge=0, description="0 disables clipping")
+    batch_size: Int = Field(64, gt=0)
+    grad_accum: Int = Field(1, gt=0)
     dtype: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 where native (transfer.precision)
-    full_finetune: bool = False
-    lora: LoraSettings = field(default_factory=LoraSettings)
-    seed: int = 0
-    stop_after: Optional[int] = None  # end the run early after this step, as if it were killed
+    full_finetune: Bool = False
+    lora: LoraSettings = LoraSettings()
+    seed: Int = 0
+    stop_after: Optional[Int] = None  # end the run early after this step, as if it were killed
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if len(self.betas) != 2:
+            raise ValueError(f"train.betas must have 2 items, got {len(self.betas)}")
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"train.betas must be two numbers in [0, 1), got {list(self.betas)}")
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"train.batch_size ({self.batch_size}) must be a multiple of "
+                        f"train.grad_accum ({self.grad_accum})")
+        if self.stop_after is not None and not 0 < self.stop_after <= self.steps:
+            raise ValueError(f"train.stop_after must be in 1..train.steps ({self.steps})")
+        if not self.full_finetune and not self.lora.targets:
+            raise ValueError("train.lora.targets is empty: name the projections or set train.full_finetune=true")
+        return self
 
 
-@dataclass(frozen=True)
-class LossConfig:
+class LossConfig(_Section):
     """Loss terms (``alm``, ``sft``, ``latents``), their weights or gradient balancing."""
 
-    terms: tuple[str, ...] = ("alm",)
-    weights: dict[str, float] = field(default_factory=dict)  # missing terms weigh 1.0
-    balance: bool = False  # weight each term by 1 / ||grad|| over the last layer
-    balance_every: int = 1  # refresh those weights every this many steps (each refresh: a backward per term)
-    gamma: float = 0.1
-    tau: float = 100.0
+    terms: Strs = ("alm",)
+    weights: dict[Str, Annotated[Float, Field(ge=0)]] = {}  # missing terms weigh 1.0
+    balance: Bool = False  # weight each term by 1 / ||grad|| over the last layer
+    balance_every: Int = Field(1, gt=0)  # refresh those weights every this many steps (a backward per term)
+    gamma: Float = Field(0.1, gt=0, lt=1)
+    tau: Float = Field(100.0, gt=0)
     distance: Literal["binary_kl", "binary_ce", "abs"] = "binary_kl"  # binary_kl: binary_ce minus its floor
 
+    @model_validator(mode="after")
+    def _check(self) -> LossConfig:
+        if not self.terms:
+            raise ValueError(f"loss.terms is empty: choose from {list(LOSS_TERMS)}")
+        for term in self.terms:
+            if term not in LOSS_TERMS:
+                raise ValueError(f"loss.terms: unknown term {term!r} (choose from {list(LOSS_TERMS)})")
+        if len(set(self.terms)) != len(self.terms):
+            raise ValueError(f"loss.terms lists a term twice: {list(self.terms)}")
+        for term in self.weights:
+            if term not in self.terms:
+                raise ValueError(f"loss.weights.{term} is set but {term!r} is not in loss.terms")
+        if self.balance and len(self.terms) < 2:
+            raise ValueError("loss.balance needs at least two loss terms")
+        return self
 
-@dataclass(frozen=True)
-class OutputConfig:
+
+class OutputConfig(_Section):
     """Where the run writes, and how often it checkpoints / evaluates / logs."""
 
-    dir: str = "runs/transfer"
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 2
-    eval_every: int = 500
-    eval_bytes: int = 50_000
-    log_every: int = 1
+    dir: Str = "runs/transfer"
+    checkpoint_every: Int = Field(500, gt=0)
+    keep_checkpoints: Int = Field(2, gt=0)
+    eval_every: Int = Field(500, gt=0)
+    eval_bytes: Int = Field(50_000, ge=0)
+    log_every: Int = Field(1, gt=0)
 
 
-@dataclass(frozen=True)
-class RunConfig:
+class RunConfig(_Section):
     """A whole transfer run."""
 
     model: ModelConfig
     data: DataConfig
-    train: TrainConfig = field(default_factory=TrainConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    output: OutputConfig = field(default_factory=OutputConfig)
+    train: TrainConfig = TrainConfig()
+    loss: LossConfig = LossConfig()
+    output: OutputConfig = OutputConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _required_sections(cls, raw: Any) -> Any:
+        """``model`` and ``data`` left out are empty, so the error names the key they lack."""
+        raw = {} if raw is None else raw
+        return {"model": {}, "data": {}, **raw} if isinstance(raw, dict) else raw
+
+    @model_validator(mode="after")
+    def _check(self) -> RunConfig:
+        if "latents" in self.loss.terms and not self.self_transfer:
+            raise ValueError("loss term 'latents' needs self-transfer (model.student unset or equal to model.teacher)")
+        return self
 
     @property
     def self_transfer(self) -> bool:
@@ -142,7 +222,7 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (tuples as lists), e.g. to write next to a run."""
-        return _plain(dataclasses.asdict(self))
+        return self.model_dump(mode="json")
 
 
 # --------------------------------------------------------------------------------------------
@@ -160,8 +240,7 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         line = getattr(getattr(exc, "problem_mark", None), "line", None)
         where = f" (line {line + 1})" if line is not None else ""
         raise ConfigError(f"config {path} is not valid YAML{where}") from None
-    if raw is None:
-        raw = {}
+    raw = {} if raw is None else raw
     if not isinstance(raw, dict):
         raise ConfigError(f"config {path} must be a mapping of sections, got {type(raw).__name__}")
     return config_from_dict(apply_overrides(raw, overrides))
@@ -169,7 +248,7 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
     """Return a copy of ``raw`` with each ``a.b.c=value`` override set (value parsed as YAML)."""
-    out = _deepcopy(raw)
+    out = copy.deepcopy(raw)
     for item in overrides:
         key, sep, text = item.partition("=")
         key = key.strip()
@@ -193,91 +272,89 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...])
 
 
 def config_from_dict(raw: dict[str, Any]) -> RunConfig:
-    """Build a :class:`RunConfig` from nested dicts and validate it."""
-    cfg = _build(RunConfig, raw, "")
-    validate(cfg)
-    return cfg
+    """Build and validate a :class:`RunConfig` from nested dicts; the first problem (an unknown
+    key before any other) becomes a one-line :class:`ConfigError`."""
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        errors = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
+        raise ConfigError(_message(errors[0])) from None
 
 
-def validate(cfg: RunConfig) -> None:
-    """Check value ranges and combinations; raise one-line :class:`ConfigError`."""
-    t, lo, d, o = cfg.train, cfg.loss, cfg.data, cfg.output
-    _positive("train.steps", t.steps)
-    _positive("train.lr", t.lr)
-    if t.embedding_lr is not None:
-        _positive("train.embedding_lr", t.embedding_lr)
-    _positive("train.batch_size", t.batch_size)
-    _positive("train.grad_accum", t.grad_accum)
-    _positive("data.seq_len", d.seq_len)
-    if not d.train:
-        raise ConfigError("data.train is empty: name at least one text or jsonl file")
-    _positive("loss.tau", lo.tau)
-    _positive("loss.balance_every", lo.balance_every)
-    _positive("output.checkpoint_every", o.checkpoint_every)
-    _positive("output.eval_every", o.eval_every)
-    _positive("output.log_every", o.log_every)
-    _positive("output.keep_checkpoints", o.keep_checkpoints)
-    _positive("train.lora.r", t.lora.r)
-    _positive("train.lora.alpha", t.lora.alpha)
-    if d.seq_len < 2:
-        raise ConfigError("data.seq_len must be at least 2 tokens")
-    if d.chunk_bytes < 0:
-        raise ConfigError("data.chunk_bytes must be >= 0")
-    if o.eval_bytes < 0:
-        raise ConfigError("output.eval_bytes must be >= 0")
-    if t.warmup_steps < 0:
-        raise ConfigError("train.warmup_steps must be >= 0")
-    # warmup_steps > steps is allowed (a short probe of a long schedule): the rate never peaks.
-    if not all(0.0 <= b < 1.0 for b in t.betas):
-        raise ConfigError(f"train.betas must be two numbers in [0, 1), got {list(t.betas)}")
-    if t.weight_decay < 0:
-        raise ConfigError("train.weight_decay must be >= 0")
-    if t.clip < 0:
-        raise ConfigError("train.clip must be >= 0 (0 disables clipping)")
-    if t.batch_size % t.grad_accum:
-        raise ConfigError(
-            f"train.batch_size ({t.batch_size}) must be a multiple of train.grad_accum ({t.grad_accum})"
-        )
-    if t.stop_after is not None and not 0 < t.stop_after <= t.steps:
-        raise ConfigError(f"train.stop_after must be in 1..train.steps ({t.steps})")
-    if not 0.0 <= t.lora.dropout < 1.0:
-        raise ConfigError("train.lora.dropout must be in [0, 1)")
-    if not t.full_finetune and not t.lora.targets:
-        raise ConfigError("train.lora.targets is empty: name the projections or set train.full_finetune=true")
-    if not lo.terms:
-        raise ConfigError(f"loss.terms is empty: choose from {list(LOSS_TERMS)}")
-    for term in lo.terms:
-        if term not in LOSS_TERMS:
-            raise ConfigError(f"loss.terms: unknown term {term!r} (choose from {list(LOSS_TERMS)})")
-    if len(set(lo.terms)) != len(lo.terms):
-        raise ConfigError(f"loss.terms lists a term twice: {list(lo.terms)}")
-    for term, weight in lo.weights.items():
-        if term not in lo.terms:
-            raise ConfigError(f"loss.weights.{term} is set but {term!r} is not in loss.terms")
-        if weight < 0:
-            raise ConfigError(f"loss.weights.{term} must be >= 0")
-    if not 0.0 < lo.gamma < 1.0:
-        raise ConfigError("loss.gamma must be in (0, 1)")
-    if "latents" in lo.terms and not cfg.self_transfer:
-        raise ConfigError("loss term 'latents' needs self-transfer (model.student unset or equal to model.teacher)")
-    if lo.balance and len(lo.terms) < 2:
-        raise ConfigError("loss.balance needs at least two loss terms")
+# --------------------------------------------------------------------------------------------
+# Validation errors as one line naming the dotted key
+
+_TYPE_WORDS = {"int_type": "an integer", "float_type": "a number", "bool_type": "true or false",
+               "string_type": "a string", "tuple_type": "a list", "dict_type": "a mapping", "model_type": "a mapping"}
+
+
+def _message(err: ErrorDetails) -> str:
+    """One pydantic error as a sentence that starts with (or names) its dotted key."""
+    kind, loc, value, ctx = err["type"], err["loc"], err.get("input"), err.get("ctx") or {}
+    name = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or "config"
+    section, field = _lookup(loc)
+    if kind == "value_error":  # a model validator's cross-field rule, whose message names its keys
+        return str(ctx["error"])
+    if kind == "missing":
+        return f"missing required config key {name}"
+    if kind == "extra_forbidden":
+        known = list(section.model_fields) if section else []
+        close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+        hint = f"did you mean {name[: -len(str(loc[-1]))]}{close[0]}?" if close else f"known: {', '.join(known)}"
+        return f"unknown config key {name} ({hint})"
+    if value is None and (kind in _TYPE_WORDS or kind == "literal_error"):
+        return f"{name} must not be empty"
+    if kind in _TYPE_WORDS:
+        return f"{name} must be {_TYPE_WORDS[kind]}, got {_show(value)}"
+    if kind == "literal_error":
+        choices = list(get_args(field.annotation)) if field else ctx.get("expected")
+        return f"{name} must be one of {choices}, got {_show(value)}"
+    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        note = f" ({field.description})" if field and field.description else ""
+        return f"{name} must be {_range(field, ctx)}, got {_show(value)}{note}"
+    return f"{name}: {err['msg']}, got {_show(value)}"
+
+
+def _lookup(loc: tuple[int | str, ...]) -> tuple[Any, Any]:
+    """The section model holding the key at ``loc`` and that key's ``FieldInfo``; (None, None) where
+    ``loc`` leads into a list or a mapping, and no ``FieldInfo`` for an unknown key."""
+    section: Any = RunConfig
+    for part in loc[:-1]:
+        field = section.model_fields.get(part) if isinstance(part, str) else None
+        section = field.annotation if field else None
+        if not (isinstance(section, type) and issubclass(section, BaseModel)):
+            return None, None
+    return section, section.model_fields.get(loc[-1]) if loc else None
+
+
+def _range(field: Any, ctx: dict[str, Any]) -> str:
+    """``> 0``, ``>= 2`` or, bounded on both sides, ``in [0, 1)``: every bound of the key, not only
+    the broken one (from its ``FieldInfo``, else from the error)."""
+    metadata = field.metadata if field else ()
+    b = {n: getattr(m, n) for m in metadata for n in ("gt", "ge", "lt", "le") if hasattr(m, n)} or ctx
+    low = ("(", ">", b["gt"]) if "gt" in b else ("[", ">=", b["ge"]) if "ge" in b else None
+    high = (")", "<", b["lt"]) if "lt" in b else ("]", "<=", b["le"]) if "le" in b else None
+    if low and high:
+        return f"in {low[0]}{low[2]}, {high[2]}{high[0]}"
+    _, op, bound = low or high
+    return f"{op} {bound}"
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 # --------------------------------------------------------------------------------------------
 # zoo: paths
 
 
-def _zoo():
-    from . import zoo  # the lead's module; only needed for zoo: specs
-
-    return zoo
-
-
 def _zoo_path(kind: str, name: str) -> Path:
     """The zoo's `kind` (model_dir, tokenizer_dir, corpus_path) for `name`; ConfigError if unknown."""
+    from . import zoo  # the lead's module; only needed for zoo: specs
+
     try:
-        return Path(getattr(_zoo(), kind)(name))
+        return Path(getattr(zoo, kind)(name))
     except ValueError as err:  # an unknown zoo name: the zoo's message lists the known ones
         raise ConfigError(f"zoo:{name}: {err}") from None
 
@@ -306,114 +383,3 @@ def resolve_text(spec: str) -> Path:
     if not path.is_file():
         raise ConfigError(f"data file {path} not found")
     return path
-
-
-# --------------------------------------------------------------------------------------------
-# helpers
-
-
-def _positive(name: str, value: float) -> None:
-    if value <= 0:
-        raise ConfigError(f"{name} must be > 0, got {value}")
-
-
-def _deepcopy(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {k: _deepcopy(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_deepcopy(v) for v in x]
-    return x
-
-
-def _plain(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {k: _plain(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_plain(v) for v in x]
-    return x
-
-
-def _build(cls: type, raw: Any, prefix: str) -> Any:
-    where = prefix.rstrip(".") or "config"
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where} must be a mapping, got {_show(raw)}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    for key in raw:
-        if key not in fields:
-            close = difflib.get_close_matches(str(key), list(fields), n=1)
-            hint = f" (did you mean {prefix}{close[0]}?)" if close else f" (known: {', '.join(fields)})"
-            raise ConfigError(f"unknown config key {prefix}{key}{hint}")
-    kwargs = {}
-    for name, f in fields.items():
-        if name in raw:
-            kwargs[name] = _convert(hints[name], raw[name], f"{prefix}{name}")
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            if dataclasses.is_dataclass(hints[name]):
-                kwargs[name] = _build(hints[name], {}, f"{prefix}{name}.")
-            else:
-                raise ConfigError(f"missing required config key {prefix}{name}")
-    return cls(**kwargs)
-
-
-def _convert(tp: Any, value: Any, name: str) -> Any:
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, name + ".")
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _convert(inner[0], value, name)
-    if value is None:
-        raise ConfigError(f"{name} must not be empty")
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{name} must be one of {list(args)}, got {_show(value)}")
-        return value
-    if origin is tuple:
-        if isinstance(value, str):
-            value = [value]
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{name} must be a list, got {_show(value)}")
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_convert(args[0], v, f"{name}[{i}]") for i, v in enumerate(value))
-        if len(value) != len(args):
-            raise ConfigError(f"{name} must have {len(args)} items, got {len(value)}")
-        return tuple(_convert(a, v, f"{name}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{name} must be a mapping, got {_show(value)}")
-        return {str(k): _convert(args[1], v, f"{name}.{k}") for k, v in value.items()}
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{name} must be true or false, got {_show(value)}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
-            raise ConfigError(f"{name} must be an integer, got {_show(value)}")
-        return value
-    if tp is float:
-        if isinstance(value, str):
-            try:
-                return float(value)  # YAML 1.1 reads 1e-5 (no dot) as a string
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{name} must be a number, got {_show(value)}")
-        return float(value)
-    if tp is str:
-        if isinstance(value, (dict, list)):
-            raise ConfigError(f"{name} must be a string, got {_show(value)}")
-        return str(value)
-    raise TypeError(f"unsupported config type {tp} for {name}")  # a bug in this module
-
-
-def _show(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."

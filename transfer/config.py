@@ -175,6 +175,9 @@ class LossConfig(_Section):
                 raise ValueError(f"loss.weights.{term} is set but {term!r} is not in loss.terms")
         if self.balance and len(self.terms) < 2:
             raise ValueError("loss.balance needs at least two loss terms")
+        if self.balance_every != 1 and not self.balance:
+            raise ValueError(f"loss.balance_every is {self.balance_every} but loss.balance is false: "
+                             "there are no balancing factors to refresh")
         return self
 
 

@@ -112,6 +112,8 @@ def test_overrides_do_not_touch_the_input():
         (["train.betas=[a, 0.9]"], "train.betas[0] must be a number, got 'a'"),
         (["loss.terms=[alm, alm]"], "loss.terms lists a term twice"),
         (["loss.balance=true"], "loss.balance needs at least two loss terms"),
+        (["loss.balance_every=5"], "loss.balance_every is 5 but loss.balance is false"),
+        (["loss.terms=[alm, sft]", "loss.balance=true", "loss.balance_every=0"], "loss.balance_every must be > 0"),
         (["train.lora.targets=[]"], "train.lora.targets is empty"),
     ],
 )

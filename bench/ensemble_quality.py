@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from ensemble.fit import bits_per_byte, target_logprob_table
+from ensemble.fit_maths import bits_per_byte, target_logprob_table
 from ensemble.manifest import EnsembleManifest
 from ensemble.reference import Member, load_members
 

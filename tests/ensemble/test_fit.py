@@ -11,7 +11,8 @@ import torch
 from torch import Tensor
 
 from ensemble.cli import main as cli_main
-from ensemble.fit import FitConfig, bits_per_byte, fit_ensemble, fit_rule, pooled_target_logprobs
+from ensemble.fit import FitConfig, fit_ensemble
+from ensemble.fit_maths import bits_per_byte, fit_rule, pooled_target_logprobs
 from ensemble.manifest import EnsembleManifest, ManifestError
 from ensemble.pooling import pool_logprobs
 
@@ -135,7 +136,7 @@ def test_fit_errors_are_one_line(args, message, tiny_ensemble: Path, tmp_path: P
 
 
 def test_mixture_weights_recover_the_mixing_proportions() -> None:
-    from ensemble.fit import mixture_weights
+    from ensemble.fit_maths import mixture_weights
 
     gen = torch.Generator().manual_seed(1)
     a, b = torch.softmax(torch.randn(20000, 8, generator=gen) * 2, -1), torch.softmax(torch.randn(20000, 8, generator=gen) * 2, -1)
@@ -166,7 +167,7 @@ def test_bits_per_byte_is_the_sum_of_pooled_target_logprobs(rule: str) -> None:
 
 
 def test_geometric_pass_gradient_and_hessian_equal_autograds() -> None:
-    from ensemble.fit import _geometric_pass
+    from ensemble.fit_maths import _geometric_pass
 
     windows = _masked_windows()
     c = torch.tensor([0.4, 0.7, 0.2], dtype=torch.float64)

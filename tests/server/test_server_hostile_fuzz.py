@@ -27,12 +27,9 @@ from server.protocol import (
     ChatCompletionResponse,
     CompletionRequest,
     CompletionResponse,
-    DetokenizeRequest,
-    DetokenizeResponse,
     ErrorResponse,
-    TokenizeCompletionRequest,
-    TokenizeResponse,
 )
+from server.protocol_misc import DetokenizeRequest, DetokenizeResponse, TokenizeCompletionRequest, TokenizeResponse
 from server_harness import API_KEY, ServerThread, start_server
 
 EXAMPLES = 60  # per operation in the default suite

@@ -26,8 +26,8 @@ from server.protocol import (
     CompletionRequest,
     CompletionResponseChoice,
     DeltaMessage,
-    ModelCard,
 )
+from server.protocol_misc import ModelCard
 from server.sampling import build_options, check_context, member_weights, stop_strings
 from server.sse import DONE, sse_data
 

@@ -222,8 +222,14 @@ def test_zz_a_killed_engine_core_turns_health_and_requests_into_503s(vllm_server
 
     import psutil
 
-    cores = [p for p in psutil.Process(os.getpid()).children(recursive=True)
-             if "EngineCore" in p.name() or "EngineCore" in " ".join(p.cmdline())]
+    def is_live_core(proc: psutil.Process) -> bool:  # an earlier test's server may leave a zombie core
+        try:
+            return proc.status() != psutil.STATUS_ZOMBIE and (
+                "EngineCore" in proc.name() or "EngineCore" in " ".join(proc.cmdline()))
+        except psutil.Error:
+            return False
+
+    cores = [p for p in psutil.Process(os.getpid()).children(recursive=True) if is_live_core(p)]
     assert cores, "no vLLM EngineCore process found among this process's children"
     for proc in cores:
         os.kill(proc.pid, signal.SIGKILL)

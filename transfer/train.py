@@ -2,7 +2,9 @@
 
 One function, :func:`train`, runs a :class:`~transfer.config.RunConfig` through ``accelerate``,
 so the same code runs on a CPU, one GPU, or several with ``accelerate launch`` (DDP or FSDP;
-several CPU processes: ``accelerate launch --cpu --num_processes N -m transfer.cli run ...``):
+several CPU processes: ``ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes N -m
+transfer.cli run ...``; note that ``accelerate launch --cpu`` starts ONE process whatever
+``--num_processes`` says, accelerate's single-process launcher):
 
 * the teacher is frozen (eval mode, no grad); the student is the teacher's weights (self-transfer)
   or another model (distillation), FVT-initialised when its tokenizer changes
@@ -303,7 +305,7 @@ def _train_step(run: _Run) -> dict[str, Any]:
     run.elapsed += dt
     run.tokens_seen += int(n_all)
     record = {"step": run.step, "lr": lr, "tokens": run.tokens_seen, "tokens_per_s": n_all / max(dt, 1e-9),
-              "step_s": dt, "elapsed": run.elapsed,
+              "step_s": dt, "elapsed": run.elapsed, "processes": accelerator.num_processes,
               **{("loss" if k == "loss" else f"loss_{k}"): v for k, v in avg.items()}}
     if grad_norm is not None:
         record["grad_norm"] = float(grad_norm)

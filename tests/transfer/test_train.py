@@ -177,10 +177,12 @@ def test_chat_jsonl_through_both_chat_templates(tiny_dir, corpus, tiny_config, l
 
 @pytest.mark.slow
 def test_two_process_ddp_run_resumes_exactly(tiny_dir, corpus, tiny_config, losses_by_step, tmp_path):
-    """`accelerate launch --cpu --num_processes 2`: DDP over gloo, split batches, main-process
-    checkpoints; stopped at step 4 and resumed, it matches an uninterrupted 2-process run. The
-    loss terms are balanced every 3 steps: the factors come from the gradient norms averaged over
-    both processes, so the main process's checkpoint holds every process's factors."""
+    """Two CPU processes (`ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2`,
+    accelerate's torchrun launcher; `--cpu` would start one process): DDP over gloo, split
+    batches, main-process checkpoints; stopped at step 4 and resumed, it matches an uninterrupted
+    2-process run. The loss terms are balanced every 3 steps: the factors come from the gradient
+    norms averaged over both processes, so the main process's checkpoint holds every process's
+    factors (with per-process factors the resumed run differs)."""
     import os
     import subprocess
     import sys
@@ -191,16 +193,18 @@ def test_two_process_ddp_run_resumes_exactly(tiny_dir, corpus, tiny_config, loss
         config = tmp_path / f"{out.name}.yaml"
         config.write_text(yaml.safe_dump(tiny_config(tiny_dir("llama-gpt2"), corpus, out,
                                                      loss={"balance": True, "balance_every": 3})))
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                "-m", "transfer.cli", "run", str(config), *extra]
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "true"}
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
         return proc
 
     full, parts = tmp_path / "full", tmp_path / "parts"
     assert launch(full).stdout.count("final model:") == 1  # one main process writes
+    records = [json.loads(line) for line in (full / "log.jsonl").read_text().splitlines()]
+    assert {r["processes"] for r in records if "loss" in r} == {2}
     launch(parts, "train.stop_after=4")
     launch(parts, "--resume")
     want, got = losses_by_step(full), losses_by_step(parts)

@@ -68,8 +68,6 @@ class GenerationCall:
         self.engine_ids = [f"{request_id}-{i}" for i in range(len(prompts))]
         self.tracks = [_Track(logprobs_seen=[0] * options.n) for _ in prompts]
         self.sequences = len(prompts) * options.n  # what admission counts
-        # The admission queue honours priorities only where the engine does (else they are a 400).
-        self.priority = options.priority if engine.info.get("scheduling_policy") == "priority" else 0
         self.closed_reason: str | None = None  # why unfinished engine requests were aborted
         self._stop_hint: str | None = None  # why the call is being stopped, if known early
         self.owned_by_response = False  # a streaming response closes the call when it ends
@@ -97,7 +95,7 @@ class GenerationCall:
             # asyncio.timeout, not wait_for: on Python 3.11 wait_for loses a cancellation (the
             # client's disconnect) that arrives just as the awaited result does.
             async with asyncio.timeout(self.remaining()):
-                await self.admission.acquire(self.sequences, self.priority)
+                await self.admission.acquire(self.sequences, self.options.priority)
         except QueueFullError:
             self.metrics.queue_rejections.inc()
             raise

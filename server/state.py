@@ -120,8 +120,8 @@ def build_ready(config: ServerConfig, engine: Engine) -> Ready:
     name = config.served_model_name or engine.model_name
     vocab_size = int(engine.info.get("vocab_size") or len(tokenizer))
     max_running = config.max_running or engine_max_running(engine)
-    engine_cap = engine.info.get("max_num_seqs")
-    if isinstance(engine_cap, int) and max_running > engine_cap:
+    engine_cap = engine_max_running(engine, default=0)  # 0: the engine does not say
+    if engine_cap and max_running > engine_cap:
         log.warning("--max-running %d exceeds the engine's max_num_seqs %d: the excess waits inside the engine, "
                     "where the server's admission order and timeouts do not reach it", max_running, engine_cap)
     metrics = ServerMetrics(name)

@@ -39,6 +39,9 @@ NOT_FOR_AN_ENSEMBLE: dict[str, str] = {
     "data_parallel_size": "run one server per replica behind a load balancer (docker/README.md, "
                           "'Data parallelism')",
 }
+# The one value of a refused flag that changes nothing (``-pp 1``): accepted.
+NEUTRAL: dict[str, Any] = {"pipeline_parallel_size": 1, "data_parallel_size": 1, "logprobs_mode": "raw_logprobs",
+                           "enable_lora": False}
 # Fields serve sets from its own flags: reachable through vLLM's parser only by an alias (-tp),
 # an underscore spelling (--max_model_len) or CHORUS_VLLM_ARGS, and refused there.
 SERVE_OWNS = {
@@ -113,12 +116,6 @@ def parse_vllm_args(argv: Sequence[str]) -> dict[str, Any]:
         if name in SERVE_OWNS:
             raise VLLMArgsError(f"{flag} reached vLLM's parser (an alias, an underscore spelling or "
                                 f"CHORUS_VLLM_ARGS): set it with serve's own {SERVE_OWNS[name]}")
-        if name in NOT_FOR_AN_ENSEMBLE and not _harmless(name, chosen[name]):
+        if name in NOT_FOR_AN_ENSEMBLE and chosen[name] != NEUTRAL.get(name, object()):
             raise VLLMArgsError(f"{flag} cannot be used with an ensemble: {NOT_FOR_AN_ENSEMBLE[name]}")
     return chosen
-
-
-def _harmless(name: str, value: Any) -> bool:
-    """A refused flag given with the one value that changes nothing (e.g. ``-pp 1``)."""
-    return (name in ("pipeline_parallel_size", "data_parallel_size") and value == 1) or (
-        name == "logprobs_mode" and value == "raw_logprobs") or (name == "enable_lora" and not value)

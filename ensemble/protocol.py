@@ -104,6 +104,9 @@ class EngineStats:
     pooling_steps: int | None = None  # engine steps that pooled (the count behind pooling_seconds)
     prefix_cache_queries: int | None = None  # prompt tokens looked up in the prefix cache
     prefix_cache_hits: int | None = None  # of those, tokens found there (their KV was reused)
+    spec_decode_drafts: int | None = None  # speculative decoding: draft runs (None: not drafting)
+    spec_decode_draft_tokens: int | None = None  # tokens proposed
+    spec_decode_accepted_tokens: int | None = None  # of those, tokens the ensemble accepted
 
 
 @runtime_checkable

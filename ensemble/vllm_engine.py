@@ -35,7 +35,8 @@ from ensemble.manifest import EnsembleManifest, hf_config
 from ensemble.parallel import MemberShape, check_tensor_parallel
 from ensemble.pooling_stats import driver_snapshot
 from ensemble.protocol import EngineRequestError, EngineStats, RequestOutput, SamplingOptions
-from ensemble.sampling import check_options
+from ensemble.sampling import check_options, is_greedy
+from ensemble.speculative import check_speculative_config, draft_member_config
 from ensemble.vllm_translate import OutputTranslator, check_fixed_pooling, sampling_params
 from ensemble.vllm_worker import QUALNAME as WORKER_EXTENSION
 
@@ -63,7 +64,12 @@ class VLLMEngineConfig:
             bf16 (see `engine_dtype`; vLLM's own ``auto`` would pick bfloat16 on any x86 CPU); or
             explicit ``bfloat16``, ``float32``...
         engine_args: further ``vllm.AsyncEngineArgs`` fields, passed through unchanged
-            (e.g. ``gpu_memory_utilization``, ``max_num_seqs``, ``enable_prefix_caching``).
+            (e.g. ``gpu_memory_utilization``, ``max_num_seqs``, ``enable_prefix_caching``); a
+            ``speculative_config`` must use a proposer that works on an ensemble
+            (`ensemble.speculative`).
+        draft_member: speculative decoding with this member as vLLM's draft model, verified by the
+            whole ensemble (lossless: see `ensemble.speculative`); None = off.
+        draft_tokens: tokens the draft member proposes per step.
     """
 
     folder: str
@@ -72,6 +78,8 @@ class VLLMEngineConfig:
     enforce_eager: bool | None = None
     dtype: str = "auto"
     engine_args: Mapping[str, Any] = field(default_factory=dict)
+    draft_member: str | None = None
+    draft_tokens: int = 3
 
     def __post_init__(self) -> None:
         folder = Path(self.folder).expanduser()
@@ -92,6 +100,10 @@ class VLLMEngineConfig:
         if clash:
             raise ValueError(f"set {', '.join(clash)} through VLLMEngineConfig's own fields, not engine_args")
         object.__setattr__(self, "engine_args", dict(self.engine_args))
+        if self.draft_member is not None and "speculative_config" in self.engine_args:
+            raise ValueError("give either draft_member or a speculative_config, not both")
+        if "speculative_config" in self.engine_args:
+            check_speculative_config(self.engine_args["speculative_config"])
 
 
 def engine_dtype(requested: str, device_type: str, native: bool | None = None) -> str:
@@ -118,7 +130,7 @@ def engine_dtype(requested: str, device_type: str, native: bool | None = None) -
 
 def _stats_logger_factory(box: dict[str, Any]):
     """A vLLM stat-logger factory whose loggers keep the latest `SchedulerStats` in `box`, and
-    the prefix-cache queries and hits (tokens) summed over all of them."""
+    the prefix-cache queries and hits (tokens) and the speculative drafts summed over all of them."""
     from vllm.v1.metrics.loggers import StatLoggerBase
 
     class LatestSchedulerStats(StatLoggerBase):
@@ -132,11 +144,25 @@ def _stats_logger_factory(box: dict[str, Any]):
                 if prefix is not None:
                     box["prefix_cache_queries"] = box.get("prefix_cache_queries", 0) + int(prefix.queries)
                     box["prefix_cache_hits"] = box.get("prefix_cache_hits", 0) + int(prefix.hits)
+                spec = scheduler_stats.spec_decoding_stats  # this interval's drafts, when drafting
+                if spec is not None:
+                    for key, value in (("spec_decode_drafts", spec.num_drafts),
+                                       ("spec_decode_draft_tokens", spec.num_draft_tokens),
+                                       ("spec_decode_accepted_tokens", spec.num_accepted_tokens)):
+                        box[key] = box.get(key, 0) + int(value)
 
         def log_engine_initialized(self) -> None:
             pass
 
     return LatestSchedulerStats
+
+
+def _speculative_info(spec: Any, draft_member: str | None) -> dict[str, Any] | None:
+    """How the engine drafts (/v1/models `speculative`), or None when it does not."""
+    if spec is None:
+        return None
+    return {"method": str(spec.method), "draft_member": draft_member,
+            "num_speculative_tokens": int(spec.num_speculative_tokens)}
 
 
 class VLLMEngine:
@@ -163,6 +189,10 @@ class VLLMEngine:
         )
         enforce_eager = current_platform.is_cpu() if config.enforce_eager is None else config.enforce_eager
         self.dtype = engine_dtype(config.dtype, current_platform.device_type)
+        engine_args = dict(config.engine_args)
+        if config.draft_member is not None:
+            engine_args["speculative_config"] = draft_member_config(
+                self.manifest, config.draft_member, config.draft_tokens)
         valid = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
         unknown = sorted(set(config.engine_args) - valid)
         if unknown:
@@ -179,7 +209,7 @@ class VLLMEngine:
             # `ensemble fit` rewrites), never by an older copy in config.json; without idle
             # members, and with the sizes of the members it runs.
             hf_overrides={k: v for k, v in hf_config(self.served).items() if k in _SERVED_KEYS},
-            **{"disable_log_stats": True, **config.engine_args},
+            **{"disable_log_stats": True, **engine_args},
         )
         self._stats: dict[str, Any] = {}
         self._counters: dict[str, Any] | None = None  # the workers' latest ensemble counters
@@ -192,6 +222,12 @@ class VLLMEngine:
         self.max_num_seqs = int(self._llm.vllm_config.scheduler_config.max_num_seqs)  # the server's admission cap
         self.tokenizer = self._llm.get_tokenizer()
         self.info = self._describe()
+        # vLLM 0.32's CPU kernels verify greedy drafts exactly but skew sampled ones toward the draft
+        # (measured without chorus: tests/ensemble/test_speculative.py), so a CPU engine that drafts
+        # serves greedy requests only.
+        self._greedy_only_drafts = bool(self.info["speculative"]) and current_platform.is_cpu()
+        if self.info["speculative"]:
+            self.info["speculative"]["sampling"] = not self._greedy_only_drafts
 
     def _describe(self) -> dict[str, Any]:
         """`info`: the members, the pooling and the vLLM settings that shape serving (/v1/models)."""
@@ -214,6 +250,7 @@ class VLLMEngine:
             "max_num_seqs": self.max_num_seqs,
             "prefix_caching": bool(vllm_config.cache_config.enable_prefix_caching),
             "scheduling_policy": str(vllm_config.scheduler_config.policy),
+            "speculative": _speculative_info(vllm_config.speculative_config, self.config.draft_member),
         }
 
     @classmethod
@@ -239,6 +276,11 @@ class VLLMEngine:
         bad = [t for t in prompt if not 0 <= t < self.manifest.vocab_size]
         if bad:
             raise EngineRequestError(f"prompt token id {bad[0]} is outside the vocabulary of {self.manifest.vocab_size}")
+        if self._greedy_only_drafts and not is_greedy(options):
+            raise EngineRequestError(
+                f"temperature {options.temperature}: this server drafts with a member (--draft-member), and on a "
+                "CPU vLLM 0.32's speculative sampler does not keep the target distribution (docs/architecture.md, "
+                "'Speculative decoding'); send temperature 0, or serve without --draft-member")
         params = sampling_params(options)
         if options.priority and self.info["scheduling_policy"] != "priority":
             raise EngineRequestError(f"'priority' {options.priority} needs an engine started with "
@@ -277,6 +319,9 @@ class VLLMEngine:
         """
         counters = {**(self._counters or {}), "prefix_cache_queries": self._stats.get("prefix_cache_queries", 0),
                     "prefix_cache_hits": self._stats.get("prefix_cache_hits", 0)}
+        if self.info.get("speculative"):
+            for key in ("spec_decode_drafts", "spec_decode_draft_tokens", "spec_decode_accepted_tokens"):
+                counters[key] = self._stats.get(key, 0)
         latest = self._stats.get("latest")
         if latest is None:
             return EngineStats(num_running=0, num_waiting=0, kv_cache_usage=0.0, **counters)

@@ -99,6 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-cache-gib", type=float, default=_env("KV_CACHE_GIB"),
                    help="GiB of vLLM KV cache (default: vLLM's share of GPU memory, or of all RAM on a CPU) "
                         "[CHORUS_KV_CACHE_GIB]")
+    p.add_argument("--draft-member", default=_env("DRAFT_MEMBER"),
+                   help="speculative decoding: this ensemble member drafts tokens and the whole ensemble "
+                        "verifies them, so outputs keep the ensemble's distribution (vllm engine; the member "
+                        "needs the ensemble's vocabulary size and one attention kind) [CHORUS_DRAFT_MEMBER]")
+    p.add_argument("--draft-tokens", type=_int, default=_env("DRAFT_TOKENS", "3"),
+                   help="tokens the draft member proposes per step [CHORUS_DRAFT_TOKENS, 3]")
     p.add_argument("--max-body-mb", type=float, default=_env("MAX_BODY_MB", "16"),
                    help="request bodies over this many MiB get a 413 before parsing [CHORUS_MAX_BODY_MB, 16]")
     p.add_argument("--stream-stall-timeout", type=_positive_float_or_none, default=_env("STREAM_STALL_TIMEOUT", "30"),
@@ -151,6 +157,8 @@ def config_from_args(args: argparse.Namespace, vllm_argv: Sequence[str] = ()) ->
         stream_stall_timeout=(_positive_float_or_none(args.stream_stall_timeout)
                               if isinstance(args.stream_stall_timeout, str) else args.stream_stall_timeout),
         engine_args=engine_args,
+        draft_member=args.draft_member or None,
+        draft_tokens=as_int(args.draft_tokens),
     )
 
 

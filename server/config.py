@@ -50,6 +50,10 @@ class ServerConfig:
             most `max_queue` + `max_running` tokenizer jobs wait, more get a 429.
         engine_args: further ``vllm.AsyncEngineArgs`` fields (vllm engine only), as parsed from
             vLLM's own flags by `server.vllm_args` (e.g. ``{"max_num_seqs": 8}``).
+        draft_member: speculative decoding (vllm engine only): this member drafts `draft_tokens`
+            tokens per step and the whole ensemble verifies them, so the output distribution is
+            the ensemble's (`ensemble.speculative`); None = off.
+        draft_tokens: tokens the draft member proposes per step.
     """
 
     ensemble: str
@@ -72,6 +76,8 @@ class ServerConfig:
     stream_stall_timeout: float | None = 30.0
     tokenizer_workers: int = 2
     engine_args: Mapping[str, Any] = field(default_factory=dict)
+    draft_member: str | None = None
+    draft_tokens: int = 3
 
     def __post_init__(self) -> None:
         folder = Path(self.ensemble).expanduser()
@@ -119,8 +125,27 @@ class ServerConfig:
         object.__setattr__(self, "engine_args", dict(self.engine_args))
         if self.engine_args and self.engine != "vllm":
             raise ConfigError(f"vLLM engine arguments ({', '.join(self.engine_args)}) need the vllm engine")
+        self._check_speculative()
         if not (math.isfinite(self.shutdown_timeout) and self.shutdown_timeout >= 0):
             raise ConfigError(f"shutdown_timeout must be >= 0, got {self.shutdown_timeout!r}")
+
+    def _check_speculative(self) -> None:
+        """The draft member or vLLM speculative config, checked before any engine starts."""
+        from ensemble.manifest import EnsembleManifest, ManifestError
+        from ensemble.speculative import SpeculativeError, check_speculative_config, draft_member_config
+
+        _int_at_least("draft_tokens", self.draft_tokens, 1)
+        try:
+            if "speculative_config" in self.engine_args:
+                if self.draft_member is not None:
+                    raise ConfigError("give either --draft-member or --speculative-config, not both")
+                check_speculative_config(self.engine_args["speculative_config"] or {})
+            if self.draft_member is not None:
+                if self.engine != "vllm":
+                    raise ConfigError("--draft-member (speculative decoding) needs the vllm engine")
+                draft_member_config(EnsembleManifest.load(self.ensemble), self.draft_member, self.draft_tokens)
+        except (SpeculativeError, ManifestError) as err:
+            raise ConfigError(str(err)) from None
 
     @property
     def max_body_bytes(self) -> int:

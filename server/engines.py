@@ -27,6 +27,8 @@ def _start(config: ServerConfig) -> Engine:
         dtype=config.dtype,
         enforce_eager=args.pop("enforce_eager", None),  # a VLLMEngineConfig field of its own
         engine_args=args,
+        draft_member=config.draft_member,
+        draft_tokens=config.draft_tokens,
     )
 
 

@@ -11,7 +11,9 @@ vLLM names exported (all measured by the server around the engine):
   vllm:time_to_first_token_seconds, vllm:inter_token_latency_seconds, vllm:e2e_request_latency_seconds,
   vllm:admission_rejections_total{reason},
   vllm:prefix_cache_queries_total, vllm:prefix_cache_hits_total  (tokens; from vLLM's scheduler
-      stats, exported when the engine reports them: the vllm engine does).
+      stats, exported when the engine reports them: the vllm engine does),
+  vllm:spec_decode_num_drafts_total, vllm:spec_decode_num_draft_tokens_total,
+  vllm:spec_decode_num_accepted_tokens_total  (the same, only while the engine drafts).
 chorus names:
   chorus:requests_aborted_total{reason}  (client_disconnect, slow_client, timeout, shutdown, engine_dead,
   error),
@@ -25,7 +27,8 @@ chorus names:
 
 Optional ensemble counters an engine may add to its `EngineStats` (all cumulative since start):
   pooled_tokens: int, member_agreement: dict[member name, int], pooling_seconds: float,
-  pooling_steps: int, prefix_cache_queries: int, prefix_cache_hits: int.
+  pooling_steps: int, prefix_cache_queries: int, prefix_cache_hits: int, spec_decode_drafts: int,
+  spec_decode_draft_tokens: int, spec_decode_accepted_tokens: int.
 """
 
 from __future__ import annotations
@@ -109,6 +112,14 @@ def ensemble_families(model_name: str, stats: object) -> list:
     for name, text in (("prefix_cache_queries", "Prefix cache queries, in terms of number of queried tokens."),
                        ("prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.")):
         value = getattr(stats, name, None)
+        if isinstance(value, int):
+            family = CounterMetricFamily(f"vllm:{name}", text, labels=["model_name", "engine"])
+            family.add_metric([model_name, "0"], value)
+            families.append(family)
+    for name, text in (("spec_decode_num_drafts", "Number of spec decoding drafts."),
+                       ("spec_decode_num_draft_tokens", "Number of draft tokens."),
+                       ("spec_decode_num_accepted_tokens", "Number of accepted tokens.")):
+        value = getattr(stats, name.replace("_num_", "_"), None)
         if isinstance(value, int):
             family = CounterMetricFamily(f"vllm:{name}", text, labels=["model_name", "engine"])
             family.add_metric([model_name, "0"], value)

@@ -31,7 +31,6 @@ NOT_FOR_AN_ENSEMBLE: dict[str, str] = {
     "worker_extension_cls": "chorus's worker extension reads the ensemble counters back",
     "pipeline_parallel_size": "the ensemble model does not split members across pipeline stages "
                               "(docs/architecture.md, 'Parallelism'); use --tensor-parallel-size",
-    "speculative_config": "vLLM's speculative decoding verifies with one target model, not a pooled ensemble",
     "enable_lora": "LoRA adapters belong to one model; an ensemble member cannot take a vLLM LoRA request",
     "kv_cache_memory_bytes": "use --kv-cache-gib",
     "logprobs_mode": "chorus reports the pooled distribution's own log-probs (vLLM's raw_logprobs), "

@@ -54,7 +54,7 @@ def _load_tokenizer(path: str):
     return AutoTokenizer.from_pretrained(path)
 
 
-def _tiny_config(arch: str, tokenizer):
+def _tiny_config(arch: str, tokenizer, vocab_size: int | None = None):
     from transformers import Gemma3TextConfig, LlamaConfig, Qwen2Config
 
     common = dict(
@@ -69,7 +69,7 @@ def _tiny_config(arch: str, tokenizer):
     )
     if arch == "llama":
         return LlamaConfig(
-            vocab_size=151_680, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+            vocab_size=vocab_size or 151_680, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
             tie_word_embeddings=False, **common,
         )
     if arch == "qwen2":
@@ -87,13 +87,17 @@ def _tiny_config(arch: str, tokenizer):
     raise ValueError(f"unknown tiny architecture {arch!r}; choose from {', '.join(TINY_ARCHS)}")
 
 
-def build_tiny_model(arch: str, out: Path, seed: int = 0, tokenizer_dir: Path | None = None) -> Path:
-    """Build a tiny random `arch` causal LM sharing the Qwen2 tokenizer and save it at `out`."""
+def build_tiny_model(arch: str, out: Path, seed: int = 0, tokenizer_dir: Path | None = None,
+                     vocab_size: int | None = None) -> Path:
+    """Build a tiny random `arch` causal LM sharing the Qwen2 tokenizer and save it at `out`.
+
+    `vocab_size` overrides the Llama's row count (a speculative-decoding draft must have exactly
+    the ensemble's vocabulary size)."""
     from transformers import AutoModelForCausalLM
 
     tok_dir = tokenizer_dir or shared_tokenizer_dir()
     tokenizer = _load_tokenizer(str(tok_dir))
-    config = _tiny_config(arch, tokenizer)
+    config = _tiny_config(arch, tokenizer, vocab_size)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():

@@ -725,6 +725,49 @@ def test_vllm_engine_flags_on_the_command_line(tmp_path, monkeypatch, capsys) ->
         ServerConfig(ensemble=str(tmp_path), engine="torch", engine_args={"max_num_seqs": 2})
 
 
+def test_draft_member_flags(tmp_path, monkeypatch, capsys) -> None:
+    """--draft-member/--draft-tokens reach the engine; a member that cannot draft, a hidden-state
+    proposer, both ways at once and the torch engine are one-line errors before any engine starts."""
+    from server.cli import main
+    from server.engines import vllm_engine_args
+    import json
+
+    members = {}
+    for name, rows, layers in (("small", 100, ["full_attention"] * 2), ("mixed", 100, ["sliding_attention", "full_attention"]),
+                               ("wide", 128, None)):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps({"vocab_size": rows, "layer_types": layers}))
+        members[name] = folder
+    ensemble = tmp_path / "ens"
+    ensemble.mkdir()
+    (ensemble / "chorus_ensemble.json").write_text(json.dumps({
+        "name": "e", "vocab_size": 100, "max_model_len": 64, "rule": "prob_mean", "format_version": 1,
+        "members": [{"name": n, "path": str(f), "weight": 1.0, "vocab_size": 100} for n, f in members.items()]}))
+    monkeypatch.setenv("CHORUS_ENSEMBLE", str(ensemble))
+    config = config_from_args(*build_parser().parse_known_args(["--draft-member", "small", "--draft-tokens", "5"]))
+    assert (config.draft_member, config.draft_tokens) == ("small", 5) and vllm_engine_args(config) == {}
+    for argv, message in [
+        (["--draft-member", "nobody"], "draft member 'nobody' is not in the ensemble (members: small, mixed, wide)"),
+        (["--draft-member", "mixed"], "mixes attention kinds"),
+        (["--draft-member", "wide"], "has 128 vocabulary rows, the ensemble 100"),
+        (["--draft-member", "small", "--draft-tokens", "0"], "draft_tokens must be"),
+        (["--draft-member", "small", "--engine", "torch"], "needs the vllm engine"),
+        (["--speculative-config", '{"method": "eagle3", "model": "x", "num_speculative_tokens": 2}'],
+         "speculative method 'eagle3' does not work on an ensemble"),
+        (["--draft-member", "small", "--speculative-config", '{"method": "ngram", "num_speculative_tokens": 2}'],
+         "either --draft-member or --speculative-config"),
+    ]:
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith("serve: error: ") and message in err and err.count("\n") == 1, err
+    ngram = config_from_args(*build_parser().parse_known_args(
+        ["--speculative-config", '{"method": "ngram", "num_speculative_tokens": 2}']))
+    assert ngram.engine_args["speculative_config"]["method"] == "ngram"
+
+
 def test_logit_bias_becomes_sorted_clamped_pairs() -> None:
     body = CompletionRequest(prompt="x", logit_bias={"9": 250, "3": -1e9, "5": 0.5, "05": 7, "+9": 1})
     opts = build_options(body, max_tokens=5, vocab_size=100, members=MEMBERS)

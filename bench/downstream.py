@@ -47,7 +47,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from string import Template
 from typing import Any
@@ -348,28 +348,40 @@ def _free_port() -> int:
 
 @contextlib.contextmanager
 def served(ensemble: Path, engine: str, log_path: Path, extra_args: Sequence[str] = (),
-           startup_timeout: float = 600.0) -> Iterator[tuple[str, dict[str, Any]]]:
+           startup_timeout: float = 600.0, env: Mapping[str, str] | None = None,
+           ) -> Iterator[tuple[str, dict[str, Any]]]:
     """Run `serve` on `ensemble` on a free localhost port until /health is 200; yield (root URL,
-    the /v1/models card); stop the server on exit."""
-    import httpx
-
+    the /v1/models card); stop the server on exit. `env` adds environment variables."""
     port = _free_port()
     cmd = [sys.executable, "-m", "server.cli", "--ensemble", str(ensemble), "--engine", engine,
            "--host", "127.0.0.1", "--port", str(port), *extra_args]
-    env = dict(os.environ)
+    with launched(cmd, port, log_path, startup_timeout, env, what="serve") as ready:
+        yield ready
+
+
+@contextlib.contextmanager
+def launched(cmd: Sequence[str], port: int, log_path: Path, startup_timeout: float = 600.0,
+             env: Mapping[str, str] | None = None, what: str = "the server",
+             ) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Run an OpenAI-compatible server command listening on localhost `port` until /health is
+    200 (chorus's `serve` and vLLM's own server both have it); yield (root URL, the first
+    /v1/models card); terminate it on exit. Its output goes to `log_path`."""
+    import httpx
+
+    env = {**os.environ, **(env or {})}
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # vLLM would otherwise reserve most of the RAM
     url = f"http://127.0.0.1:{port}"
     with open(log_path, "w", encoding="utf-8") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(list(cmd), stdout=log, stderr=subprocess.STDOUT, env=env)
         try:
             deadline = time.monotonic() + startup_timeout
             while True:
                 if proc.poll() is not None:
-                    raise DownstreamError(f"serve exited with code {proc.returncode} before it was ready: "
+                    raise DownstreamError(f"{what} exited with code {proc.returncode} before it was ready: "
                                           f"{_last_line(log_path)} (log: {log_path})")
                 if time.monotonic() > deadline:
-                    raise DownstreamError(f"serve was not ready within {startup_timeout:.0f} s (log: {log_path})")
+                    raise DownstreamError(f"{what} was not ready within {startup_timeout:.0f} s (log: {log_path})")
                 with contextlib.suppress(httpx.HTTPError):
                     if httpx.get(f"{url}/health", timeout=5).status_code == 200:
                         break

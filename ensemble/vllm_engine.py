@@ -157,6 +157,25 @@ def _stats_logger_factory(box: dict[str, Any]):
     return LatestSchedulerStats
 
 
+def whole_prefills_on_cpu(engine_args: Mapping[str, Any], max_model_len: int, default_budget: int) -> dict[str, Any]:
+    """`engine_args` with chunked prefill off (unless the caller set it) for a CPU engine.
+
+    vLLM 0.32 rewinds a seeded request's random generator after a partial prefill step with
+    ``Generator.set_offset``, which a CPU generator does not have: one request with a ``seed`` whose
+    prompt is split across steps (a long prompt, or a short one when other prompts fill the step's
+    token budget) raised "CPU Generator does not use offset" in the worker and killed the engine
+    for every request. Whole prefills never take that path; a step then holds up to
+    ``max_num_batched_tokens`` tokens (`default_budget`, vLLM's default, when not given), raised to
+    the context length as vLLM requires.
+    """
+    args = dict(engine_args)
+    if "enable_chunked_prefill" in args:
+        return args
+    args["enable_chunked_prefill"] = False
+    args["max_num_batched_tokens"] = max(int(args.get("max_num_batched_tokens") or default_budget), max_model_len)
+    return args
+
+
 def _speculative_info(spec: Any, draft_member: str | None) -> dict[str, Any] | None:
     """How the engine drafts (/v1/models `speculative`), or None when it does not."""
     if spec is None:
@@ -190,9 +209,20 @@ class VLLMEngine:
         enforce_eager = current_platform.is_cpu() if config.enforce_eager is None else config.enforce_eager
         self.dtype = engine_dtype(config.dtype, current_platform.device_type)
         engine_args = dict(config.engine_args)
+        max_model_len = config.max_model_len or self.manifest.max_model_len
+        if current_platform.is_cpu():
+            from vllm.config import SchedulerConfig
+
+            engine_args = whole_prefills_on_cpu(engine_args, max_model_len,
+                                                SchedulerConfig.DEFAULT_MAX_NUM_BATCHED_TOKENS)
         if config.draft_member is not None:
             engine_args["speculative_config"] = draft_member_config(
                 self.manifest, config.draft_member, config.draft_tokens)
+        if engine_args.get("speculative_config", {}).get("model") not in (None, "ngram", "[ngram]"):
+            # vLLM needs a draft's layers in one KV-cache group; beside a member that mixes sliding
+            # and full layers (Gemma 3) the hybrid manager splits them, so every layer gets a full
+            # cache instead (tests/ensemble/test_speculative.py: same greedy output).
+            engine_args.setdefault("disable_hybrid_kv_cache_manager", True)
         valid = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
         unknown = sorted(set(config.engine_args) - valid)
         if unknown:
@@ -201,7 +231,7 @@ class VLLMEngine:
             model=config.folder,
             tokenizer=config.folder,
             tensor_parallel_size=config.tensor_parallel_size,
-            max_model_len=config.max_model_len or self.manifest.max_model_len,
+            max_model_len=max_model_len,
             enforce_eager=enforce_eager,
             dtype=self.dtype,
             worker_extension_cls=WORKER_EXTENSION,

@@ -44,9 +44,10 @@ def draft_llama(tmp_path_factory, tokenizer_dir: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def draft_ensemble(make_ensemble, draft_llama: Path, tiny_models) -> Path:
-    """The draft Llama pooled with Qwen2 (2:1, log-prob mean, so that many drafts are accepted); Gemma3 (sliding window) idle."""
+    """The draft Llama pooled with Qwen2 and Gemma3 (2:1:1, log-prob mean). Gemma3 mixes sliding and
+    full layers, as the default ensemble's Gemma-3 does, so vLLM's KV cache is hybrid."""
     return make_ensemble([("llama", draft_llama, 2.0), ("qwen", tiny_models["qwen2"], 1.0),
-                          ("gemma", tiny_models["gemma3"], 0.0)], rule="logprob_mean", tokenizer_from="qwen")
+                          ("gemma", tiny_models["gemma3"], 1.0)], rule="logprob_mean", tokenizer_from="qwen")
 
 
 # ---------------------------------------------------------------------------- choosing the draft

@@ -62,6 +62,13 @@ async def _probe(engine, prompts: list[list[int]]) -> dict[str, object]:
     a = (await collect(engine, prompts[2], sampled, "seed-a"))[-1]
     b = (await collect(engine, prompts[2], sampled, "seed-b"))[-1]
     probes["seeded"] = (a, b)
+    # Two seeded prompts that do not fit one step's token budget together (96 tokens, pair_run's):
+    # vLLM 0.32 would split one across steps and kill the engine rewinding its CPU generator.
+    long_prompt = (prompts[2] * 8)[:60]
+    runs = await asyncio.gather(*(
+        collect(engine, long_prompt, SamplingOptions(max_tokens=3, temperature=1.0, seed=s, ignore_eos=True),
+                f"seeded-long-{s}") for s in (1, 2)))
+    probes["seeded_long"] = [r[-1].outputs[0].token_ids for r in runs]
     # Stop at a token id: the third greedy token of prompt 0 ends the completion where it first appears.
     greedy = (await collect(engine, prompts[0], SamplingOptions(max_tokens=8, temperature=0.0), "greedy"))[-1]
     stop = greedy.outputs[0].token_ids[2]
@@ -136,7 +143,8 @@ def prompts(tokenizer_dir: Path) -> list[list[int]]:
 @pytest.fixture(scope="module")
 def pair_run(tiny_models, make_ensemble, prompts) -> EngineRun:
     """Llama + Qwen2 (different head sizes, QKV bias, tied and untied heads) and an idle Gemma3
-    (weight 0, which vLLM neither loads nor runs): one engine.
+    (weight 0, which vLLM neither loads nor runs): one engine, whose steps hold at most
+    MAX_MODEL_LEN tokens (so two long prompts cannot be prefilled in one step).
 
     Its manifest is rewritten after the build, as an older `ensemble fit` did, leaving the copy in
     config.json as built: the engine must pool by the manifest (logprob_mean, the new weights and
@@ -153,7 +161,7 @@ def pair_run(tiny_models, make_ensemble, prompts) -> EngineRun:
         member["weight"], member["temperature"] = weight, temperature
     path.write_text(json.dumps(stored))
     assert json.loads((folder / "config.json").read_text())["chorus"]["rule"] == "prob_mean"
-    return run_engine(folder, prompts, probe=_probe)
+    return run_engine(folder, prompts, probe=_probe, engine_args={"max_num_batched_tokens": MAX_MODEL_LEN})
 
 
 @pytest.fixture(scope="module")
@@ -250,6 +258,11 @@ def test_seeded_sampling_gives_n_reproducible_completions(pair_run: EngineRun) -
     assert [c.index for c in a.outputs] == [0, 1, 2]
     assert all(len(c.token_ids) == 6 for c in a.outputs)
     assert [c.token_ids for c in a.outputs] == [c.token_ids for c in b.outputs]
+
+
+def test_seeded_prompts_that_overflow_a_step_do_not_kill_the_engine(pair_run: EngineRun) -> None:
+    """Both complete (and every later probe ran on the same engine): prefills are whole on a CPU."""
+    assert [len(t) for t in pair_run.probes["seeded_long"]] == [3, 3]
 
 
 def test_stop_token_ids(pair_run: EngineRun) -> None:

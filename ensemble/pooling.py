@@ -210,15 +210,45 @@ def pool_logprobs(
     temps = _check_temperatures(temperatures, k)
     alpha = check_alpha(alpha)
 
+    geometric = rule == "logprob_mean" and w.dim() == 1 and bool((w >= 0).all())
+    if geometric and n <= chunk_size:
+        pooled = _geometric_pool(member_logits, w, temps)
+        if pooled is not None:
+            return pooled
     out = torch.empty((n, v), dtype=torch.float32, device=first.device)
     for start in range(0, n, chunk_size):
         stop = min(start + chunk_size, n)
+        pooled = _geometric_pool([x[start:stop] for x in member_logits], w, temps) if geometric else None
+        if pooled is not None:
+            out[start:stop] = pooled
+            continue
         stacked = torch.stack(
             [member_logprobs(x[start:stop], t) for x, t in zip(member_logits, temps)], dim=0
         )
         wr = w if w.dim() == 1 else w[start:stop]
         out[start:stop] = _pool_rows(stacked, wr, rule, alpha)
     return out
+
+
+def _geometric_pool(member_logits: Sequence[Tensor], w: Tensor, temps: Sequence[float]) -> Tensor | None:
+    """The geometric pool of rows no weighted member abstains on; None when some weighted member
+    has a non-finite logit in them (then `_pool_rows` handles the abstentions).
+
+    With non-negative weights, sum_k w_k log_softmax(x_k / T_k) differs from
+    sum_k (w_k / T_k) x_k by a constant per row (the members' log-normalisers), which the final
+    log_softmax removes: one multiply-add per member and one softmax instead of K softmaxes, a
+    stacked copy and `_pool_rows`' masks. At a 262k vocabulary and 64 rows on one CPU core that
+    halved the pooling time (bench/RESULTS.md). A sum is finite exactly when every element is
+    (logits are far from float32's range), and costs no buffer.
+    """
+    terms = [(x, float(wk) / t) for x, wk, t in zip(member_logits, w.tolist(), temps) if wk != 0]
+    if not all(bool(torch.isfinite(x.sum())) for x, _ in terms):
+        return None
+    (x0, c0), *rest = terms
+    scores = torch.mul(x0.to(torch.float32), c0)
+    for x, c in rest:
+        scores.add_(x.to(torch.float32), alpha=c)
+    return torch.log_softmax(scores, dim=-1)
 
 
 def mask_padded_vocab(logits: Tensor, true_vocab: int) -> Tensor:

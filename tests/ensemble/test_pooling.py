@@ -159,7 +159,9 @@ def test_per_row_weights_match_rowwise_pooling() -> None:
         pooled = pool_logprobs([a, b], rows, rule, chunk_size=3)  # type: ignore[arg-type]
         for i in range(4):
             one = pool_logprobs([a[i : i + 1], b[i : i + 1]], rows[i].tolist(), rule)  # type: ignore[arg-type]
-            torch.testing.assert_close(pooled[i : i + 1], one, rtol=0, atol=0)
+            # One set of non-negative logprob_mean weights takes the one-softmax path, per-row
+            # weights the member-by-member one: equal up to float32 rounding.
+            torch.testing.assert_close(pooled[i : i + 1], one, rtol=0, atol=0 if rule == "prob_mean" else 2e-6)
     with pytest.raises(ValueError, match="rows"):
         pool_logprobs([a, b], rows[:3], "prob_mean")
 
@@ -282,3 +284,27 @@ def test_property_geometric_pool_is_below_linear_pool_normaliser(
     scores = sum(wk * torch.log_softmax(x, -1) for wk, x in zip(w.tolist(), logits))
     assert torch.logsumexp(scores, -1).max().item() <= 1e-5
     assert math.isfinite(float(pool_logprobs(logits, weights, "logprob_mean").max()))
+
+
+def test_geometric_fast_path_equals_the_general_pool() -> None:
+    """logprob_mean with non-negative weights pools raw logits once (the members' normalisers
+    cancel in the final log_softmax): equal to the member-by-member pool, zero-weight members
+    skipped, chunked or not; a member that abstains on a token falls back to the general path."""
+    from ensemble.pooling import _pool_rows, member_logprobs, normalise_weights
+
+    torch.manual_seed(3)
+    logits = [torch.randn(9, 500) * 4 for _ in range(3)]
+    temps = [1.0, 1.3, 0.7]
+    for weights in ([0.5, 0.3, 0.2], [2.0, 0.0, 1.0]):
+        stacked = torch.stack([member_logprobs(x, t) for x, t in zip(logits, temps)])
+        general = _pool_rows(stacked, normalise_weights(weights, 3, "logprob_mean"), "logprob_mean")
+        for chunk in (8192, 4):
+            fast = pool_logprobs(logits, weights, "logprob_mean", temps, chunk_size=chunk)
+            assert torch.allclose(fast, general, atol=1e-5)
+    holed = [x.clone() for x in logits]
+    holed[1][2, 7] = float("-inf")  # member 1 cannot score token 7 in row 2: it abstains there
+    pooled = pool_logprobs(holed, [0.5, 0.3, 0.2], "logprob_mean", temps)
+    assert torch.isfinite(pooled).all()
+    stacked = torch.stack([member_logprobs(x, t) for x, t in zip(holed, temps)])
+    assert torch.allclose(pooled, _pool_rows(stacked, normalise_weights([0.5, 0.3, 0.2], 3, "logprob_mean"),
+                                             "logprob_mean"), atol=1e-5)

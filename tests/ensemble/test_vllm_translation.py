@@ -192,3 +192,12 @@ def test_cpu_engines_prefill_whole_prompts() -> None:
         "max_num_seqs": 4, "enable_chunked_prefill": False, "max_num_batched_tokens": 2048}
     assert whole_prefills_on_cpu({"max_num_batched_tokens": 64}, 96, 2048)["max_num_batched_tokens"] == 96
     assert whole_prefills_on_cpu({"enable_chunked_prefill": True}, 96, 2048) == {"enable_chunked_prefill": True}
+
+
+def test_small_cpus_reserve_no_core_unless_told() -> None:
+    from ensemble.vllm_engine import reserved_cpu_cores
+
+    assert reserved_cpu_cores({}, 2) == "0" and reserved_cpu_cores({}, 4) == "0"
+    assert reserved_cpu_cores({}, 16) is None  # vLLM's own choice on a large machine
+    assert reserved_cpu_cores({"VLLM_CPU_NUM_OF_RESERVED_CPU": "1"}, 2) is None
+    assert reserved_cpu_cores({"VLLM_CPU_OMP_THREADS_BIND": "0|1"}, 2) is None

@@ -215,6 +215,7 @@ def pool_logprobs(
         pooled = _geometric_pool(member_logits, w, temps)
         if pooled is not None:
             return pooled
+        geometric = False  # the one chunk has abstentions: the general path below, without re-checking
     out = torch.empty((n, v), dtype=torch.float32, device=first.device)
     for start in range(0, n, chunk_size):
         stop = min(start + chunk_size, n)

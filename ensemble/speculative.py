@@ -65,12 +65,18 @@ def draft_member_config(manifest: EnsembleManifest, member: str, num_tokens: int
     return {"method": "draft_model", "model": str(path), "num_speculative_tokens": num_tokens}
 
 
-def check_speculative_config(config: Mapping[str, Any]) -> None:
-    """Refuse a vLLM ``speculative_config`` whose proposer needs the target's hidden states."""
+def speculative_method(config: Mapping[str, Any]) -> str | None:
+    """The proposer a vLLM ``speculative_config`` names, inferred from its model as vLLM does
+    ("ngram" names the proposer, any other model drafts) when no method is given."""
     method = config.get("method")
     if method is None and config.get("model"):
-        # vLLM's own inference: "ngram" names the proposer, any other model drafts.
         method = "ngram" if config["model"] in ("ngram", "[ngram]") else "draft_model"
+    return method
+
+
+def check_speculative_config(config: Mapping[str, Any]) -> None:
+    """Refuse a vLLM ``speculative_config`` whose proposer needs the target's hidden states."""
+    method = speculative_method(config)
     if method not in TARGET_FREE_METHODS:
         raise SpeculativeError(
             f"speculative method {method!r} does not work on an ensemble: its proposer reads the "

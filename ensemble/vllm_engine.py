@@ -37,7 +37,7 @@ from ensemble.parallel import MemberShape, check_tensor_parallel
 from ensemble.pooling_stats import driver_snapshot
 from ensemble.protocol import EngineRequestError, EngineStats, RequestOutput, SamplingOptions
 from ensemble.sampling import check_options, is_greedy
-from ensemble.speculative import check_speculative_config, draft_member_config
+from ensemble.speculative import check_speculative_config, draft_member_config, speculative_method
 from ensemble.vllm_translate import OutputTranslator, check_fixed_pooling, sampling_params
 from ensemble.vllm_worker import QUALNAME as WORKER_EXTENSION
 
@@ -194,12 +194,13 @@ def whole_prefills_on_cpu(engine_args: Mapping[str, Any], max_model_len: int, de
     return args
 
 
-def _speculative_info(spec: Any, draft_member: str | None) -> dict[str, Any] | None:
-    """How the engine drafts (/v1/models `speculative`), or None when it does not."""
+def _speculative_info(spec: Any, draft_member: str | None, sampling: bool) -> dict[str, Any] | None:
+    """How the engine drafts (/v1/models `speculative`; `sampling`: whether it serves sampled
+    requests while drafting), or None when it does not."""
     if spec is None:
         return None
     return {"method": str(spec.method), "draft_member": draft_member,
-            "num_speculative_tokens": int(spec.num_speculative_tokens)}
+            "num_speculative_tokens": int(spec.num_speculative_tokens), "sampling": sampling}
 
 
 class VLLMEngine:
@@ -241,7 +242,7 @@ class VLLMEngine:
         if config.draft_member is not None:
             engine_args["speculative_config"] = draft_member_config(
                 self.manifest, config.draft_member, config.draft_tokens)
-        if engine_args.get("speculative_config", {}).get("model") not in (None, "ngram", "[ngram]"):
+        if speculative_method(engine_args.get("speculative_config") or {}) == "draft_model":
             # vLLM needs a draft's layers in one KV-cache group; beside a member that mixes sliding
             # and full layers (Gemma 3) the hybrid manager splits them, so every layer gets a full
             # cache instead (tests/ensemble/test_speculative.py: same greedy output).
@@ -275,15 +276,12 @@ class VLLMEngine:
         self.max_num_seqs = int(self._llm.vllm_config.scheduler_config.max_num_seqs)  # the server's admission cap
         self.tokenizer = self._llm.get_tokenizer()
         self.info = self._describe()
-        # vLLM 0.32's CPU kernels verify greedy drafts exactly but skew sampled ones toward the draft
-        # (measured without chorus: tests/ensemble/test_speculative.py), so a CPU engine that drafts
-        # serves greedy requests only.
-        self._greedy_only_drafts = bool(self.info["speculative"]) and current_platform.is_cpu()
-        if self.info["speculative"]:
-            self.info["speculative"]["sampling"] = not self._greedy_only_drafts
+        self._greedy_only_drafts = bool(self.info["speculative"]) and not self.info["speculative"]["sampling"]
 
     def _describe(self) -> dict[str, Any]:
         """`info`: the members, the pooling and the vLLM settings that shape serving (/v1/models)."""
+        from vllm.platforms import current_platform
+
         vllm_config = self._llm.vllm_config
         return {
             "engine": "vllm",
@@ -303,7 +301,11 @@ class VLLMEngine:
             "max_num_seqs": self.max_num_seqs,
             "prefix_caching": bool(vllm_config.cache_config.enable_prefix_caching),
             "scheduling_policy": str(vllm_config.scheduler_config.policy),
-            "speculative": _speculative_info(vllm_config.speculative_config, self.config.draft_member),
+            # vLLM 0.32's CPU kernels verify greedy drafts exactly but skew sampled ones toward the
+            # draft (measured without chorus: tests/ensemble/test_speculative.py), so a CPU engine
+            # that drafts serves greedy requests only.
+            "speculative": _speculative_info(vllm_config.speculative_config, self.config.draft_member,
+                                             sampling=not current_platform.is_cpu()),
         }
 
     @classmethod

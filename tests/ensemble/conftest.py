@@ -146,6 +146,13 @@ def qwen_tokenizer(tokenizer_dir: Path):
 
 
 @pytest.fixture(scope="session")
+def tiny_model_builder() -> Callable[..., Path]:
+    """`build_tiny_model` itself, for tests (a test module importing `conftest` by name would get
+    whichever conftest module was imported first when several test folders are collected)."""
+    return build_tiny_model
+
+
+@pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> dict[str, Path]:
     """{"llama": folder, "qwen2": folder, "gemma3": folder}: tiny models on the Qwen2 tokenizer."""
     root = tmp_path_factory.mktemp("tiny_models")

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_tiny_model
 from vllm_harness import EngineRun, collect, compare, run_engine
 
 from ensemble.manifest import EnsembleManifest
@@ -36,9 +35,9 @@ P_FLOOR = 1e-3  # the equal-distribution test fails below this p-value
 
 
 @pytest.fixture(scope="module")
-def draft_llama(tmp_path_factory, tokenizer_dir: Path) -> Path:
+def draft_llama(tmp_path_factory, tokenizer_dir: Path, tiny_model_builder) -> Path:
     """The tiny Llama with exactly the ensemble's vocabulary rows: a valid draft."""
-    return build_tiny_model("llama", tmp_path_factory.mktemp("draft") / "llama", seed=0,
+    return tiny_model_builder("llama", tmp_path_factory.mktemp("draft") / "llama", seed=0,
                             tokenizer_dir=tokenizer_dir, vocab_size=VOCAB)
 
 
@@ -185,11 +184,11 @@ def _plain_vllm_samples(target: Path, draft: Path | None) -> list[list[int]]:
 @pytest.mark.xfail(strict=True, reason="vLLM 0.32's CPU kernels skew sampled speculative decoding toward the "
                    "draft; when this passes, lift VLLMEngine's greedy-only guard for drafting on a CPU")
 def test_vllm_cpu_speculative_sampling_keeps_the_target_distribution(tmp_path, tokenizer_dir: Path,
-                                                                     draft_llama: Path) -> None:
+                                                                     draft_llama: Path, tiny_model_builder) -> None:
     """The upstream check behind the guard, on plain vLLM: a Llama drafting for another Llama must
     not change the target's sampled distribution (two-sample chi-square over seeded samples of
     tokens 2 and 3, the ones that pass verification)."""
-    target = build_tiny_model("llama", tmp_path / "target", seed=5, tokenizer_dir=tokenizer_dir, vocab_size=VOCAB)
+    target = tiny_model_builder("llama", tmp_path / "target", seed=5, tokenizer_dir=tokenizer_dir, vocab_size=VOCAB)
     plain, drafted = _plain_vllm_samples(target, None), _plain_vllm_samples(target, draft_llama)
     for position in range(1, SAMPLED_TOKENS):
         p = _p_value_same_distribution([s[position] for s in drafted], [s[position] for s in plain])

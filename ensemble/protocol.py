@@ -19,12 +19,48 @@ from typing import Any, Literal, Protocol, get_args, runtime_checkable
 PoolingRule = Literal["prob_mean", "logprob_mean"]
 POOLING_RULES: tuple[str, ...] = get_args(PoolingRule)
 FinishReason = Literal["stop", "length", "abort"]
+StructuredKind = Literal["json", "json_object", "regex", "choice", "grammar"]
+STRUCTURED_KINDS: tuple[str, ...] = get_args(StructuredKind)
 SAMPLING_EPS = 1e-5  # temperatures below this decode greedily (vLLM's constant)
 MAX_LOGPROBS = 20  # the most top alternatives a request may ask for (vLLM's default max_logprobs)
 
 
 class EngineRequestError(ValueError):
     """A request the engine cannot serve as asked (the server answers 400 with this message)."""
+
+
+@dataclass(frozen=True)
+class StructuredOutput:
+    """A constraint on a completion's text, enforced by a grammar at every decoding step (vLLM's
+    `StructuredOutputsParams`): only tokens that keep the text a prefix of the language are
+    allowed, and end-of-sequence only where the text is complete.
+
+    `kind` and `spec`:
+
+    - ``json``: `spec` is a JSON Schema, as JSON text (so the options stay hashable);
+    - ``json_object``: any JSON object; `spec` is None;
+    - ``regex``: `spec` is the pattern the whole text must match;
+    - ``choice``: `spec` is a tuple of the strings the text may be;
+    - ``grammar``: `spec` is a context-free grammar (EBNF, or Lark, as vLLM takes it).
+
+    The vLLM engine translates it (`ensemble.vllm_translate`); the reference engine has no grammar
+    backend and refuses it.
+    """
+
+    kind: StructuredKind
+    spec: str | tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in STRUCTURED_KINDS:
+            raise ValueError(f"structured output kind must be one of {', '.join(STRUCTURED_KINDS)}, got {self.kind!r}")
+        if self.kind == "json_object":
+            if self.spec is not None:
+                raise ValueError("a json_object constraint takes no spec")
+        elif self.kind == "choice":
+            if not (isinstance(self.spec, tuple) and self.spec and all(isinstance(c, str) for c in self.spec)):
+                raise ValueError("a choice constraint needs a non-empty tuple of strings")
+        elif not (isinstance(self.spec, str) and self.spec):
+            raise ValueError(f"a {self.kind} constraint needs its spec as non-empty text")
 
 
 @dataclass(frozen=True)
@@ -47,6 +83,7 @@ class SamplingOptions:
     prompt_logprobs: int | None = None  # same, for the prompt tokens (used by `echo`)
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) added to the pooled logits
     priority: int = 0  # scheduling priority, lower first (vLLM's); non-zero needs a priority-scheduling engine
+    structured_outputs: StructuredOutput | None = None  # a grammar the text must follow (vLLM engine only)
     # Ensemble extras.
     pooling: PoolingRule | None = None  # per-request rule; None = the ensemble's own
     weights: tuple[float, ...] | None = None  # per-request member weights; None = the ensemble's own
@@ -115,6 +152,10 @@ class Engine(Protocol):
 
     An engine may also offer ``async check_health() -> None`` that raises when it can no longer
     serve (both chorus engines do; the server's `/health` and its watchdog call it).
+
+    ``info["structured_outputs"]`` is truthy (the grammar backend's name) when the engine enforces
+    `SamplingOptions.structured_outputs`; an engine without it refuses such requests with
+    `EngineRequestError`, and the server refuses them before any work.
     """
 
     model_name: str

@@ -88,6 +88,7 @@ class ReferenceEngine(DecodeMixin):
             "chat_template": bool(getattr(self.tokenizer, "chat_template", None)),
             "dtype": str(dtype).removeprefix("torch."),
             "scheduling_policy": "priority",
+            "structured_outputs": None,  # no grammar backend: constrained requests need the vLLM engine
         }
         self._cond = threading.Condition()
         self._waiting: deque[_Request] = deque()
@@ -186,6 +187,10 @@ class ReferenceEngine(DecodeMixin):
                 f"the prompt has {len(prompt)} tokens but the ensemble's maximum context length is {self.max_model_len}"
             )
         check_options(options, vocab)
+        if options.structured_outputs is not None:
+            raise EngineRequestError(
+                f"structured output ({options.structured_outputs.kind}) needs the vLLM engine: the reference "
+                "engine samples without a grammar backend")
         rule = options.pooling or self.manifest.rule
         weights = tuple(options.weights) if options.weights is not None else self.manifest.weights
         try:

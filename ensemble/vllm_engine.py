@@ -301,6 +301,8 @@ class VLLMEngine:
             "max_num_seqs": self.max_num_seqs,
             "prefix_caching": bool(vllm_config.cache_config.enable_prefix_caching),
             "scheduling_policy": str(vllm_config.scheduler_config.policy),
+            # vLLM's grammar backend for structured outputs ("auto": xgrammar, guidance as fallback)
+            "structured_outputs": str(vllm_config.structured_outputs_config.backend),
             # vLLM 0.32's CPU kernels verify greedy drafts exactly but skew sampled ones toward the
             # draft (measured without chorus: tests/ensemble/test_speculative.py), so a CPU engine
             # that drafts serves greedy requests only.

@@ -1,6 +1,7 @@
 """Translation between chorus's engine protocol and vLLM's request objects.
 
-`sampling_params` turns our `SamplingOptions` into vLLM's `SamplingParams` (delta outputs);
+`sampling_params` turns our `SamplingOptions` into vLLM's `SamplingParams` (delta outputs;
+a `StructuredOutput` becomes vLLM's `StructuredOutputsParams`, `structured_outputs_params`);
 `OutputTranslator` adds vLLM's delta `RequestOutput`s up into our cumulative `RequestOutput`;
 `token_logprob` converts one position of vLLM log-probs; `check_fixed_pooling` refuses what the
 vLLM engine cannot serve (per-request pooling, per-member log-probs). Used by
@@ -11,6 +12,7 @@ vLLM engine cannot serve (per-request pooling, per-member log-probs). Used by
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -21,6 +23,7 @@ from ensemble.protocol import (
     EngineRequestError,
     RequestOutput,
     SamplingOptions,
+    StructuredOutput,
     TokenLogprob,
 )
 
@@ -47,6 +50,27 @@ def check_fixed_pooling(options: SamplingOptions, manifest: EnsembleManifest) ->
             "member_logprobs is not supported by the vLLM engine: it reports the pooled "
             "distribution only (use the reference engine for per-member log-probs)"
         )
+
+
+def structured_outputs_params(structured: StructuredOutput | None):
+    """vLLM's `StructuredOutputsParams` for our engine-neutral constraint (None for none), as vLLM's
+    own OpenAI server builds them: a JSON Schema as a dict, ``json_object=True``, the regex, the
+    grammar text, or the list of choices. vLLM picks the grammar backend (its
+    ``--structured-outputs-config``; by default xgrammar, falling back to guidance for schema
+    features xgrammar lacks) and checks the constraint when the request is added."""
+    if structured is None:
+        return None
+    from vllm.sampling_params import StructuredOutputsParams
+
+    if structured.kind == "json":
+        return StructuredOutputsParams(json=json.loads(str(structured.spec)))
+    if structured.kind == "json_object":
+        return StructuredOutputsParams(json_object=True)
+    if structured.kind == "choice":
+        return StructuredOutputsParams(choice=list(structured.spec or ()))
+    if structured.kind == "regex":
+        return StructuredOutputsParams(regex=str(structured.spec))
+    return StructuredOutputsParams(grammar=str(structured.spec))
 
 
 def sampling_params(options: SamplingOptions):
@@ -76,6 +100,7 @@ def sampling_params(options: SamplingOptions):
             logprobs=options.logprobs,
             prompt_logprobs=options.prompt_logprobs,
             logit_bias=dict(options.logit_bias) or None,
+            structured_outputs=structured_outputs_params(options.structured_outputs),
             output_kind=RequestOutputKind.DELTA,
         )
     except (ValueError, TypeError, VLLMClientError) as err:

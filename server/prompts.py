@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import json
 import logging
 import queue
 import threading
@@ -21,6 +22,7 @@ from typing import Any
 
 from server.errors import APIError, bad_request
 from server.protocol import ChatMessageParam, prompt_items
+from server.protocol_tools import ToolCallParam
 from server.sampling import check_token_ids
 
 log = logging.getLogger("chorus.server")
@@ -59,10 +61,26 @@ def flatten_messages(messages: list[ChatMessageParam]) -> list[dict[str, Any]]:
         item: dict[str, Any] = {"role": msg.role, "content": content if content is not None else ""}
         if msg.name is not None:
             item["name"] = msg.name
+        if msg.tool_calls:
+            item["tool_calls"] = [_template_tool_call(call) for call in msg.tool_calls]
         if msg.tool_call_id is not None:
             item["tool_call_id"] = msg.tool_call_id
         out.append(item)
     return out
+
+
+def _template_tool_call(call: ToolCallParam) -> dict[str, Any]:
+    """An earlier tool call as chat templates take it: `arguments` as an object, not JSON text
+    (the Transformers convention vLLM follows; text that is not a JSON object becomes {})."""
+    arguments = call.function.arguments
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments) if arguments.strip() else {}
+        except (json.JSONDecodeError, RecursionError):
+            arguments = {}
+    if not isinstance(arguments, dict):
+        arguments = {}
+    return {"id": call.id, "type": call.type, "function": {"name": call.function.name, "arguments": arguments}}
 
 
 class Tokenization:
@@ -145,8 +163,10 @@ class Tokenization:
         continue_final_message: bool,
         chat_template: str | None,
         chat_template_kwargs: dict[str, Any] | None,
+        tools: list[dict[str, Any]] | None = None,
     ) -> str:
-        """The chat prompt text, rendered by the tokenizer's (or the request's) chat template."""
+        """The chat prompt text, rendered by the tokenizer's (or the request's) chat template;
+        `tools` (OpenAI's tool objects) are the template's `tools` variable."""
         if add_generation_prompt and continue_final_message:
             raise bad_request(
                 "'add_generation_prompt' and 'continue_final_message' cannot both be true "
@@ -175,6 +195,7 @@ class Tokenization:
                 add_generation_prompt=add_generation_prompt,
                 continue_final_message=continue_final_message,
                 tokenize=False,
+                tools=tools,
                 **kwargs,
             )
 

@@ -8,20 +8,38 @@ e.g. `client.completions.create(..., extra_body={"pooling": "logprob_mean"})`.
 Requests are validated strictly (no string-to-number coercion, no NaN/inf) so wrong types and
 out-of-range values become 400s with the offending field named. Unknown fields are accepted and
 ignored, as OpenAI and vLLM do. Fields that exist in the OpenAI API but that chorus cannot honour
-(`suffix`, `tools`, non-text `response_format`, ...) are rejected with a clear 400 by
-`server.sampling`, never silently dropped.
+(`suffix`, `best_of`, `tool_choice: "auto"`, ...) are rejected with a clear 400 by
+`server.sampling` and `server.structured`, never silently dropped. The models of structured
+output and tool calls are in `server.protocol_tools`, the shared base models in
+`server.protocol_base`.
 """
 
 from __future__ import annotations
 
 import time
-import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-from pydantic_core import PydanticCustomError
+from pydantic import Field, model_validator
 
 from ensemble.protocol import MAX_LOGPROBS, PoolingRule
+from server.protocol_base import (  # noqa: F401 - re-exported: the API models' base classes and helpers
+    RequestBody,
+    RequestModel,
+    ResponseModel,
+    invalid_text_path,
+    is_none,
+    random_id,
+)
+from server.protocol_tools import (
+    MAX_TOOLS,
+    ChatTool,
+    DeltaToolCall,
+    ResponseFormat,
+    StructuredOutputsParam,
+    ToolCall,
+    ToolCallParam,
+    ToolChoiceParam,
+)
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MAX_N = 32
@@ -42,69 +60,6 @@ StopTokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=MAX
 LogitBias = Annotated[dict[str, Annotated[float, Field(allow_inf_nan=False)]], Field(max_length=MAX_LOGIT_BIAS)] | None
 
 
-def random_id(prefix: str) -> str:
-    """An OpenAI-style object id, e.g. `cmpl-3f2a...`."""
-    return f"{prefix}-{uuid.uuid4().hex}"
-
-
-def invalid_text_path(value: Any, path: str = "") -> str | None:
-    """The path (`messages[0].content`) of the first string in `value` (nested dicts and lists,
-    keys included) that is not valid Unicode text, i.e. holds a lone surrogate such as the JSON
-    escape `"\\ud800"`, which cannot be encoded to UTF-8; None when every string is valid."""
-    stack: list[tuple[Any, str]] = [(value, path)]
-    while stack:
-        item, where = stack.pop()
-        if isinstance(item, str):
-            if not item.isascii():
-                try:
-                    item.encode("utf-8")
-                except UnicodeEncodeError:
-                    return where or "request body"
-        elif isinstance(item, dict):
-            for key, sub in item.items():
-                stack.append((key, where))  # a bad key is reported at its object
-                key = str(key).encode("utf-8", "backslashreplace").decode("utf-8")  # never echo bad text
-                stack.append((sub, f"{where}.{key}" if where else key))
-        elif isinstance(item, (list, tuple)):
-            stack.extend((sub, f"{where}[{i}]") for i, sub in enumerate(item))
-    return None
-
-
-class RequestModel(BaseModel):
-    """Base of every request model: strict types, finite floats, unknown fields ignored."""
-
-    model_config = ConfigDict(strict=True, extra="allow", allow_inf_nan=False)
-
-
-class RequestBody(RequestModel):
-    """Base of a whole request body: a `RequestModel` whose every string (unknown fields and nested
-    objects included) must be valid Unicode text. Checked once, on the whole body: the nested
-    models inside it (messages, content parts) are plain `RequestModel`s."""
-
-    @model_validator(mode="before")
-    @classmethod
-    def _text_is_unicode(cls, data: Any) -> Any:
-        where = invalid_text_path(data)
-        if where is not None:
-            # A 400 naming the field (`server.errors` reads `param` from the context).
-            raise PydanticCustomError("invalid_unicode", "'{param}' is not valid Unicode text (it holds a lone "
-                                      "surrogate)", {"param": where})
-        return data
-
-
-class ResponseModel(BaseModel):
-    """Base of every response body. Extras that are None are left out of the JSON with
-    `Field(exclude_if=is_none)`, so plain OpenAI responses look exactly like OpenAI's (and the
-    OpenAPI document still shows every field)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-
-def is_none(value: object) -> bool:
-    """`exclude_if` predicate for optional extras."""
-    return value is None
-
-
 # The extras every choice (completion or chat, whole or streamed) carries.
 StopReason = Annotated[
     int | str | None, Field(description="vLLM extra: the stop string or token id that ended the completion.")]
@@ -121,11 +76,6 @@ class StreamOptions(RequestModel):
     continuous_usage_stats: bool | None = Field(default=False, description="vLLM extra: a usage object on every chunk.")
 
 
-class ResponseFormat(RequestModel):
-    type: Literal["text", "json_object", "json_schema"]
-    json_schema: dict[str, Any] | None = None
-
-
 # Ensemble extras (not part of the OpenAI API), declared last in each request model.
 MemberWeight = Annotated[float, Field(ge=-1e6, le=1e6)]
 MemberWeights = list[MemberWeight] | dict[str, MemberWeight] | None
@@ -135,6 +85,10 @@ WEIGHTS_DOC = (
     "{member name: weight} naming every member (default: the ensemble's own)."
 )
 MEMBER_LOGPROBS_DOC = "chorus extra: report each member's log-prob of every generated token."
+RESPONSE_FORMAT_DOC = ("The answer's format: text, any JSON object, or JSON following a schema (enforced by a "
+                       "grammar: vLLM engine only).")
+STRUCTURED_DOC = ("vLLM extra: one grammar constraint for the answer (json, regex, choice, grammar or json_object; "
+                  "vLLM engine only).")
 
 
 class UsageInfo(ResponseModel):
@@ -202,6 +156,8 @@ class CompletionRequest(RequestBody):
     priority: Annotated[int, Field(ge=-(2**31), le=2**31 - 1)] = Field(
         default=0, description="vLLM extra: scheduling priority, lower values first (needs an engine started "
                                "with --scheduling-policy priority; any other value than 0 is a 400 otherwise).")
+    response_format: ResponseFormat | None = Field(default=None, description=f"vLLM extra: {RESPONSE_FORMAT_DOC}")
+    structured_outputs: StructuredOutputsParam | None = Field(default=None, description=STRUCTURED_DOC)
     # chorus ensemble extras.
     pooling: PoolingRule | None = Field(default=None, description=POOLING_DOC)
     member_weights: MemberWeights = Field(default=None, description=WEIGHTS_DOC)
@@ -269,12 +225,13 @@ class ChatMessageParam(RequestModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: Annotated[list[ToolCallParam], Field(max_length=MAX_TOOLS)] | None = None
     tool_call_id: str | None = None
 
     @model_validator(mode="after")
     def _has_content(self) -> ChatMessageParam:
         # As OpenAI: only an assistant message that carries tool calls may go without content.
-        if self.content is None and not (self.role == "assistant" and (self.model_extra or {}).get("tool_calls")):
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
             raise ValueError(f"a '{self.role}' message needs 'content'")
         return self
 
@@ -292,15 +249,21 @@ class ChatCompletionRequest(RequestBody):
         default=None, description="Deprecated by OpenAI in favour of max_completion_tokens."
     )
     n: Annotated[int, Field(ge=1, le=MAX_N)] | None = 1
+    parallel_tool_calls: bool | None = Field(
+        default=None, description="false: tool_choice 'required' makes exactly one call.")
     presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = 0.0
-    response_format: ResponseFormat | None = None
+    response_format: ResponseFormat | None = Field(default=None, description=RESPONSE_FORMAT_DOC)
     seed: Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)] | None = None
     stop: StopParam = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
-    tool_choice: str | dict[str, Any] | None = None
-    tools: list[dict[str, Any]] | None = None
+    tool_choice: ToolChoiceParam | None = Field(
+        default=None, description="'none', 'required' or a named function {\"type\": \"function\", \"function\": "
+                                  "{\"name\": ...}} (these two need the vLLM engine); 'auto' is refused (no tool-call "
+                                  "parser). Default with tools: 'auto', as OpenAI.")
+    tools: Annotated[list[ChatTool], Field(min_length=1, max_length=MAX_TOOLS)] | None = Field(
+        default=None, description="Functions the model may call; rendered into the chat template's `tools`.")
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = 0
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
     user: str | None = None
@@ -317,6 +280,7 @@ class ChatCompletionRequest(RequestBody):
     priority: Annotated[int, Field(ge=-(2**31), le=2**31 - 1)] = Field(
         default=0, description="vLLM extra: scheduling priority, lower values first (needs an engine started "
                                "with --scheduling-policy priority; any other value than 0 is a 400 otherwise).")
+    structured_outputs: StructuredOutputsParam | None = Field(default=None, description=STRUCTURED_DOC)
     # vLLM chat-template extras.
     echo: bool = Field(default=False, description="vLLM extra: prepend the last message if it has the answered role.")
     add_generation_prompt: bool = Field(
@@ -353,11 +317,13 @@ class ChatMessage(ResponseModel):
     role: str
     content: str | None = None
     refusal: str | None = None
+    tool_calls: list[ToolCall] | None = Field(default=None, exclude_if=is_none)
 
 
 class DeltaMessage(ResponseModel):
     role: str | None = Field(default=None, exclude_if=is_none)
     content: str | None = Field(default=None, exclude_if=is_none)
+    tool_calls: list[DeltaToolCall] | None = Field(default=None, exclude_if=is_none)
 
 
 class ChatCompletionResponseChoice(ResponseModel):

@@ -19,6 +19,7 @@ from server.protocol import (
     ResponseModel,
     is_none,
 )
+from server.protocol_tools import MAX_TOOLS, ChatTool
 
 
 # ----------------------------------------------------------------------------- /v1/models
@@ -66,6 +67,8 @@ class TokenizeChatRequest(RequestBody):
         default=None, description="vLLM extra: a Jinja chat template (needs --trust-request-chat-template).")
     chat_template_kwargs: dict[str, Any] | None = Field(
         default=None, description="vLLM extra: extra variables for the chat template.")
+    tools: Annotated[list[ChatTool], Field(min_length=1, max_length=MAX_TOOLS)] | None = Field(
+        default=None, description="vLLM extra: tools rendered into the chat template's `tools`.")
 
 
 TokenizeRequest = TokenizeCompletionRequest | TokenizeChatRequest

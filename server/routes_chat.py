@@ -1,4 +1,5 @@
-"""`POST /v1/chat/completions`: messages rendered with the ensemble tokenizer's chat template."""
+"""`POST /v1/chat/completions`: messages (and `tools`) rendered with the ensemble tokenizer's chat
+template; a forced tool call's answer comes back as `message.tool_calls` (`server.tool_calls`)."""
 
 from __future__ import annotations
 
@@ -36,6 +37,8 @@ from server.routes_common import (
 from server.sampling import build_options, check_context
 from server.sse import DONE, sse_data
 from server.state import Ready, ServerState
+from server.structured import AnswerShape, answer_shape
+from server.tool_calls import ToolCallStream, tool_calls_from_text, tool_finish_reason
 
 router = APIRouter()
 
@@ -53,12 +56,14 @@ async def chat_prompt_ids(ready: Ready, state: ServerState, body) -> list[int]:
             "a 'chat_template' in the request is refused: the server was not started with "
             "--trust-request-chat-template", param="chat_template",
         )
+    tools = getattr(body, "tools", None)
     text = await ready.tokenization.render_chat(
         body.messages,
         add_generation_prompt=body.add_generation_prompt,
         continue_final_message=body.continue_final_message,
         chat_template=body.chat_template,
         chat_template_kwargs=body.chat_template_kwargs,
+        tools=[tool.model_dump(mode="json", exclude_none=True) for tool in tools] if tools else None,
     )
     ids = await ready.tokenization.encode(text, body.add_special_tokens)
     if not ids:
@@ -69,25 +74,27 @@ async def chat_prompt_ids(ready: Ready, state: ServerState, body) -> list[int]:
 async def _chat(body: ChatCompletionRequest, state: ServerState):
     ready = state.require_ready()
     state.check_model(ready, body.model)
+    shape = answer_shape(body, engine_supports=bool(ready.engine.info.get("structured_outputs")))
     refuse_if_full(ready, body.n or 1, body.priority)  # before rendering and tokenizing
     prompt = await chat_prompt_ids(ready, state, body)
     asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     max_tokens = int(asked) if asked is not None else max(1, ready.max_model_len - len(prompt))
     check_context(len(prompt), max_tokens, ready.max_model_len, "messages")
-    options = build_options(body, max_tokens=max_tokens, vocab_size=ready.vocab_size, members=ready.members)
+    options = build_options(body, max_tokens=max_tokens, vocab_size=ready.vocab_size, members=ready.members,
+                            structured=shape.structured)
     request_id = random_id("chatcmpl")
     call = engine_call(state, ready, request_id, [prompt], options)
     async with admitted(call) as outputs:
         if body.stream:
             first = await first_output(outputs, call)
-            return stream_response(call, _stream(body, ready, call, outputs, first),
+            return stream_response(call, _stream(body, ready, call, outputs, first, shape),
                                    state.config.stream_stall_timeout)
         final: RequestOutput | None = None
         async for _, out in outputs:
             final = out
         call.raise_if_stopped()
         assert final is not None, "the engine ended a request without output"
-        return _response(body, ready, final, request_id)
+        return _response(body, ready, final, request_id, shape)
 
 
 def echoed_text(body: ChatCompletionRequest) -> str:
@@ -102,7 +109,8 @@ def echoed_text(body: ChatCompletionRequest) -> str:
     return flatten_messages([last])[0]["content"]
 
 
-def _response(body: ChatCompletionRequest, ready: Ready, out: RequestOutput, request_id: str) -> ChatCompletionResponse:
+def _response(body: ChatCompletionRequest, ready: Ready, out: RequestOutput, request_id: str,
+              shape: AnswerShape) -> ChatCompletionResponse:
     namer = ready.namer(bool(body.return_tokens_as_token_ids))
     echo = echoed_text(body)
     choices = []
@@ -110,9 +118,12 @@ def _response(body: ChatCompletionRequest, ready: Ready, out: RequestOutput, req
         logprobs = None
         if body.logprobs:
             logprobs = chat_logprobs(c.logprobs or [], c.token_ids, namer, body.top_logprobs or 0)
+        calls = tool_calls_from_text(c.text, shape.tools) if shape.tools is not None else None
+        message = (ChatMessage(role="assistant", content=None, tool_calls=calls) if calls
+                   else ChatMessage(role="assistant", content=echo + c.text))
         choices.append(ChatCompletionResponseChoice(
-            index=c.index, message=ChatMessage(role="assistant", content=echo + c.text), logprobs=logprobs,
-            finish_reason=c.finish_reason, stop_reason=c.stop_reason,
+            index=c.index, message=message, logprobs=logprobs,
+            finish_reason=tool_finish_reason(shape.tools, calls, c.finish_reason), stop_reason=c.stop_reason,
             member_logprobs=member_logprobs(c.logprobs) if body.return_member_logprobs else None,
         ))
     prompt_tokens = len(out.prompt_token_ids)
@@ -126,10 +137,11 @@ def _response(body: ChatCompletionRequest, ready: Ready, out: RequestOutput, req
 
 async def _stream(body: ChatCompletionRequest, ready: Ready, call: GenerationCall,
                   outputs: AsyncIterator[tuple[int, RequestOutput]],
-                  first: tuple[int, RequestOutput] | None) -> AsyncIterator[bytes]:
+                  first: tuple[int, RequestOutput] | None, shape: AnswerShape) -> AsyncIterator[bytes]:
     created = int(time.time())
     namer = ready.namer(bool(body.return_tokens_as_token_ids))
     n = call.options.n
+    tool_streams = [ToolCallStream(shape.tools) for _ in range(n)] if shape.tools is not None else None
     sent_text = [0] * n
     sent_tokens = [0] * n
     finished = [False] * n
@@ -163,9 +175,14 @@ async def _stream(body: ChatCompletionRequest, ready: Ready, call: GenerationCal
                 logprobs = chat_logprobs((c.logprobs or [])[sent_tokens[i]:], new_ids, namer, body.top_logprobs or 0)
             members = member_logprobs((c.logprobs or [])[sent_tokens[i]:]) if body.return_member_logprobs else None
             sent_text[i], sent_tokens[i], finished[i] = len(c.text), len(c.token_ids), finishing
+            reason = c.finish_reason if finishing else None
+            if tool_streams is not None:
+                message = tool_streams[i].delta(delta, c.text, finishing)
+                reason = tool_streams[i].finish_reason(reason)
+            else:
+                message = DeltaMessage(content=delta) if (delta or not finishing) else DeltaMessage()
             events.append(chunk(ChatCompletionResponseStreamChoice(
-                index=i, delta=DeltaMessage(content=delta) if (delta or not finishing) else DeltaMessage(),
-                logprobs=logprobs, finish_reason=c.finish_reason if finishing else None,
+                index=i, delta=message, logprobs=logprobs, finish_reason=reason,
                 stop_reason=c.stop_reason if finishing else None, member_logprobs=members,
             )))
         return events
@@ -173,7 +190,7 @@ async def _stream(body: ChatCompletionRequest, ready: Ready, call: GenerationCal
     try:
         for i in range(n):  # the role first, as OpenAI and vLLM send it
             yield chunk(ChatCompletionResponseStreamChoice(index=i, delta=DeltaMessage(role="assistant", content="")))
-        echo = echoed_text(body)
+        echo = echoed_text(body) if tool_streams is None else ""  # a forced call's answer has no content
         if echo:
             for i in range(n):
                 yield chunk(ChatCompletionResponseStreamChoice(index=i, delta=DeltaMessage(content=echo)))

@@ -36,6 +36,7 @@ from server.routes_common import (
 from server.sampling import build_options, check_context, check_sequences
 from server.sse import DONE, sse_data
 from server.state import Ready, ServerState
+from server.structured import answer_shape
 
 router = APIRouter()
 
@@ -54,12 +55,14 @@ async def _completion(body: CompletionRequest, state: ServerState):
         raise bad_request("max_tokens must be at least 1, got 0 (0 is only allowed with 'echo': true, "
                           "which returns the prompt alone)", param="max_tokens")
     check_sequences(prompt_count(body.prompt), body.n)  # before tokenizing anything
+    shape = answer_shape(body, engine_supports=bool(ready.engine.info.get("structured_outputs")))
     refuse_if_full(ready, prompt_count(body.prompt) * body.n, body.priority)
     prompts = await ready.tokenization.completion_prompts(body.prompt, body.add_special_tokens, ready.vocab_size)
     # Echo without generation runs one engine step, as vLLM does, and drops its token.
     engine_tokens = max(max_tokens, 1)
     check_context(max(len(p.token_ids) for p in prompts), engine_tokens, ready.max_model_len, "prompt")
-    options = build_options(body, max_tokens=engine_tokens, vocab_size=ready.vocab_size, members=ready.members)
+    options = build_options(body, max_tokens=engine_tokens, vocab_size=ready.vocab_size, members=ready.members,
+                            structured=shape.structured)
     request_id = random_id("cmpl")
     call = engine_call(state, ready, request_id, [p.token_ids for p in prompts], options)
     async with admitted(call) as outputs:

@@ -6,10 +6,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from ensemble.protocol import SAMPLING_EPS, SamplingOptions
+from ensemble.protocol import SAMPLING_EPS, SamplingOptions, StructuredOutput
 from server.errors import APIError, bad_request
 from server.protocol import MAX_SEQUENCES, ChatCompletionRequest, CompletionRequest
-
 
 
 def stop_strings(stop: str | list[str] | None) -> tuple[str, ...]:
@@ -100,14 +99,6 @@ def _reject_unsupported(body: CompletionRequest | ChatCompletionRequest) -> None
         if body.best_of is not None and body.best_of != body.n:
             raise bad_request("'best_of' is not supported (it must equal 'n' if given)", param="best_of")
     else:
-        if body.tools:
-            raise bad_request("tool calling is not supported by chorus: send no 'tools'", param="tools")
-        if body.response_format is not None and body.response_format.type != "text":
-            raise bad_request(
-                f"response_format type {body.response_format.type!r} is not supported by chorus "
-                "(structured output needs guided decoding); use 'text'",
-                param="response_format",
-            )
         if body.top_logprobs and not body.logprobs:
             raise bad_request("'top_logprobs' needs 'logprobs': true", param="top_logprobs")
     if body.stream_options is not None and not body.stream:
@@ -120,8 +111,10 @@ def build_options(
     max_tokens: int,
     vocab_size: int,
     members: list[str],
+    structured: StructuredOutput | None = None,
 ) -> SamplingOptions:
-    """The engine options for `body` (already validated for types and ranges by pydantic)."""
+    """The engine options for `body` (already validated for types and ranges by pydantic);
+    `structured` is the answer's grammar constraint, as `server.structured.answer_shape` found it."""
     _reject_unsupported(body)
     stop_ids = tuple(body.stop_token_ids or ())
     check_token_ids(stop_ids, vocab_size, "stop_token_ids")
@@ -154,6 +147,7 @@ def build_options(
         prompt_logprobs=prompt_logprobs,
         logit_bias=logit_bias(body.logit_bias, vocab_size),
         priority=int(body.priority),
+        structured_outputs=structured,
         pooling=body.pooling,
         weights=member_weights(body.member_weights, members),
         member_logprobs=bool(body.return_member_logprobs),

@@ -75,6 +75,16 @@ def _given_only(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(stderr: str) -> str:
+    """argparse's error (`serve: error: ...`) on one line: a config flag's value error spans several
+    (pydantic's text, ending with a link to its docs, which is dropped)."""
+    at = stderr.rfind("serve: error: ")
+    if at < 0:
+        return ""
+    lines = stderr[at:].removeprefix("serve: error: ").splitlines()
+    return " ".join(line.strip() for line in lines if line.strip() and "errors.pydantic.dev" not in line)
+
+
 def vllm_help() -> str:
     """vLLM's own help for its engine arguments (what `serve --help-vllm` prints)."""
     try:
@@ -103,8 +113,7 @@ def parse_vllm_args(argv: Sequence[str]) -> dict[str, Any]:
         with contextlib.redirect_stderr(errors):
             parsed = parser.parse_args(argv)
     except SystemExit:
-        lines = errors.getvalue().strip().splitlines()
-        message = lines[-1].removeprefix("serve: error: ") if lines else f"cannot parse {argv}"
+        message = _one_line(errors.getvalue()) or f"cannot parse {argv}"
         if message.startswith("unrecognized"):
             message += " (neither serve's nor vLLM's: see serve --help and serve --help-vllm)"
         raise VLLMArgsError(f"vLLM engine {message}") from None

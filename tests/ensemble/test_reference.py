@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from ensemble.manifest import EnsembleManifest
 from ensemble.pooling import fit_vocab, pool_logprobs
-from ensemble.protocol import Engine, EngineRequestError, RequestOutput, SamplingOptions
+from ensemble.protocol import Engine, EngineRequestError, RequestOutput, SamplingOptions, StructuredOutput
 from ensemble.reference import ReferenceEngine
 from vllm_harness import counter_deltas
 
@@ -332,6 +332,7 @@ def test_context_length_caps_generation(self_engine: ReferenceEngine) -> None:
         ([1, 2], SamplingOptions(weights=(1.0, -0.5)), "negative weights are only allowed"),
         ([1, 2], SamplingOptions(pooling="max"), "unknown pooling rule"),  # type: ignore[arg-type]
         ([1, 2], SamplingOptions(top_p=2.0), "top_p"),
+        ([1, 2], SamplingOptions(structured_outputs=StructuredOutput("json_object")), "needs the vLLM engine"),
     ],
 )
 def test_bad_requests_raise_engine_request_error(self_engine: ReferenceEngine, prompt, options, message) -> None:

@@ -18,7 +18,7 @@ from vllm.outputs import RequestOutput as VRequestOutput
 from vllm.sampling_params import RequestOutputKind
 
 from ensemble.manifest import EnsembleManifest, MemberSpec
-from ensemble.protocol import EngineRequestError, SamplingOptions
+from ensemble.protocol import EngineRequestError, SamplingOptions, StructuredOutput
 from ensemble.vllm_engine import VLLMEngineConfig, engine_dtype
 from ensemble.vllm_translate import OutputTranslator, check_fixed_pooling, sampling_params, token_logprob
 from ensemble.vllm_model import pool_chunk_rows
@@ -43,6 +43,28 @@ def test_sampling_params_carry_every_option() -> None:
     assert p.stop == ["\n\n"] and p.stop_token_ids == [3, 4] and p.ignore_eos
     assert (p.logprobs, p.prompt_logprobs) == (2, 1)
     assert p.output_kind == RequestOutputKind.DELTA  # the translator adds the pieces up
+
+
+def test_structured_outputs_become_vllms_params() -> None:
+    """Each engine-neutral constraint becomes the StructuredOutputsParams vLLM's own server builds
+    (a schema as a dict, json_object=True, the choices as a list); none stays None."""
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}}
+    cases = [
+        (StructuredOutput("json", json.dumps(schema)), "json", schema),
+        (StructuredOutput("json_object"), "json_object", True),
+        (StructuredOutput("choice", ("yes", "no")), "choice", ["yes", "no"]),
+        (StructuredOutput("regex", "[0-9]+"), "regex", "[0-9]+"),
+        (StructuredOutput("grammar", 'root ::= "a"'), "grammar", 'root ::= "a"'),
+    ]
+    for constraint, field, value in cases:
+        params = sampling_params(SamplingOptions(structured_outputs=constraint)).structured_outputs
+        assert getattr(params, field) == value
+        assert sum(getattr(params, f) is not None for f in ("json", "json_object", "choice", "regex", "grammar")) == 1
+    assert sampling_params(SamplingOptions()).structured_outputs is None
+    with pytest.raises(ValueError, match="non-empty tuple"):
+        StructuredOutput("choice", ())
+    with pytest.raises(ValueError, match="takes no spec"):
+        StructuredOutput("json_object", "{}")
 
 
 def test_sampling_params_reject_bad_values_as_request_errors() -> None:

@@ -30,6 +30,7 @@ from server.protocol import (
 from server.protocol_misc import ModelCard
 from server.sampling import build_options, check_context, member_weights, stop_strings
 from server.sse import DONE, sse_data
+from server.structured import answer_shape
 
 MEMBERS = ["llama", "qwen", "gemma"]
 
@@ -591,12 +592,15 @@ def test_build_options_rejects(body, param) -> None:
 
 def test_chat_options_reject_unsupported() -> None:
     msgs = [{"role": "user", "content": "hi"}]
-    for extra, param in [({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-                         ({"response_format": {"type": "json_object"}}, "response_format"),
-                         ({"top_logprobs": 2}, "top_logprobs")]:
+    with pytest.raises(APIError) as err:
+        build_options(ChatCompletionRequest.model_validate({"messages": msgs, "top_logprobs": 2}),
+                      max_tokens=5, vocab_size=100, members=MEMBERS)
+    assert err.value.param == "top_logprobs"
+    # tools without tool_choice mean 'auto' (no tool-call parser); a format needs a grammar backend
+    for extra, param in [({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tool_choice"),
+                         ({"response_format": {"type": "json_object"}}, "response_format")]:
         with pytest.raises(APIError) as err:
-            build_options(ChatCompletionRequest.model_validate({"messages": msgs, **extra}),
-                          max_tokens=5, vocab_size=100, members=MEMBERS)
+            answer_shape(ChatCompletionRequest.model_validate({"messages": msgs, **extra}), engine_supports=False)
         assert err.value.param == param
 
 

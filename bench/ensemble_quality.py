@@ -6,7 +6,8 @@
 Every member scores the same token ids (the ensemble's shared tokenizer, one start token in front
 of each window, as in ``transfer eval``), so the numbers are comparable: the pooled distribution of
 a rule is scored on exactly the bytes and tokens each member is scored on. Rules measured:
-``prob_mean`` and ``logprob_mean`` with the manifest's weights, and ``prob_mean`` with the weight
+the manifest's entropy-gated ``logprob_mean`` when it has a gate, ``prob_mean`` and
+``logprob_mean`` with the manifest's weights, and ``prob_mean`` with the weight
 of each member doubled in turn (a cheap look at whether weighting towards one member helps).
 
 ``--original NAME=MODEL`` (repeatable; a folder or ``zoo:NAME``) adds a model scored with its *own*
@@ -29,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from ensemble.fit_maths import bits_per_byte, target_logprob_table
+from ensemble.fit_maths import RuleFit, bits_per_byte, gated_bits_per_byte, target_logprob_table, window_entropies
 from ensemble.manifest import EnsembleManifest
 from ensemble.reference import Member, load_members
 
@@ -56,11 +57,17 @@ def scorers(manifest: EnsembleManifest) -> dict[str, tuple[str, list[float]]]:
     names = [m.name for m in manifest.members]
     weights = list(manifest.weights)
     rules = [manifest.rule] + [r for r in ("prob_mean", "logprob_mean") if r != manifest.rule]
-    out = {f"ensemble {rule} {fmt(weights)}": (rule, weights) for rule in rules}  # the manifest's rule first
+    out = {}
+    if manifest.entropy_gate is not None:  # the manifest's own setting first
+        out[f"ensemble {manifest.rule} {fmt(weights)} + entropy gate"] = (GATED, weights)
+    out |= {f"ensemble {rule} {fmt(weights)}": (rule, weights) for rule in rules}
     for i, name in enumerate(names):
         w = [2.0 * x if j == i else x for j, x in enumerate(weights)]
         out[f"ensemble prob_mean, {name} x2 {fmt(w)}"] = ("prob_mean", w)
     return out
+
+
+GATED = "logprob_mean + entropy gate"  # the manifest's logprob_mean with its `EntropyGate`
 
 
 def fmt(weights: list[float]) -> str:
@@ -122,7 +129,11 @@ def main(argv: list[str] | None = None) -> int:
                 for spec, lp in zip(manifest.members, alone):
                     tallies[spec.name].add(text, -float(lp.sum()) / math.log(2), n_bytes)
                 for name, (rule, weights) in settings.items():
-                    bpb = bits_per_byte(scored, n_bytes, torch.tensor(weights), temps, rule)
+                    if rule == GATED:
+                        fit = RuleFit(rule, tuple(weights), tuple(temps.tolist()), math.nan, manifest.entropy_gate)
+                        bpb = gated_bits_per_byte(scored, window_entropies(scored), n_bytes, fit)
+                    else:
+                        bpb = bits_per_byte(scored, n_bytes, torch.tensor(weights), temps, rule)
                     tallies[name].add(text, bpb * n_bytes, n_bytes)
                 bar.update(1)
 

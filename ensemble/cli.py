@@ -73,6 +73,8 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("--rule", action="append", choices=POOLING_RULES, help="rule(s) to try (default: all)")
     fit.add_argument("--keep-temperatures", action="store_true", help="fit the weights only")
     fit.add_argument("--max-iter", type=int, default=25, help="Newton iterations for logprob_mean (25)")
+    fit.add_argument("--entropy-gate", action="store_true",
+                     help="also try logprob_mean with weights that follow the members' entropies per token")
     fit.add_argument("--dry-run", action="store_true", help="print the fit, change nothing")
     return parser
 
@@ -104,14 +106,17 @@ def _fit(args: argparse.Namespace) -> int:
     from ensemble.fit import FitConfig, fit_ensemble
 
     config = FitConfig(texts=tuple(args.text or FitConfig.texts), max_bytes=args.max_bytes, rules=tuple(args.rule or POOLING_RULES),
-                       temperatures=not args.keep_temperatures, max_iter=args.max_iter)
+                       temperatures=not args.keep_temperatures, max_iter=args.max_iter,
+                       entropy_gate=args.entropy_gate)
     report = fit_ensemble(args.folder, config, write=not args.dry_run)
     print(f"dev text {', '.join(report.texts)}: {report.bytes} bytes, {report.tokens} tokens")
     print(f"  as built  {report.before.rule:<13} weights {fmt(report.before.weights)} "
           f"temperatures {fmt(report.before.temperatures)}: {report.before.bits_per_byte:.4f} bits/byte")
     for f in report.fits:
         mark = "  <- chosen" if f is report.chosen else ""
-        print(f"  fitted    {f.rule:<13} weights {fmt(f.weights)} temperatures {fmt(f.temperatures)}: "
+        gate = (f" entropy gate: centre {fmt(f.entropy_gate.centre)}, slopes "
+                f"{' '.join(fmt(row) for row in f.entropy_gate.slopes)}" if f.entropy_gate else "")
+        print(f"  fitted    {f.rule:<13} weights {fmt(f.weights)} temperatures {fmt(f.temperatures)}{gate}: "
               f"{f.bits_per_byte:.4f} bits/byte{mark}")
     print("dry run: nothing written" if args.dry_run else f"wrote {args.folder}/chorus_ensemble.json and fit.json")
     return 0

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ensemble.pooling import check_rule
+from ensemble.pooling import EntropyGate, check_rule
 
 # Masked vocabulary entries are -inf; a finite floor keeps the gradients finite and still gives
 # them zero probability after the softmax (exp(-1e4) underflows to 0 in float32).
@@ -31,6 +31,7 @@ class RuleFit:
     weights: tuple[float, ...]
     temperatures: tuple[float, ...]
     bits_per_byte: float
+    entropy_gate: EntropyGate | None = None  # logprob_mean only (`fit_entropy_gate`)
 
 
 
@@ -82,8 +83,10 @@ def bits_per_byte(
 TEMPERATURE_GRID = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.25, 1.4, 1.6, 1.8, 2.0)
 
 
-def _chunks(windows: Sequence[tuple[Tensor, Tensor]], buffer_bytes: int = 1 << 26):
-    """``(float32 logits [rows, K, V] floored, targets [rows])`` a few rows at a time.
+def _chunks(windows: Sequence[tuple[Tensor, Tensor]], buffer_bytes: int = 1 << 26,
+            rows_of: Sequence[Tensor] | None = None):
+    """``(float32 logits [rows, K, V] floored, targets [rows], rows_of[window][rows] or None)`` a
+    few rows at a time (`rows_of`: per-window row features sliced alongside).
 
     Every chunk is a view of one reused buffer (valid until the next one is yielded): a fresh
     64 MB tensor per chunk costs more in page faults than the arithmetic done on it.
@@ -91,12 +94,12 @@ def _chunks(windows: Sequence[tuple[Tensor, Tensor]], buffer_bytes: int = 1 << 2
     k, _, v = windows[0][0].shape
     rows = max(1, buffer_bytes // (4 * k * v))
     buffer = torch.empty(rows * k * v)
-    for logits, targets in windows:
+    for i, (logits, targets) in enumerate(windows):
         for start in range(0, logits.shape[1], rows):
             part = logits[:, start:start + rows]
             x = buffer[:part.numel()].view(part.shape[1], k, v)
             x.copy_(part.transpose(0, 1)).clamp_min_(_FLOOR)
-            yield x, targets[start:start + rows]
+            yield x, targets[start:start + rows], None if rows_of is None else rows_of[i][start:start + rows]
 
 
 @torch.no_grad()
@@ -109,7 +112,7 @@ def target_logprob_table(windows: Sequence[tuple[Tensor, Tensor]], temperatures:
     temps = torch.as_tensor(temperatures, dtype=torch.float32)
     temps = temps.expand(k, -1) if temps.dim() == 1 else temps
     parts, scratch = [], None
-    for x, t in _chunks(windows):
+    for x, t, _ in _chunks(windows):
         rows = x.shape[0]
         if scratch is None or scratch.numel() < x[:, 0].numel():
             scratch = torch.empty(x[:, 0].numel())
@@ -167,19 +170,27 @@ def fit_prob_mean(table: Tensor, grid: Sequence[float], n_bytes: int, fixed: Seq
 @torch.no_grad()
 def _geometric_pass(
     windows: Sequence[tuple[Tensor, Tensor]], c: Tensor, hessian: bool = True,
+    features: Sequence[Tensor] | None = None,
 ) -> tuple[float, Tensor, Tensor]:
     """The geometric pool's loss ``f(c) = sum_rows logsumexp(sum_k c_k x_k) - sum_k c_k x_k[target]``
     (nats) with its gradient ``sum E_p[x_k] - x_k[target]`` and Hessian ``sum Cov_p(x_k, x_l)``
-    (``p`` the pooled distribution; float64 sums), in one pass over the logits."""
+    (``p`` the pooled distribution; float64 sums), in one pass over the logits.
+
+    With `features` (one ``[R, J]`` tensor per window), `c` is a ``[K, J]`` matrix and row r pools
+    with the coefficients ``c @ features[r]``; the gradient (``[K, J]``) and Hessian
+    (``[K, J, K, J]``) are then with respect to that matrix. The loss stays convex: the
+    coefficients are linear in it."""
     k = c.shape[0]
-    f, grad, hess = 0.0, torch.zeros(k, dtype=torch.float64), torch.zeros(k, k, dtype=torch.float64)
-    c32, scores, scaled = c.to(torch.float32), None, None
-    for x, t in _chunks(windows):
+    shape = c.shape
+    f, grad, hess = 0.0, torch.zeros(shape, dtype=torch.float64), torch.zeros(shape + shape, dtype=torch.float64)
+    scores, scaled = None, None
+    for x, t, phi in _chunks(windows, rows_of=features):
         rows, _, v = x.shape
         if scores is None or scores.numel() < rows * v:
             scores, scaled = torch.empty(rows * v), (torch.empty(x.numel()) if hessian else None)
+        coef = (c.to(torch.float32).expand(rows, k) if phi is None else (phi.double() @ c.t()).to(torch.float32))
         s = scores[:rows * v].view(rows, 1, v)
-        torch.bmm(c32.expand(rows, 1, k), x, out=s)
+        torch.bmm(coef[:, None, :], x, out=s)
         s = s[:, 0]
         top = s.amax(dim=-1, keepdim=True)
         picked = s.gather(1, t[:, None])[:, 0]
@@ -189,11 +200,36 @@ def _geometric_pass(
             continue
         p = s.div_(z[:, None])  # the pooled distribution, [rows, V]
         mean = torch.bmm(x, p[:, :, None])[:, :, 0]  # E_p[x_k], [rows, K]
-        grad += (mean - x.gather(2, t[:, None, None].expand(rows, k, 1))[:, :, 0]).double().sum(dim=0)
+        g = (mean - x.gather(2, t[:, None, None].expand(rows, k, 1))[:, :, 0]).double()
         y = torch.mul(x, p.sqrt_()[:, None, :], out=scaled[:x.numel()].view_as(x))
         second = torch.bmm(y, y.transpose(1, 2))  # E_p[x_k x_l], [rows, K, K]
-        hess += (second - mean[:, :, None] * mean[:, None, :]).double().sum(dim=0)
+        cov = (second - mean[:, :, None] * mean[:, None, :]).double()
+        if phi is None:
+            grad += g.sum(dim=0)
+            hess += cov.sum(dim=0)
+        else:
+            phi = phi.double()
+            grad += g.t() @ phi
+            hess += torch.einsum("rkl,ri,rj->kilj", cov, phi, phi)
     return f, grad, hess
+
+
+@torch.no_grad()
+def window_entropies(windows: Sequence[tuple[Tensor, Tensor]]) -> list[Tensor]:
+    """Per window, ``[R, K]``: each member's entropy (nats, temperature 1) at each row, the
+    features of the entropy gate (`ensemble.pooling.member_entropies`, on the stored logits)."""
+    from ensemble.pooling import member_entropies
+
+    out: list[list[Tensor]] = [[] for _ in windows]
+    index = [i for i, (logits, _) in enumerate(windows) for _ in range(0, logits.shape[1], _chunk_rows(windows))]
+    for i, (x, _, _) in zip(index, _chunks(windows)):
+        out[i].append(member_entropies(list(x.unbind(1))))
+    return [torch.cat(parts) for parts in out]
+
+
+def _chunk_rows(windows: Sequence[tuple[Tensor, Tensor]], buffer_bytes: int = 1 << 26) -> int:
+    k, _, v = windows[0][0].shape
+    return max(1, buffer_bytes // (4 * k * v))
 
 
 def _newton_direction(c: Tensor, grad: Tensor, hess: Tensor, a: Tensor | None) -> Tensor:
@@ -262,6 +298,80 @@ def fit_logprob_mean(
         w, temps = c * fixed, fixed
     return RuleFit("logprob_mean", tuple(round(float(x), 4) for x in w), tuple(round(float(x), 4) for x in temps),
                    f / (math.log(2) * n_bytes))
+
+
+def gated_bits_per_byte(
+    windows: Sequence[tuple[Tensor, Tensor]], entropies: Sequence[Tensor], n_bytes: int, fit: RuleFit,
+) -> float:
+    """Dev bits per byte of a ``logprob_mean`` fit with its entropy gate, pooled exactly as the
+    engines pool (`ensemble.pooling.gated_coefficients`, floored at 0)."""
+    from ensemble.pooling import gated_coefficients
+
+    w = torch.tensor(fit.weights, dtype=torch.float32)
+    base = w / w.sum() / torch.tensor(fit.temperatures, dtype=torch.float32)
+    coefs = [gated_coefficients(base, fit.entropy_gate, h) for h in entropies]
+    eye = torch.eye(len(fit.weights), dtype=torch.float64)
+    return _geometric_pass(windows, eye, hessian=False, features=coefs)[0] / (math.log(2) * n_bytes)
+
+
+def fit_entropy_gate(
+    windows: Sequence[tuple[Tensor, Tensor]], entropies: Sequence[Tensor], n_bytes: int, plain: RuleFit,
+    max_iter: int = 25,
+) -> RuleFit:
+    """The geometric pool with weights that follow the members' entropies, from the plain
+    ``logprob_mean`` fit `plain`: row r pools with ``c_k = theta[k] . (1, H_1(r) - h_1, ...,
+    H_K(r) - h_K)`` (``h``: the mean entropies over the dev rows), ``theta`` ``[K, K + 1]`` fitted
+    by Newton's method from ``theta[k, 0] = w_k / T_k`` (convex: the coefficients are linear in
+    theta). Members at weight 0 in `plain` stay out (row and column zero). Reported as an
+    `EntropyGate`: weights and a shared temperature from ``theta[:, 0]`` (the coefficients at the
+    mean entropies), slopes ``theta[k, j + 1] / theta[k, 0]``; its bits per byte are measured as
+    the engines pool (floored at 0). Returns `plain` when the gate does not beat it on the dev
+    text or a live member's coefficient at the centre is not positive."""
+    k = len(plain.weights)
+    w = torch.tensor(plain.weights, dtype=torch.float64)
+    base = w / w.sum() / torch.tensor(plain.temperatures, dtype=torch.float64)
+    live = base > 0
+    centre = torch.cat(list(entropies)).double().mean(dim=0)
+    theta = torch.zeros(k, k + 1, dtype=torch.float64)
+    theta[:, 0] = base
+    free = live[:, None] & torch.cat([torch.ones(1, dtype=torch.bool), live])[None, :]  # [K, K + 1]
+    features = [torch.cat([torch.ones(h.shape[0], 1, dtype=torch.float64), h.double() - centre], dim=1)
+                for h in entropies]
+    f, grad, hess = _geometric_pass(windows, theta, features=features)
+    tol = 1e-7 * math.log(2) * n_bytes
+    idx = free.flatten().nonzero()[:, 0]
+    for _ in range(max_iter):
+        n = theta.numel()
+        h = hess.reshape(n, n)[idx][:, idx]
+        h = h + 1e-9 * h.diagonal().abs().max().clamp_min(1e-12) * torch.eye(len(idx), dtype=h.dtype)
+        d = torch.zeros(n, dtype=torch.float64)
+        d[idx] = -torch.linalg.lstsq(h, grad.flatten()[idx][:, None]).solution[:, 0]
+        d = d.view_as(theta)
+        decrement = -float((grad * d).sum())
+        if decrement <= tol:
+            break
+        step = 1.0
+        while step > 1e-4:
+            trial = theta + step * d
+            result = _geometric_pass(windows, trial, features=features)
+            if result[0] <= f - 1e-4 * step * decrement:
+                break
+            step /= 2
+        else:
+            break
+        theta, (f, grad, hess) = trial, result
+    if not bool((theta[live, 0] > 0).all()):
+        return plain
+    total = float(theta[:, 0].sum())
+    slopes = torch.where(live[:, None], theta[:, 1:] / theta[:, :1].clamp_min(1e-30), 0.0)
+    gate = EntropyGate(tuple(round(float(v), 4) for v in centre),
+                       tuple(tuple(round(float(v), 5) for v in row) for row in slopes))
+    fit = RuleFit("logprob_mean", tuple(round(float(x) / total, 4) for x in theta[:, 0]),
+                  (round(1 / total, 4),) * k, math.nan, gate)
+    bits = gated_bits_per_byte(windows, entropies, n_bytes, fit)
+    if bits >= plain.bits_per_byte:
+        return plain
+    return RuleFit(fit.rule, fit.weights, fit.temperatures, bits, gate)
 
 
 def fit_rule(

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ensemble.pooling import DEFAULT_ALPHA, POOLING_RULES, check_alpha, normalise_weights
+from ensemble.pooling import DEFAULT_ALPHA, POOLING_RULES, EntropyGate, check_alpha, normalise_weights
 
 MANIFEST_FILE = "chorus_ensemble.json"
 FORMAT_VERSION = 1
@@ -122,6 +122,9 @@ class EnsembleManifest:
         chat_template_from: the member whose chat template the ensemble uses (None: no template).
         contrastive_alpha: the plausibility threshold that pooling applies when a weight is
             negative (`ensemble.pooling`; 0: off).
+        entropy_gate: ``logprob_mean`` only: weights that follow the members' entropies token by
+            token (`ensemble.pooling.EntropyGate`), as `ensemble fit` chooses them. None (or all
+            slopes zero): fixed weights.
         format_version: the folder format version.
     """
 
@@ -134,6 +137,7 @@ class EnsembleManifest:
     tokenizer_from: str | None = None
     chat_template_from: str | None = None
     contrastive_alpha: float = DEFAULT_ALPHA
+    entropy_gate: EntropyGate | None = None
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
@@ -156,6 +160,8 @@ class EnsembleManifest:
             object.__setattr__(self, "contrastive_alpha", check_alpha(self.contrastive_alpha))
         except ValueError as err:
             raise ManifestError(str(err)) from None
+        if self.entropy_gate is not None:
+            object.__setattr__(self, "entropy_gate", _checked_gate(self.entropy_gate, members, self.rule))
         for what in ("vocab_size", "max_model_len"):
             value = getattr(self, what)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -199,12 +205,16 @@ class EnsembleManifest:
     def without_idle_members(self) -> EnsembleManifest:
         """A copy without the members of weight 0: under either rule they add nothing to the pool
         (bit for bit), so an engine whose weights are fixed (vLLM) need not load or run them."""
-        kept = tuple(m for m in self.members if m.weight != 0)
-        if len(kept) == len(self.members):
+        keep = [i for i, m in enumerate(self.members) if m.weight != 0]
+        if len(keep) == len(self.members):
             return self
+        kept = tuple(self.members[i] for i in keep)
         names = {m.name for m in kept}
+        gate = None if self.entropy_gate is None else EntropyGate(  # an idle member's slope column is 0
+            tuple(self.entropy_gate.centre[i] for i in keep),
+            tuple(tuple(self.entropy_gate.slopes[i][j] for j in keep) for i in keep))
         return replace(
-            self, members=kept,
+            self, members=kept, entropy_gate=gate,
             tokenizer_from=self.tokenizer_from if self.tokenizer_from in names else None,
             chat_template_from=self.chat_template_from if self.chat_template_from in names else None,
         )
@@ -236,7 +246,7 @@ class EnsembleManifest:
         if not isinstance(data, Mapping):
             raise ManifestError(f"an ensemble manifest must be a JSON object, got {type(data).__name__}")
         known = {"name", "members", "rule", "vocab_size", "max_model_len", "special_tokens",
-                 "tokenizer_from", "chat_template_from", "contrastive_alpha", "format_version"}
+                 "tokenizer_from", "chat_template_from", "contrastive_alpha", "entropy_gate", "format_version"}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ManifestError(f"unknown manifest field(s): {', '.join(unknown)}")
@@ -258,6 +268,14 @@ class EnsembleManifest:
         if not isinstance(specials, Mapping) or set(specials) - set(SPECIAL_ROLES):
             raise ManifestError(f"special_tokens must map roles {', '.join(SPECIAL_ROLES)} to ids, got {specials!r}")
         fields = {k: v for k, v in data.items() if k not in ("members", "special_tokens")}
+        gate = fields.get("entropy_gate")
+        if gate is not None:
+            if not isinstance(gate, Mapping) or set(gate) != {"centre", "slopes"}:
+                raise ManifestError("entropy_gate must be an object with 'centre' and 'slopes'")
+            try:
+                fields["entropy_gate"] = EntropyGate(tuple(gate["centre"]), tuple(tuple(r) for r in gate["slopes"]))
+            except (TypeError, ValueError) as err:
+                raise ManifestError(f"entropy_gate: {err}") from None
         return cls(members=tuple(members), special_tokens=SpecialTokens(**specials), **fields)
 
     def save(self, folder: str | Path) -> Path:
@@ -278,6 +296,24 @@ class EnsembleManifest:
         except json.JSONDecodeError as err:
             raise ManifestError(f"{path} is not valid JSON: {err}") from None
         return cls.from_dict(data).resolved(folder)
+
+
+def _checked_gate(gate: Any, members: tuple[MemberSpec, ...], rule: str) -> EntropyGate | None:
+    """The entropy gate (None when its slopes are all zero); ManifestError unless it is an
+    `EntropyGate` for these members under ``logprob_mean`` that reads no member of weight 0
+    (engines drop such members, so their entropy cannot be read)."""
+    if not isinstance(gate, EntropyGate):
+        raise ManifestError(f"entropy_gate must be an EntropyGate, got {type(gate).__name__}")
+    if len(gate.centre) != len(members):
+        raise ManifestError(f"entropy_gate is for {len(gate.centre)} members, the ensemble has {len(members)}")
+    if gate.is_off:
+        return None
+    if rule != "logprob_mean":
+        raise ManifestError(f"entropy_gate applies to rule 'logprob_mean' only, not {rule!r}")
+    for j, m in enumerate(members):
+        if m.weight == 0 and any(row[j] for row in gate.slopes):
+            raise ManifestError(f"entropy_gate reads the entropy of member {m.name!r}, whose weight is 0")
+    return gate
 
 
 def check_weights(weights: list[float], rule: str, names: list[str] | None = None) -> None:

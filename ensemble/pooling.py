@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -170,6 +171,7 @@ def pool_logprobs(
     temperatures: Sequence[float] | None = None,
     chunk_size: int = 8192,
     alpha: float = DEFAULT_ALPHA,
+    gate: EntropyGate | None = None,
 ) -> Tensor:
     """Pool K members' next-token logits into one float32 log-probability tensor.
 
@@ -184,6 +186,9 @@ def pool_logprobs(
         chunk_size: the most rows pooled at once; bounds the ``K x rows x V`` float32 buffer.
         alpha: the plausibility threshold of rows with a negative weight (see the module
             docstring); 0 turns it off.
+        gate: an `EntropyGate` for the geometric pool, applied when the rule is
+            ``logprob_mean`` and every weight is non-negative (ignored for ``prob_mean`` and
+            contrastive weights).
 
     Returns:
         ``[N, V]`` float32 normalised log-probabilities on the members' device.
@@ -209,17 +214,22 @@ def pool_logprobs(
     w = normalise_weights(weights, k, rule, num_rows=n).to(first.device)
     temps = _check_temperatures(temperatures, k)
     alpha = check_alpha(alpha)
+    if gate is not None and not gate.is_off and rule == "logprob_mean" and bool((w >= 0).all()):
+        if len(gate.centre) != k:
+            raise ValueError(f"the entropy gate is for {len(gate.centre)} members, the logits come from {k}")
+        return _gated_pool(member_logits, w, temps, gate, chunk_size)
 
     geometric = rule == "logprob_mean" and w.dim() == 1 and bool((w >= 0).all())
+    coefficients = w / torch.tensor(temps, dtype=torch.float32, device=w.device) if geometric else None
     if geometric and n <= chunk_size:
-        pooled = _geometric_pool(member_logits, w, temps)
+        pooled = _geometric_pool(member_logits, coefficients)
         if pooled is not None:
             return pooled
         geometric = False  # the one chunk has abstentions: the general path below, without re-checking
     out = torch.empty((n, v), dtype=torch.float32, device=first.device)
     for start in range(0, n, chunk_size):
         stop = min(start + chunk_size, n)
-        pooled = _geometric_pool([x[start:stop] for x in member_logits], w, temps) if geometric else None
+        pooled = _geometric_pool([x[start:stop] for x in member_logits], coefficients) if geometric else None
         if pooled is not None:
             out[start:stop] = pooled
             continue
@@ -231,9 +241,10 @@ def pool_logprobs(
     return out
 
 
-def _geometric_pool(member_logits: Sequence[Tensor], w: Tensor, temps: Sequence[float]) -> Tensor | None:
-    """The geometric pool of rows no weighted member abstains on; None when some weighted member
-    has a non-finite logit in them (then `_pool_rows` handles the abstentions).
+def _geometric_pool(member_logits: Sequence[Tensor], c: Tensor) -> Tensor | None:
+    """``log_softmax(sum_k c_k x_k)``: the geometric pool of rows no weighted member abstains on,
+    with ``c`` the members' ``w_k / T_k`` (``[K]``, or ``[R, K]`` per row); None when some weighted
+    member has a non-finite logit in them (then `_pool_rows` handles the abstentions).
 
     With non-negative weights, sum_k w_k log_softmax(x_k / T_k) differs from
     sum_k (w_k / T_k) x_k by a constant per row (the members' log-normalisers), which the final
@@ -242,14 +253,101 @@ def _geometric_pool(member_logits: Sequence[Tensor], w: Tensor, temps: Sequence[
     halved the pooling time (bench/RESULTS.md). A sum is finite exactly when every element is
     (logits are far from float32's range), and costs no buffer.
     """
-    terms = [(x, float(wk) / t) for x, wk, t in zip(member_logits, w.tolist(), temps) if wk != 0]
+    per_row = c.dim() == 2
+    weighted = (c != 0).any(dim=0) if per_row else c != 0
+    terms = [(x, c[:, k:k + 1] if per_row else float(c[k])) for k, x in enumerate(member_logits) if weighted[k]]
     if not all(bool(torch.isfinite(x.sum())) for x, _ in terms):
         return None
     (x0, c0), *rest = terms
     scores = torch.mul(x0.to(torch.float32), c0)
-    for x, c in rest:
-        scores.add_(x.to(torch.float32), alpha=c)
+    for x, ck in rest:
+        if per_row:
+            scores.addcmul_(x.to(torch.float32), ck)
+        else:
+            scores.add_(x.to(torch.float32), alpha=ck)
     return torch.log_softmax(scores, dim=-1)
+
+
+@dataclass(frozen=True)
+class EntropyGate:
+    """Weights that follow the members' uncertainty token by token (``logprob_mean``).
+
+    At a row where the members' entropies are ``H_j`` (`member_entropies`), member k pools with
+    ``c_k = (w_k / T_k) * max(0, 1 + sum_j slopes[k][j] * (H_j - centre[j]))``: its manifest
+    weight and temperature hold at the ``centre`` entropies (the dev text's means, as
+    ``ensemble fit`` fits them) and the slopes move it from there: an unsure member usually counts
+    for less, its partner for more; selective ensembling in the spirit of SAFE (arXiv
+    2510.15346). The factor is relative, so a member of weight 0 stays out of every row.
+    """
+
+    centre: tuple[float, ...]
+    slopes: tuple[tuple[float, ...], ...]
+
+    def __post_init__(self) -> None:
+        k = len(self.centre)
+        if len(self.slopes) != k or any(len(row) != k for row in self.slopes):
+            raise ValueError(f"an entropy gate needs K centres and K x K slopes (member x member), "
+                             f"got {k} centres and {[len(r) for r in self.slopes]} slopes")
+        for v in (*self.centre, *(v for row in self.slopes for v in row)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"entropy gate entries must be finite numbers, got {v!r}")
+        object.__setattr__(self, "centre", tuple(float(v) for v in self.centre))
+        object.__setattr__(self, "slopes", tuple(tuple(float(v) for v in row) for row in self.slopes))
+
+    @property
+    def is_off(self) -> bool:
+        """All slopes zero: the plain pool."""
+        return not any(v for row in self.slopes for v in row)
+
+    def tensors(self, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
+        """``(centre [K], slopes [K, K])`` float32."""
+        return (torch.tensor(self.centre, dtype=torch.float32, device=device),
+                torch.tensor(self.slopes, dtype=torch.float32, device=device))
+
+
+def member_entropies(member_logits: Sequence[Tensor]) -> Tensor:
+    """``[N, K]`` float32: the entropy (nats) of each member's own distribution ``softmax(x_k)``
+    (temperature 1) on each row; ids a member masks (``-inf``) take no part."""
+    out = []
+    for x in member_logits:
+        x = x.to(torch.float32)
+        lse = torch.logsumexp(x, dim=-1, keepdim=True)
+        p = (x - lse).exp()
+        out.append(lse[:, 0] - torch.where(p > 0, p * x, 0.0).sum(dim=-1))
+    return torch.stack(out, dim=1)
+
+
+def gated_coefficients(base: Tensor, gate: EntropyGate, entropies: Tensor) -> Tensor:
+    """Per-row geometric-pool coefficients of `EntropyGate`, floored at 0; a row the gate would
+    zero entirely keeps `base`.
+
+    `base` (``[K]`` or ``[R, K]``) holds each member's ``w_k / T_k``, the coefficient of its logits
+    in the geometric pool (`_geometric_pool`); `entropies` ``[R, K]`` (`member_entropies`).
+    """
+    centre, slopes = gate.tensors(entropies.device)
+    c = (base * (1.0 + (entropies - centre) @ slopes.t())).clamp_min(0.0)
+    dead = c.sum(dim=-1, keepdim=True) <= 0
+    return torch.where(dead, base.expand_as(c), c)
+
+
+def _gated_pool(member_logits: Sequence[Tensor], w: Tensor, temps: Sequence[float], gate: EntropyGate,
+                chunk_size: int) -> Tensor:
+    """The entropy-gated geometric pool, chunk by chunk (`gated_coefficients`)."""
+    first = member_logits[0]
+    n, v = first.shape
+    inv_t = torch.tensor([1.0 / t for t in temps], dtype=torch.float32, device=first.device)
+    out = torch.empty((n, v), dtype=torch.float32, device=first.device)
+    for start in range(0, n, chunk_size):
+        stop = min(start + chunk_size, n)
+        xs = [x[start:stop] for x in member_logits]
+        base = (w if w.dim() == 1 else w[start:stop]) * inv_t
+        c = gated_coefficients(base, gate, member_entropies(xs))
+        pooled = _geometric_pool(xs, c)
+        if pooled is None:  # abstentions: the general path, with weights c_k T_k on log_softmax(x_k / T_k)
+            stacked = torch.stack([member_logprobs(x, t) for x, t in zip(xs, temps)], dim=0)
+            pooled = _pool_rows(stacked, c / inv_t, "logprob_mean")
+        out[start:stop] = pooled
+    return out
 
 
 def mask_padded_vocab(logits: Tensor, true_vocab: int) -> Tensor:

@@ -76,6 +76,7 @@ class DecodeMixin:
             out[index] = pool_logprobs(
                 [rows[index] for rows in member_rows], weights, rule,  # type: ignore[arg-type]
                 temperatures=self.manifest.temperatures, alpha=self.manifest.contrastive_alpha,
+                gate=self.manifest.entropy_gate,
             )
         return out.cpu()
 

@@ -227,7 +227,7 @@ class EnsembleForCausalLM(nn.Module):
             return None
         return self.pooling_counters.timed_pool(logits, lambda: pool_logprobs(
             logits, self.weights, self.rule, self.temperatures, chunk_size=self.pool_chunk_rows,
-            alpha=self.manifest.contrastive_alpha,
+            alpha=self.manifest.contrastive_alpha, gate=self.manifest.entropy_gate,
         ))
 
     # ------------------------------------------------------------------ weights

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from ensemble.cli import main as cli_main
 from ensemble.fit import FitConfig, fit_ensemble
-from ensemble.fit_maths import bits_per_byte, fit_rule, pooled_target_logprobs
+from ensemble.fit_maths import RuleFit, bits_per_byte, fit_rule, pooled_target_logprobs
 from ensemble.manifest import EnsembleManifest, ManifestError
 from ensemble.pooling import pool_logprobs
 
@@ -214,3 +214,90 @@ def test_newton_with_fixed_temperatures_stays_on_the_simplex() -> None:
     grid = [(a / 50, b / 50) for a in range(51) for b in range(51 - a)]
     best = min(bits_per_byte(windows, 2000, torch.tensor([a, b, 1 - a - b]), temps, "logprob_mean") for a, b in grid)
     assert best - 1e-3 < fit.bits_per_byte <= best + 1e-7
+
+
+def test_gated_pass_gradient_and_hessian_equal_autograds() -> None:
+    """With row features the coefficients are theta @ phi_r; the pass differentiates in theta."""
+    from ensemble.fit_maths import _geometric_pass
+
+    windows = _masked_windows()
+    gen = torch.Generator().manual_seed(5)
+    features = [torch.cat([torch.ones(x.shape[1], 1), torch.rand(x.shape[1], 2, generator=gen)], 1) for x, _ in windows]
+    theta = torch.tensor([[0.4, 0.1, -0.2], [0.7, 0.0, 0.3], [0.2, -0.1, 0.1]], dtype=torch.float64)
+
+    def loss(theta: Tensor) -> Tensor:
+        total = 0
+        for (x, t), phi in zip(windows, features):
+            c = phi.double() @ theta.t()  # [R, K]
+            s = (c.t()[:, :, None] * x.double().clamp_min(-1e4)).sum(0)
+            total = total + (torch.logsumexp(s, -1) - s.gather(1, t[:, None])[:, 0]).sum()
+        return total
+
+    f, grad, hess = _geometric_pass(windows, theta, features=features)
+    assert f == pytest.approx(float(loss(theta)), rel=1e-6)
+    torch.testing.assert_close(grad, torch.autograd.functional.jacobian(loss, theta), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(hess, torch.autograd.functional.hessian(loss, theta), rtol=1e-3, atol=1e-3)
+
+
+def _reliable_when_sure(rows: int = 3000, vocab: int = 30, seed: int = 7):
+    """Member 0 is the truth, sharpened, on half the rows and flat noise elsewhere (high entropy
+    there); member 1 is a blurred truth everywhere: its weight should rise where member 0 is unsure."""
+    gen = torch.Generator().manual_seed(seed)
+    z = torch.randn(rows, vocab, generator=gen) * 2
+    targets = torch.multinomial(torch.softmax(z, -1), 1, generator=gen)[:, 0]
+    sure = torch.rand(rows, 1, generator=gen) < 0.5
+    m0 = torch.where(sure, 1.5 * z, 0.1 * torch.randn(rows, vocab, generator=gen))
+    m1 = 0.5 * z + 0.8 * torch.randn(rows, vocab, generator=gen)
+    logits = torch.stack([m0, m1]).to(torch.float16)
+    return [(logits[:, i:i + 500], targets[i:i + 500]) for i in range(0, rows, 500)], rows
+
+
+def test_entropy_gate_beats_fixed_weights_and_is_scored_as_the_engines_pool() -> None:
+    from ensemble.fit_maths import fit_entropy_gate, gated_bits_per_byte, window_entropies
+
+    windows, n = _reliable_when_sure()
+    plain = fit_rule(windows, n, "logprob_mean", temperatures=None)
+    entropies = window_entropies(windows)
+    gated = fit_entropy_gate(windows, entropies, n, plain)
+    assert gated.entropy_gate is not None and gated.bits_per_byte < plain.bits_per_byte - 0.05, (plain, gated)
+    # Member 0's weight falls as its own entropy rises, member 1's rises with it.
+    assert gated.entropy_gate.slopes[0][0] < 0 < gated.entropy_gate.slopes[1][0], gated
+    # Its bits are the engines' pooled log-probabilities of the targets.
+    nats = 0.0
+    for x, t in windows:
+        pooled = pool_logprobs(list(x.float()), list(gated.weights), "logprob_mean", list(gated.temperatures),
+                               gate=gated.entropy_gate)
+        nats -= float(pooled.gather(1, t[:, None]).sum())
+    assert gated.bits_per_byte == pytest.approx(nats / (math.log(2) * n), rel=1e-5)
+    assert gated_bits_per_byte(windows, entropies, n, gated) == pytest.approx(gated.bits_per_byte)
+
+
+def test_entropy_gate_leaves_a_useless_member_out() -> None:
+    from ensemble.fit_maths import fit_entropy_gate, window_entropies
+
+    windows = _three_members()
+    plain = fit_rule(windows, 2000, "logprob_mean", temperatures=None)
+    gated = fit_entropy_gate(windows, window_entropies(windows), 2000, plain)
+    assert gated.weights[2] == 0.0
+    if gated.entropy_gate is not None:
+        slopes = gated.entropy_gate.slopes
+        assert all(row[2] == 0.0 for row in slopes) and slopes[2] == (0.0, 0.0, 0.0)
+
+
+def test_a_chosen_entropy_gate_is_written_for_both_engines(make_ensemble, tiny_models) -> None:
+    """`ensemble fit` stores the chosen gate in the manifest and in vLLM's copy in config.json."""
+    from ensemble.fit import FitReport, _write
+    from ensemble.pooling import EntropyGate
+
+    folder = make_ensemble([("llama", tiny_models["llama"], 1.0), ("gemma", tiny_models["gemma3"], 1.0)])
+    gate = EntropyGate((2.5, 3.0), ((-0.1, 0.05), (0.2, -0.03)))
+    plain = RuleFit("logprob_mean", (0.6, 0.4), (1.1, 1.1), 1.5)
+    gated = RuleFit("logprob_mean", (0.55, 0.45), (1.05, 1.05), 1.4, gate)
+    _write(folder, gated, FitReport(("dev",), ("0" * 64,), 100, 30, plain, (plain, gated)))
+    manifest = EnsembleManifest.load(folder)
+    assert manifest.entropy_gate == gate and manifest.rule == "logprob_mean" and manifest.weights == (0.55, 0.45)
+    stored = json.loads((folder / "chorus_ensemble.json").read_text())
+    assert json.loads((folder / "config.json").read_text())["chorus"] == stored
+    # A later fit without a gate removes it.
+    _write(folder, plain, FitReport(("dev",), ("0" * 64,), 100, 30, gated, (plain,)))
+    assert EnsembleManifest.load(folder).entropy_gate is None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 from pathlib import Path
@@ -21,6 +22,7 @@ from ensemble.manifest import (
     SpecialTokens,
     hf_config,
 )
+from ensemble.pooling import EntropyGate
 
 
 def _model_with_tokenizer(src_model: Path, tokenizer_dir: Path, out: Path) -> Path:
@@ -143,6 +145,13 @@ def _manifest(**overrides) -> EnsembleManifest:
         ({"tokenizer_from": "c"}, "tokenizer_from 'c' is not a member"),
         ({"name": " "}, "non-empty name"),
         ({"contrastive_alpha": 1.0}, "plausibility alpha must be a number in [0, 1), got 1.0"),
+        ({"rule": "logprob_mean", "entropy_gate": EntropyGate((1.0,), ((0.1,),))},
+         "entropy_gate is for 1 members, the ensemble has 2"),
+        ({"entropy_gate": EntropyGate((1.0, 2.0), ((0.1, 0), (0, 0)))},
+         "applies to rule 'logprob_mean' only, not 'prob_mean'"),
+        ({"rule": "logprob_mean", "entropy_gate": EntropyGate((1.0, 2.0), ((0, 0.1), (0, 0))),
+          "members": (MemberSpec("a", "/a"), MemberSpec("b", "/b", weight=0.0))},
+         "reads the entropy of member 'b', whose weight is 0"),
     ],
 )
 def test_manifest_validation_messages(overrides: dict, message: str) -> None:
@@ -162,6 +171,25 @@ def test_without_idle_members() -> None:
     served = m.without_idle_members()
     assert served.member_names == ("b",) and served.tokenizer_from == "b" and served.chat_template_from is None
     assert served.without_idle_members() is served and _manifest().without_idle_members() == _manifest()
+
+
+def test_entropy_gate_round_trips_and_follows_the_served_members() -> None:
+    gate = EntropyGate((2.0, 3.0, 4.0), ((0.1, -0.2, 0.0), (0.05, 0.0, 0.0), (0.3, 0.1, 0.0)))
+    members = (MemberSpec("a", "/a"), MemberSpec("b", "/b"), MemberSpec("idle", "/c", weight=0.0))
+    m = _manifest(rule="logprob_mean", members=members, entropy_gate=gate)
+    data = json.loads(json.dumps(m.to_dict()))
+    assert data["entropy_gate"]["centre"] == [2.0, 3.0, 4.0]
+    assert EnsembleManifest.from_dict(data) == m and m.entropy_gate == gate
+    # The idle member's centre, row and column leave with it.
+    assert m.without_idle_members().entropy_gate == EntropyGate((2.0, 3.0), ((0.1, -0.2), (0.05, 0.0)))
+    # All slopes zero is no gate; a malformed gate is a one-line error.
+    assert _manifest(rule="logprob_mean", entropy_gate=EntropyGate((1, 1), ((0, 0), (0, 0)))).entropy_gate is None
+    data["entropy_gate"]["slopes"] = [[0.1, math.nan, 0], [0, 0, 0], [0, 0, 0]]
+    with pytest.raises(ManifestError, match="entropy_gate: entropy gate entries must be finite numbers"):
+        EnsembleManifest.from_dict(data)
+    data["entropy_gate"] = [[0.1]]
+    with pytest.raises(ManifestError, match="entropy_gate must be an object with 'centre' and 'slopes'"):
+        EnsembleManifest.from_dict(data)
 
 
 def test_from_dict_rejects_unknown_fields() -> None:

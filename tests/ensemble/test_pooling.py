@@ -9,7 +9,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ensemble.pooling import fit_vocab, mask_padded_vocab, normalise_weights, pool_logprobs
+from ensemble.pooling import (
+    EntropyGate, fit_vocab, gated_coefficients, mask_padded_vocab, member_entropies, normalise_weights, pool_logprobs,
+)
 
 
 def _logits(*shape: int, seed: int = 0, scale: float = 3.0) -> torch.Tensor:
@@ -308,3 +310,67 @@ def test_geometric_fast_path_equals_the_general_pool() -> None:
     stacked = torch.stack([member_logprobs(x, t) for x, t in zip(holed, temps)])
     assert torch.allclose(pooled, _pool_rows(stacked, normalise_weights([0.5, 0.3, 0.2], 3, "logprob_mean"),
                                              "logprob_mean"), atol=1e-5)
+
+
+def test_member_entropies_ignore_masked_ids() -> None:
+    x = _logits(3, 40)
+    masked = x.clone()
+    masked[:, 30:] = -math.inf
+    for logits in (x, masked):
+        lp = torch.log_softmax(logits[:, :30] if logits is masked else logits, -1)
+        torch.testing.assert_close(member_entropies([logits])[:, 0], -(lp.exp() * lp).sum(-1), rtol=0, atol=1e-5)
+
+
+def test_entropy_gate_scales_each_weight_by_the_members_entropies() -> None:
+    """The gated pool is log_softmax(sum_k c_rk x_k) with c_rk = (w_k / T_k)(1 + sum_j S_kj (H_rj - h_j)),
+    floored at 0; zero slopes are the plain pool, and prob_mean ignores the gate."""
+    xs = [_logits(6, 50, seed=1), _logits(6, 50, seed=2, scale=1.0)]
+    w, temps = [0.7, 0.3], [1.2, 0.8]
+    gate = EntropyGate((1.0, 3.4), ((0.05, -8.0), (0.2, 0.0)))
+    h = member_entropies(xs)
+    c = (torch.tensor(w) / torch.tensor(temps)) * (1 + (h - torch.tensor([1.0, 3.4])) @ torch.tensor(gate.slopes).t())
+    assert (c < 0).any() and (c > 0).any()
+    expected = torch.log_softmax(c[:, :1].clamp_min(0) * xs[0] + c[:, 1:].clamp_min(0) * xs[1], -1)
+    pooled = pool_logprobs(xs, w, "logprob_mean", temps, gate=gate)
+    torch.testing.assert_close(pooled, expected, rtol=0, atol=2e-6)
+    assert not torch.allclose(pooled, pool_logprobs(xs, w, "logprob_mean", temps), atol=1e-3)
+    zero = pool_logprobs(xs, w, "logprob_mean", temps, gate=EntropyGate((1.0, 1.0), ((0.0, 0.0), (0.0, 0.0))))
+    torch.testing.assert_close(zero, pool_logprobs(xs, w, "logprob_mean", temps), rtol=0, atol=2e-6)
+    assert torch.equal(pool_logprobs(xs, w, "prob_mean", temps, gate=gate), pool_logprobs(xs, w, "prob_mean", temps))
+    # Chunked rows, per-row weights and an abstaining member take the same path's numbers.
+    torch.testing.assert_close(pool_logprobs(xs, w, "logprob_mean", temps, chunk_size=4, gate=gate), pooled,
+                               rtol=0, atol=2e-6)
+    rows = torch.tensor([w] * 6)
+    torch.testing.assert_close(pool_logprobs(xs, rows, "logprob_mean", temps, gate=gate), pooled, rtol=0, atol=2e-6)
+
+
+def test_entropy_gate_with_an_abstaining_member_pools_over_the_voters() -> None:
+    xs = [_logits(4, 30, seed=3), _logits(4, 30, seed=4)]
+    xs[1][:, 29] = -math.inf  # member 1 cannot score id 29
+    w, temps, gate = [0.5, 0.5], [1.0, 1.5], EntropyGate((2.0, 2.0), ((0.1, 0.0), (0.0, -0.05)))
+    pooled = pool_logprobs(xs, w, "logprob_mean", temps, gate=gate)
+    assert torch.isfinite(pooled).all()
+    torch.testing.assert_close(pooled.exp().sum(-1), torch.ones(4), rtol=0, atol=1e-5)
+    # Off the abstained id the tokens keep the gated geometric pool's ratios.
+    c = gated_coefficients(torch.tensor(w) / torch.tensor(temps), gate, member_entropies(xs))
+    scores = c[:, :1] * xs[0][:, :29] + c[:, 1:] * xs[1][:, :29]
+    torch.testing.assert_close(pooled[:, :29] - pooled[:, :1], scores - scores[:, :1], rtol=0, atol=1e-4)
+
+
+def test_gated_coefficients_floor_at_zero_and_keep_a_dead_row() -> None:
+    base = torch.tensor([0.6, 0.4])
+    h = torch.tensor([[1.0, 1.0], [10.0, 10.0]])
+    c = gated_coefficients(base, EntropyGate((0.0, 0.0), ((-0.5, 0.0), (0.0, 0.0))), h)
+    torch.testing.assert_close(c[0], torch.tensor([0.3, 0.4]))
+    assert c[1].tolist() == pytest.approx([0.0, 0.4])
+    dead = gated_coefficients(base, EntropyGate((0.0, 0.0), ((-1.0, 0.0), (-1.0, 0.0))), h)
+    torch.testing.assert_close(dead[1], base)
+
+
+def test_entropy_gate_validation() -> None:
+    with pytest.raises(ValueError, match="K centres and K x K slopes"):
+        EntropyGate((1.0, 2.0), ((0.0,),))
+    with pytest.raises(ValueError, match="finite numbers"):
+        EntropyGate((math.inf,), ((0.0,),))
+    with pytest.raises(ValueError, match="the entropy gate is for 1 members, the logits come from 2"):
+        pool_logprobs([_logits(2, 5), _logits(2, 5)], [1, 1], "logprob_mean", gate=EntropyGate((1.0,), ((0.5,),)))

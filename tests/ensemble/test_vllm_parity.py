@@ -148,7 +148,8 @@ def pair_run(tiny_models, make_ensemble, prompts) -> EngineRun:
 
     Its manifest is rewritten after the build, as an older `ensemble fit` did, leaving the copy in
     config.json as built: the engine must pool by the manifest (logprob_mean, the new weights and
-    temperatures), as the reference engine does.
+    temperatures, and an entropy gate whose slopes move the weights by tens of percent per nat), as
+    the reference engine does.
     """
     import json
 
@@ -159,6 +160,8 @@ def pair_run(tiny_models, make_ensemble, prompts) -> EngineRun:
     stored["rule"] = "logprob_mean"
     for member, weight, temperature in zip(stored["members"], (0.7, 0.3, 0.0), (1.0, 1.3, 1.0)):
         member["weight"], member["temperature"] = weight, temperature
+    stored["entropy_gate"] = {"centre": [11.0, 11.0, 11.0],
+                              "slopes": [[-0.4, 0.3, 0.0], [0.5, -0.2, 0.0], [0.0, 0.0, 0.0]]}
     path.write_text(json.dumps(stored))
     assert json.loads((folder / "config.json").read_text())["chorus"]["rule"] == "prob_mean"
     return run_engine(folder, prompts, probe=_probe, engine_args={"max_num_batched_tokens": MAX_MODEL_LEN})

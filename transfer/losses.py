@@ -16,8 +16,9 @@ ALM in four steps:
    its p_sp (probability that the next token opens a word: starts with space, newline or tab,
    or is special) exceeds gamma; consecutive chunks are merged into groups ending at a marked
    chunk; group score = sum of its chunks' log-probs + log p_sp at the group's end, each side
-   with its own p_sp. Chunks after the last marked one form no group. A group is valid when all
-   its chunks are valid (and inside `chunk_mask`, if given);
+   with its own p_sp. The chunks after the last marked one form the row's last group, closed by
+   the p_sp at the row's last chunk (as tokenkit does). A group is valid when all its chunks are
+   valid (and inside `chunk_mask`, if given);
 4. distance per valid group (binarised divergence at temperature tau, by default minus its
    floor, the teacher's binary entropy, which leaves the gradient unchanged and makes a perfect
    match score 0; or |lpT - lpS|), averaged over all valid groups of the batch.

@@ -106,18 +106,22 @@ def _space_group_scores(
     teacher: _SideChunks, student: _SideChunks, exists: Tensor, ok: Tensor, gamma: float
 ) -> GroupScores:
     """debias="space": chunks merged into groups that end where the teacher's p_sp exceeds gamma;
-    a group scores the sum of its chunks' log-probs plus log p_sp at its end, each side its own."""
+    a group scores the sum of its chunks' log-probs plus log p_sp at its end, each side its own.
+    The chunks after the last such boundary form the row's last group, which ends at the row's
+    last chunk whatever its p_sp (as tokenkit's merge_by_space_prob does)."""
     k = exists.shape[1]
     t_sp = (teacher.sub - teacher.lse).gather(1, teacher.end)  # log p_sp; -inf if no token opens a word
     s_sp = (student.sub - student.lse).gather(1, student.end)
     marks = exists & (t_sp > math.log(gamma))  # the teacher decides where groups end
-    marks_l = marks.long()
-    before = marks_l.cumsum(dim=1) - marks_l  # group index = marks strictly before the chunk
-    member = exists & (before < marks_l.sum(dim=1, keepdim=True))
+    last = exists & (exists.flip(1).long().cumsum(dim=1).flip(1) == 1)  # each row's last chunk
+    ends = marks | last
+    ends_l = ends.long()
+    before = ends_l.cumsum(dim=1) - ends_l  # group index = group ends strictly before the chunk
+    member = exists
     onehot = ((before.unsqueeze(-1) == torch.arange(k, device=marks.device)) & member.unsqueeze(-1)).float()
     zero = torch.zeros_like(teacher.lp)
-    t_chunk = _floor(teacher.lp + torch.where(marks, t_sp, zero))
-    s_chunk = _floor(student.lp + torch.where(marks, s_sp, zero))
+    t_chunk = _floor(teacher.lp + torch.where(ends, t_sp, zero))
+    s_chunk = _floor(student.lp + torch.where(ends, s_sp, zero))
     t_group = torch.einsum("bk,bkg->bg", t_chunk, onehot)
     s_group = torch.einsum("bk,bkg->bg", s_chunk, onehot)
     bad = torch.einsum("bk,bkg->bg", (member & ~ok).float(), onehot)

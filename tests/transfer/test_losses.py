@@ -195,18 +195,26 @@ def test_space_debiasing_groups_on_a_hand_built_example():
     logits_t, logits_s, ids_t, ids_s, a, b = _batch1(logits_t, logits_s, ids_t, ids_s, a, b)
     scores = losses.alm_group_scores(logits_s, logits_t, ids_s, ids_t, a, b, student_space_mask=space,
                                      teacher_space_mask=space, debias="space", gamma=0.1)
-    assert scores.chunk_group.tolist() == [[0, 1, 1, -1]]  # chunk 3 never reaches a boundary
-    assert scores.valid.tolist() == [[True, True, False, False]]
+    # Chunk 3 reaches no likely boundary: it is the row's last group, ending at the row's end
+    # with its (low) p_sp, as in tokenkit (tests/transfer/test_tokenkit_parity.py).
+    assert scores.chunk_group.tolist() == [[0, 1, 1, 2]]
+    assert scores.valid.tolist() == [[True, True, True, False]]
     lt, ls = losses.token_logprobs(logits_t, ids_t)[0], losses.token_logprobs(logits_s, ids_s)[0]
     spt, sps = losses.space_prob(logits_t, space)[0], losses.space_prob(logits_s, space)[0]
-    expected_t = [lt[1] + spt[1], lt[2] + lt[3] + lt[4] + spt[4]]
-    expected_s = [ls[1] + sps[1], ls[2] + ls[3] + ls[4] + sps[4]]  # the student's own p_sp at its ends
-    assert torch.allclose(scores.teacher[0, :2], torch.stack(expected_t), atol=1e-5)
-    assert torch.allclose(scores.student[0, :2], torch.stack(expected_s), atol=1e-5)
-    # Raising gamma above every p_sp leaves no complete group: the loss is 0, with a graph.
+    expected_t = [lt[1] + spt[1], lt[2] + lt[3] + lt[4] + spt[4], lt[5] + spt[5]]
+    expected_s = [ls[1] + sps[1], ls[2] + ls[3] + ls[4] + sps[4], ls[5] + sps[5]]  # the student's own p_sp
+    assert torch.allclose(scores.teacher[0, :3], torch.stack(expected_t), atol=1e-5)
+    assert torch.allclose(scores.student[0, :3], torch.stack(expected_s), atol=1e-5)
+    # Raising gamma above every p_sp leaves one group: the whole row, closed by the p_sp at its end.
     logits_s.requires_grad_(True)
-    loss = losses.alm_loss(logits_s, logits_t, ids_s, ids_t, a, b, student_space_mask=space,
-                           teacher_space_mask=space, gamma=0.999999)
+    kw = dict(student_space_mask=space, teacher_space_mask=space, gamma=0.999999)
+    scores = losses.alm_group_scores(logits_s, logits_t, ids_s, ids_t, a, b, **kw)
+    assert scores.chunk_group.tolist() == [[0, 0, 0, 0]] and scores.valid.tolist() == [[True, False, False, False]]
+    assert torch.allclose(scores.teacher[0, 0], lt[1:].sum() + spt[5], atol=1e-5)
+    loss = losses.alm_loss(logits_s, logits_t, ids_s, ids_t, a, b, **kw)
+    assert loss > 0 and loss.requires_grad
+    # No valid group at all (every chunk masked out): the loss is 0, with a graph.
+    loss = losses.alm_loss(logits_s, logits_t, ids_s, ids_t, a, b, chunk_mask=torch.zeros(1, 4, dtype=torch.bool), **kw)
     assert loss == 0 and loss.requires_grad
 
 

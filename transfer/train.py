@@ -15,22 +15,27 @@ transfer.cli run ...``; note that ``accelerate launch --cpu`` starts ONE process
   tokenizers and aligns on the CPU (:mod:`transfer.data`); the loss terms come from
   :mod:`transfer.losses`; AdamW, warmup + linear decay, gradient clipping, bf16 autocast or fp32
   (``train.dtype: auto``: bf16 where the hardware has it natively, :mod:`transfer.precision`);
-* checkpoints (trainable weights, optimizer, scheduler, RNG states, data position, step) are
-  written to a temporary folder and renamed into place; ``resume=True`` continues from the
-  newest one exactly where the run stopped;
+* with ``grad_accum`` micro-batches (or several processes) each loss term is normalised over
+  the whole step's units, as one big batch would be (:mod:`transfer.train_units`);
+* checkpoints (trainable weights and optimizer tensors as safetensors; schedule, RNG states,
+  data position and step as JSON; no pickles) are written to a temporary folder, fsynced and
+  renamed into place; ``resume=True`` continues from the newest one exactly where the run
+  stopped;
 * the run logs JSON lines (and a CSV copy) and a loss plot, evaluates held-out bits per byte, and ends with an
-  HF folder (LoRA merged, the student's tokenizer and chat template) under ``<dir>/model``.
+  HF folder (LoRA merged, the student's tokenizer and chat template) under ``<dir>/model``,
+  written beside the previous one and swapped in (:mod:`transfer.durable`).
 
 Modules: `transfer.train_setup` (accelerator, models, adapters, optimizer, schedule),
-`transfer.train_checkpoints` (checkpoint files, resume checks) and this one (the loss of a
-micro-batch and the loop, one small function per phase). Every public name of those modules is
-importable from here.
+`transfer.train_checkpoints` (checkpoint files, resume checks), `transfer.train_state` (optimizer,
+schedule and RNG states as JSON / safetensors), `transfer.train_loss` (the loss terms of a
+micro-batch), `transfer.train_units` (the micro-batches' weights in a step), `transfer.durable`
+(fsync, folder swaps) and this one (the loop, one small function per phase). Every public name of
+`train_setup`, `train_checkpoints` and `train_loss` is importable from here.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import shutil
 import time
 from dataclasses import dataclass
@@ -43,9 +48,9 @@ import yaml
 from . import losses
 from .config import RunConfig, resolve_text
 from .data import Example, PairCollator, ShuffledOrder, Side, load_examples
+from .durable import recover_swap, replace_folder
 from .errors import ConfigError, DataError
 from .evaluate import bits_per_byte, read_windows
-from .fvt import save_model_folder
 from .precision import announce, short_name
 from .runlog import RunLog, plot_losses, write_csv
 
@@ -56,11 +61,15 @@ from .train_checkpoints import (  # noqa: F401
     MODEL_DIR,
     STATE_FILE,
     TRAINABLE_FILE,
+    Resumable,
     _check_output,
-    _install_checkpoint_hooks,
     checkpoint_dirs,
+    checkpoint_step,
+    load_checkpoint,
+    prune_checkpoints,
     save_checkpoint,
 )
+from .train_loss import compute_losses, teacher_outputs
 from .train_setup import (  # noqa: F401
     Models,
     _accelerator,
@@ -73,40 +82,7 @@ from .train_setup import (  # noqa: F401
     make_scheduler,
     trainable_parameters,
 )
-
-# --------------------------------------------------------------------------------------------
-# Loss
-
-
-def compute_losses(batch: dict[str, torch.Tensor], student: Any, teacher: Any, models: Models,
-                   cfg: RunConfig) -> dict[str, torch.Tensor]:
-    """The configured loss terms of one micro-batch (the teacher runs only when needed)."""
-    terms = cfg.loss.terms
-    hidden = "latents" in terms
-    s_ids, s_mask = batch["student_input_ids"], batch["student_attention_mask"]
-    t_ids, t_mask = batch["teacher_input_ids"], batch["teacher_attention_mask"]
-    t_out = None
-    if "alm" in terms or "latents" in terms:
-        with torch.no_grad():
-            t_out = teacher(input_ids=t_ids, attention_mask=t_mask, output_hidden_states=hidden)
-    s_out = student(input_ids=s_ids, attention_mask=s_mask, output_hidden_states=hidden)
-    out: dict[str, torch.Tensor] = {}
-    for term in terms:
-        if term == "alm":
-            out["alm"] = losses.alm_loss(
-                s_out.logits, t_out.logits, s_ids, t_ids, batch["student_chunks"], batch["teacher_chunks"],
-                s_mask, t_mask, models.student_space, models.teacher_space, batch["chunk_mask"],
-                gamma=cfg.loss.gamma, distance=cfg.loss.distance, tau=cfg.loss.tau,
-            )
-        elif term == "sft":
-            out["sft"] = losses.sft_loss(s_out.logits, s_ids, attention_mask=s_mask)
-        elif term == "latents":
-            out["latents"] = losses.latents_loss(
-                s_out.hidden_states[-1], t_out.hidden_states[-1], batch["student_chunks"],
-                batch["teacher_chunks"], batch["chunk_mask"],
-            )
-    return out
-
+from .train_units import micro_weights, unit_counts
 
 # --------------------------------------------------------------------------------------------
 # The loop
@@ -193,8 +169,6 @@ def _setup(cfg: RunConfig, out: Path, examples: list[Example], eval_windows: lis
     collator = PairCollator(Side(models.teacher_tok, models.teacher_tok.chat_template),
                             Side(models.student_tok, models.student_template), cfg.data.seq_len)
     student, optimizer = accelerator.prepare(student, optimizer)
-    accelerator.register_for_checkpointing(scheduler, order)
-    _install_checkpoint_hooks(accelerator)
     teacher = models.teacher.to(accelerator.device)
     models.teacher_space = models.teacher_space.to(accelerator.device)
     models.student_space = models.student_space.to(accelerator.device)
@@ -209,22 +183,29 @@ def _setup(cfg: RunConfig, out: Path, examples: list[Example], eval_windows: lis
                 clip_params=clip_params, micro=per_process // cfg.train.grad_accum, log=RunLog(out / "log.jsonl"))
 
 
+def _resumable(run: _Run) -> Resumable:
+    return Resumable(run.accelerator, run.student, run.optimizer, run.scheduler)
+
+
 def _start(run: _Run, latest: Optional[Path]) -> None:
-    """Save the run's config; on resume, load checkpoint `latest` (weights, optimizer, schedule,
-    data order, RNG states, step counters, balancing factors) and drop what came after it."""
+    """Save the run's config and clear what a kill left half done (a checkpoint being written, a
+    model folder being swapped); on resume, load checkpoint `latest` (weights, optimizer,
+    schedule, data order, RNG states, step counters, balancing factors) and drop what came
+    after it."""
     accelerator, out = run.accelerator, run.out
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         (out / CONFIG_FILE).write_text(yaml.safe_dump(run.cfg.to_dict(), sort_keys=False), encoding="utf-8")
+        recover_swap(out / MODEL_DIR)
+        for partial in (out / CHECKPOINTS).glob(".tmp-step-*"):
+            shutil.rmtree(partial, ignore_errors=True)
     if latest is not None:
-        accelerator.load_state(str(latest))
-        state = json.loads((latest / STATE_FILE).read_text(encoding="utf-8"))
+        state = load_checkpoint(_resumable(run), latest)
+        run.order.load_state_dict(state["data"])
         run.step, run.tokens_seen, run.elapsed = state["step"], state["tokens"], state["elapsed"]
         run.factors = state.get("balance")
         if accelerator.is_main_process:
             run.log.truncate_after(run.step)
-            for partial in (out / CHECKPOINTS).glob(".tmp-step-*"):  # a save the kill interrupted
-                shutil.rmtree(partial, ignore_errors=True)
     elif accelerator.is_main_process:
         run.log.truncate_after(-1)
 
@@ -242,30 +223,58 @@ def _evaluate(run: _Run, at: int) -> None:
         run.bar.write(f"step {at}: held-out bits per byte {result.bits_per_byte:.4f}")
 
 
+def _step_weights(run: _Run, batches: list[dict[str, torch.Tensor]]) -> tuple[list[dict[str, float]], Any]:
+    """(per micro-batch {term: weight of its mean}, the teacher's outputs on the first micro-batch
+    or None). The weights normalise the step like one big batch (:mod:`transfer.train_units`):
+    all 1 with one micro-batch on one process. Otherwise ALM's group counts need the teacher on
+    every micro-batch first; its outputs on the first one are kept for its loss, the others'
+    are recomputed then (an extra teacher forward per further micro-batch, to keep the memory
+    of one micro-batch)."""
+    cfg, accelerator = run.cfg, run.accelerator
+    if cfg.train.grad_accum == 1 and accelerator.num_processes == 1:
+        return [{t: 1.0 for t in cfg.loss.terms}], None
+    counts, first = [], None
+    for j, cpu_batch in enumerate(batches):
+        batch = _to(cpu_batch, accelerator.device)
+        t_out = None
+        with accelerator.autocast():  # as in the loss: the same teacher logits, the same groups
+            if "alm" in cfg.loss.terms:
+                t_out = teacher_outputs(batch, run.teacher, cfg)
+            counts.append(unit_counts(batch, None if t_out is None else t_out.logits, run.models.teacher_space, cfg))
+        if j == 0:
+            first = t_out
+    sum_over = None if accelerator.num_processes == 1 else (lambda t: accelerator.reduce(t, reduction="sum"))
+    return micro_weights(counts, accelerator.num_processes, sum_over, accelerator.device), first
+
+
 def _accumulate(run: _Run, mine: list[int]) -> tuple[dict[str, float], int, dict[str, float]]:
     """Forward and backward of this process's micro-batches of one step (gradients accumulate;
-    synchronised on the last). Returns (loss sums averaged over micro-batches, the student's
-    real tokens, the weight used per term)."""
+    synchronised on the last), each term weighted so that the step averages over all its units.
+    Returns (this process's share of the step's losses, the student's real tokens, the weight
+    used per term)."""
     cfg, accelerator, student = run.cfg, run.accelerator, run.student
+    batches = [run.collator([run.examples[i] for i in mine[j * run.micro : (j + 1) * run.micro]])
+               for j in range(cfg.train.grad_accum)]
+    n_tokens = sum(int(b["student_attention_mask"].sum()) for b in batches)
+    weights, first_teacher = _step_weights(run, batches)
     sums: dict[str, float] = {}
-    n_tokens = 0
     used: dict[str, float] = {}
-    for j in range(cfg.train.grad_accum):
-        batch = run.collator([run.examples[i] for i in mine[j * run.micro : (j + 1) * run.micro]])
-        n_tokens += int(batch["student_attention_mask"].sum())
-        batch = _to(batch, accelerator.device)
+    for j, cpu_batch in enumerate(batches):
+        batch = _to(cpu_batch, accelerator.device)
         sync = contextlib.nullcontext() if j == cfg.train.grad_accum - 1 else accelerator.no_sync(student)
         with sync:  # the backward too: FSDP reads no_sync in its post-backward hooks
+            t_out, first_teacher = first_teacher, None  # the first micro-batch's, then freed
             with accelerator.autocast():
-                terms = compute_losses(batch, student, run.teacher, run.models, cfg)
+                terms = compute_losses(batch, student, run.teacher, run.models, cfg, t_out)
                 if run.balance is not None and j == 0 and (run.factors is None or run.step % cfg.loss.balance_every == 0):
                     run.factors = losses.balance_weights(terms, run.balance, _mean_over_processes(accelerator),
                                                          previous=run.factors)
+                terms = {name: value * weights[j][name] for name, value in terms.items()}
                 total, used = losses.combine_losses(terms, run.weights, run.factors)
-            accelerator.backward(total / cfg.train.grad_accum)
+            accelerator.backward(total)
         for name, value in terms.items():
-            sums[name] = sums.get(name, 0.0) + float(value.detach()) / cfg.train.grad_accum
-        sums["loss"] = sums.get("loss", 0.0) + float(total.detach()) / cfg.train.grad_accum
+            sums[name] = sums.get(name, 0.0) + float(value.detach())
+        sums["loss"] = sums.get("loss", 0.0) + float(total.detach())
     return sums, n_tokens, used
 
 
@@ -330,7 +339,7 @@ def _after_step(run: _Run, record: dict[str, Any], stop: int,
     if step % cfg.output.checkpoint_every == 0 or step == stop:
         state = {"step": step, "tokens": run.tokens_seen, "elapsed": run.elapsed, "data": run.order.state_dict(),
                  "balance": run.factors}
-        save_checkpoint(run.accelerator, run.out, step, state, cfg.output.keep_checkpoints)
+        save_checkpoint(_resumable(run), run.out, step, state, cfg.output.keep_checkpoints)
         if run.accelerator.is_main_process:
             _export_log(run.log, run.out, cfg)
 
@@ -345,9 +354,12 @@ def _export_final(run: _Run) -> None:
         if run.dtype == torch.bfloat16:
             merged = merged.to(torch.bfloat16)
         target = out / MODEL_DIR
-        if target.exists():
-            shutil.rmtree(target)
-        save_model_folder(merged, run.models.student_tok, target)
+
+        def write(folder: Path) -> None:
+            merged.save_pretrained(folder)
+            run.models.student_tok.save_pretrained(folder)
+
+        replace_folder(target, write)  # beside the previous folder, then swapped in
         _export_log(run.log, out, run.cfg)
         run.bar.write(f"final model: {target}")
     accelerator.wait_for_everyone()

@@ -261,6 +261,21 @@ def _newton_direction(c: Tensor, grad: Tensor, hess: Tensor, a: Tensor | None) -
     return d
 
 
+def _backtrack(evaluate, x: Tensor, d: Tensor, f: float, decrement: float, step: float = 1.0, project=None):
+    """Backtracking line search for a Newton step: the first of ``x + step d``, halving `step`,
+    whose ``evaluate(...)[0]`` (the loss) falls by the Armijo fraction of the Newton `decrement`;
+    returns ``(point, evaluate(point))``, or None when the step shrinks below 1e-4.
+    `project` maps a trial point back into the feasible set (e.g. ``c >= 0``)."""
+    while step > 1e-4:
+        trial = x + step * d
+        trial = project(trial) if project is not None else trial
+        result = evaluate(trial)
+        if result[0] <= f - 1e-4 * step * decrement:
+            return trial, result
+        step /= 2
+    return None
+
+
 def fit_logprob_mean(
     windows: Sequence[tuple[Tensor, Tensor]], n_bytes: int, temperatures: Sequence[float] | None, max_iter: int = 25,
 ) -> RuleFit:
@@ -282,16 +297,11 @@ def fit_logprob_mean(
             break
         shrinking = d < 0
         step = min(1.0, float((c[shrinking] / -d[shrinking]).min())) if shrinking.any() else 1.0
-        while step > 1e-4:
-            trial = c + step * d
-            trial = torch.where(trial.abs() < 1e-12, 0.0, trial).clamp_min(0.0)
-            result = _geometric_pass(windows, trial)
-            if result[0] <= f - 1e-4 * step * decrement:
-                break
-            step /= 2
-        else:
+        found = _backtrack(lambda x: _geometric_pass(windows, x), c, d, f, decrement, step,
+                           lambda x: torch.where(x.abs() < 1e-12, 0.0, x).clamp_min(0.0))
+        if found is None:
             break
-        c, (f, grad, hess) = trial, result
+        c, (f, grad, hess) = found
     if fixed is None:
         w, temps = c / c.sum(), torch.full((k,), float(1 / c.sum()))
     else:
@@ -350,16 +360,10 @@ def fit_entropy_gate(
         decrement = -float((grad * d).sum())
         if decrement <= tol:
             break
-        step = 1.0
-        while step > 1e-4:
-            trial = theta + step * d
-            result = _geometric_pass(windows, trial, features=features)
-            if result[0] <= f - 1e-4 * step * decrement:
-                break
-            step /= 2
-        else:
+        found = _backtrack(lambda x: _geometric_pass(windows, x, features=features), theta, d, f, decrement)
+        if found is None:
             break
-        theta, (f, grad, hess) = trial, result
+        theta, (f, grad, hess) = found
     if not bool((theta[live, 0] > 0).all()):
         return plain
     total = float(theta[:, 0].sum())

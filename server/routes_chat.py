@@ -8,9 +8,9 @@ from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
 
-from ensemble.protocol import RequestOutput
+from ensemble.protocol import CompletionOutput, RequestOutput
 from server.cancellation import run_until_disconnect
-from server.errors import APIError, bad_request
+from server.errors import bad_request
 from server.generation import GenerationCall
 from server.logprobs import chat_logprobs, member_logprobs
 from server.prompts import flatten_messages
@@ -31,11 +31,11 @@ from server.routes_common import (
     engine_call,
     first_output,
     refuse_if_full,
-    stream_error_event,
+    stream_events,
     stream_response,
 )
 from server.sampling import build_options, check_context
-from server.sse import DONE, sse_data
+from server.sse import sse_data
 from server.state import Ready, ServerState
 from server.structured import AnswerShape, answer_shape
 from server.tool_calls import ToolCallStream, tool_calls_from_text, tool_finish_reason
@@ -135,75 +135,85 @@ def _response(body: ChatCompletionRequest, ready: Ready, out: RequestOutput, req
     )
 
 
-async def _stream(body: ChatCompletionRequest, ready: Ready, call: GenerationCall,
-                  outputs: AsyncIterator[tuple[int, RequestOutput]],
-                  first: tuple[int, RequestOutput] | None, shape: AnswerShape) -> AsyncIterator[bytes]:
-    created = int(time.time())
-    namer = ready.namer(bool(body.return_tokens_as_token_ids))
-    n = call.options.n
-    tool_streams = [ToolCallStream(shape.tools) for _ in range(n)] if shape.tools is not None else None
-    sent_text = [0] * n
-    sent_tokens = [0] * n
-    finished = [False] * n
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    continuous = include_usage and bool(body.stream_options and body.stream_options.continuous_usage_stats)
-    prompt_tokens = len(call.prompts[0])
+class _ChatStream:
+    """The chunks of one streamed chat completion (its `n` choices)."""
 
-    def usage() -> UsageInfo:
-        done = sum(sent_tokens)
-        return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=done, total_tokens=prompt_tokens + done)
+    def __init__(self, body: ChatCompletionRequest, ready: Ready, call: GenerationCall, shape: AnswerShape) -> None:
+        self.body, self.ready, self.call = body, ready, call
+        self.created = int(time.time())
+        self.namer = ready.namer(bool(body.return_tokens_as_token_ids))
+        n = call.options.n
+        self.tool_streams = [ToolCallStream(shape.tools) for _ in range(n)] if shape.tools is not None else None
+        self.sent_text, self.sent_tokens, self.finished = [0] * n, [0] * n, [False] * n
+        self.include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        self.continuous = self.include_usage and bool(body.stream_options and body.stream_options.continuous_usage_stats)
+        self.prompt_tokens = len(call.prompts[0])
 
-    def chunk(choice: ChatCompletionResponseStreamChoice) -> bytes:
+    def usage(self) -> UsageInfo:
+        done = sum(self.sent_tokens)
+        return UsageInfo(prompt_tokens=self.prompt_tokens, completion_tokens=done, total_tokens=self.prompt_tokens + done)
+
+    def chunk(self, choice: ChatCompletionResponseStreamChoice) -> bytes:
         return sse_data(ChatCompletionStreamResponse(
-            id=call.request_id, created=created, model=ready.model_name, choices=[choice],
-            usage=usage() if continuous else None,
+            id=self.call.request_id, created=self.created, model=self.ready.model_name, choices=[choice],
+            usage=self.usage() if self.continuous else None,
         ))
 
-    def chunks(out: RequestOutput) -> list[bytes]:
-        events = []
-        for c in out.outputs:
-            i = c.index
-            if finished[i]:
-                continue
-            new_ids = c.token_ids[sent_tokens[i]:]
-            delta = c.text[sent_text[i]:]
-            finishing = c.finish_reason is not None
-            if not (new_ids or delta or finishing):
-                continue
-            logprobs = None
-            if body.logprobs:
-                logprobs = chat_logprobs((c.logprobs or [])[sent_tokens[i]:], new_ids, namer, body.top_logprobs or 0)
-            members = member_logprobs((c.logprobs or [])[sent_tokens[i]:]) if body.return_member_logprobs else None
-            sent_text[i], sent_tokens[i], finished[i] = len(c.text), len(c.token_ids), finishing
-            reason = c.finish_reason if finishing else None
-            if tool_streams is not None:
-                message = tool_streams[i].delta(delta, c.text, finishing)
-                reason = tool_streams[i].finish_reason(reason)
-            else:
-                message = DeltaMessage(content=delta) if (delta or not finishing) else DeltaMessage()
-            events.append(chunk(ChatCompletionResponseStreamChoice(
-                index=i, delta=message, logprobs=logprobs, finish_reason=reason,
-                stop_reason=c.stop_reason if finishing else None, member_logprobs=members,
-            )))
+    def lead(self) -> list[bytes]:
+        """The role first, as OpenAI and vLLM send it, then the echoed last message, if asked for
+        (a forced tool call's answer has no content, so nothing is echoed then)."""
+        n = self.call.options.n
+        events = [self.chunk(ChatCompletionResponseStreamChoice(index=i, delta=DeltaMessage(role="assistant", content="")))
+                  for i in range(n)]
+        echo = echoed_text(self.body) if self.tool_streams is None else ""
+        if echo:
+            events += [self.chunk(ChatCompletionResponseStreamChoice(index=i, delta=DeltaMessage(content=echo)))
+                       for i in range(n)]
         return events
 
-    try:
-        for i in range(n):  # the role first, as OpenAI and vLLM send it
-            yield chunk(ChatCompletionResponseStreamChoice(index=i, delta=DeltaMessage(role="assistant", content="")))
-        echo = echoed_text(body) if tool_streams is None else ""  # a forced call's answer has no content
-        if echo:
-            for i in range(n):
-                yield chunk(ChatCompletionResponseStreamChoice(index=i, delta=DeltaMessage(content=echo)))
-        if first is not None:
-            for event in chunks(first[1]):
-                yield event
-        async for _, out in outputs:
-            for event in chunks(out):
-                yield event
-        call.raise_if_stopped()
-        if include_usage:
-            yield sse_data(ChatCompletionStreamResponse(id=call.request_id, created=created,
-                                                        model=ready.model_name, choices=[], usage=usage()))
-    except APIError as err:
-        yield stream_error_event(err)
-    yield DONE
+    def final(self) -> bytes | None:
+        """The usage chunk that ends the stream, when asked for."""
+        if not self.include_usage:
+            return None
+        return sse_data(ChatCompletionStreamResponse(id=self.call.request_id, created=self.created,
+                                                     model=self.ready.model_name, choices=[], usage=self.usage()))
+
+    def chunks(self, _index: int, out: RequestOutput) -> list[bytes]:
+        """The events for what is new in `out`, one per choice that moved."""
+        events = []
+        for c in out.outputs:
+            choice = None if self.finished[c.index] else self._choice(c)
+            if choice is not None:
+                events.append(self.chunk(choice))
+        return events
+
+    def _choice(self, c: CompletionOutput) -> ChatCompletionResponseStreamChoice | None:
+        """One choice's delta since it was last sent (None when nothing moved)."""
+        body, i = self.body, c.index
+        new_ids = c.token_ids[self.sent_tokens[i]:]
+        delta = c.text[self.sent_text[i]:]
+        finishing = c.finish_reason is not None
+        if not (new_ids or delta or finishing):
+            return None
+        entries = (c.logprobs or [])[self.sent_tokens[i]:]
+        logprobs = chat_logprobs(entries, new_ids, self.namer, body.top_logprobs or 0) if body.logprobs else None
+        members = member_logprobs(entries) if body.return_member_logprobs else None
+        self.sent_text[i], self.sent_tokens[i], self.finished[i] = len(c.text), len(c.token_ids), finishing
+        reason = c.finish_reason if finishing else None
+        if self.tool_streams is not None:
+            message = self.tool_streams[i].delta(delta, c.text, finishing)
+            reason = self.tool_streams[i].finish_reason(reason)
+        else:
+            message = DeltaMessage(content=delta) if (delta or not finishing) else DeltaMessage()
+        return ChatCompletionResponseStreamChoice(
+            index=i, delta=message, logprobs=logprobs, finish_reason=reason,
+            stop_reason=c.stop_reason if finishing else None, member_logprobs=members,
+        )
+
+
+def _stream(body: ChatCompletionRequest, ready: Ready, call: GenerationCall,
+            outputs: AsyncIterator[tuple[int, RequestOutput]],
+            first: tuple[int, RequestOutput] | None, shape: AnswerShape) -> AsyncIterator[bytes]:
+    """The SSE body of a streamed chat completion."""
+    stream = _ChatStream(body, ready, call, shape)
+    return stream_events(call, first, outputs, stream.chunks, stream.final, stream.lead)

@@ -4,7 +4,7 @@ OpenAI errors, and handing a stream's cleanup to its response."""
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 
 import anyio
@@ -15,7 +15,7 @@ from server.errors import APIError, bad_request, engine_dead_error, internal_err
 from server.generation import DeadlineExceeded, GenerationCall
 from server.limits import QueueFullError
 from server.protocol import ErrorResponse
-from server.sse import SSEResponse, sse_data
+from server.sse import DONE, SSEResponse, sse_data
 from server.state import Ready, ServerState
 
 log = logging.getLogger("chorus.server")
@@ -159,3 +159,33 @@ def stream_response(call: GenerationCall, body: AsyncIterator[bytes], stall_time
 def stream_error_event(err: APIError) -> bytes:
     """An error inside an already started stream, as vLLM sends it: `data: {"error": ...}`."""
     return sse_data(err.body())
+
+
+async def stream_events(
+    call: GenerationCall,
+    first: tuple[int, RequestOutput] | None,
+    outputs: AsyncIterator[tuple[int, RequestOutput]],
+    chunks: Callable[[int, RequestOutput], list[bytes]],
+    final: Callable[[], bytes | None],
+    lead: Callable[[], Iterable[bytes]] = tuple,
+) -> AsyncIterator[bytes]:
+    """The SSE body of a streamed generation: `lead()`'s events, the `chunks` of every engine
+    output (`first`, already awaited, then the rest of `outputs`), `final()` (the usage chunk, or
+    None), then ``[DONE]``; an `APIError` on the way (a stopped call, a dead engine) becomes an
+    error event before ``[DONE]``, as vLLM sends it."""
+    try:
+        for event in lead():
+            yield event
+        if first is not None:
+            for event in chunks(*first):
+                yield event
+        async for index, out in outputs:
+            for event in chunks(index, out):
+                yield event
+        call.raise_if_stopped()
+        tail = final()
+        if tail is not None:
+            yield tail
+    except APIError as err:
+        yield stream_error_event(err)
+    yield DONE

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Request
 
 from ensemble.protocol import CompletionOutput, RequestOutput
 from server.cancellation import run_until_disconnect
-from server.errors import APIError, bad_request
+from server.errors import bad_request
 from server.generation import GenerationCall
 from server.logprobs import completion_logprobs, member_logprobs
 from server.prompts import Prompt
@@ -30,11 +30,11 @@ from server.routes_common import (
     engine_call,
     first_output,
     refuse_if_full,
-    stream_error_event,
+    stream_events,
     stream_response,
 )
 from server.sampling import build_options, check_context, check_sequences
-from server.sse import DONE, sse_data
+from server.sse import sse_data
 from server.state import Ready, ServerState
 from server.structured import answer_shape
 
@@ -138,73 +138,77 @@ class _ChoiceState:
         self.finished = False
 
 
-async def _stream(body: CompletionRequest, ready: Ready, call: GenerationCall, prompts: list[Prompt],
-                  outputs: AsyncIterator[tuple[int, RequestOutput]],
-                  first: tuple[int, RequestOutput] | None) -> AsyncIterator[bytes]:
-    created = int(time.time())
-    namer = ready.namer(bool(body.return_tokens_as_token_ids))
-    n = call.options.n
-    states: dict[tuple[int, int], _ChoiceState] = {}
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    continuous = include_usage and bool(body.stream_options and body.stream_options.continuous_usage_stats)
-    prompt_tokens = sum(len(p.token_ids) for p in prompts)
-    generated: dict[tuple[int, int], int] = {}
+class _CompletionStream:
+    """The chunks of one streamed completion request (all its prompts and choices)."""
 
-    def usage() -> UsageInfo:
-        done = sum(generated.values())
-        return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=done, total_tokens=prompt_tokens + done)
+    def __init__(self, body: CompletionRequest, ready: Ready, call: GenerationCall, prompts: list[Prompt]) -> None:
+        self.body, self.ready, self.call, self.prompts = body, ready, call, prompts
+        self.created = int(time.time())
+        self.namer = ready.namer(bool(body.return_tokens_as_token_ids))
+        self.states: dict[tuple[int, int], _ChoiceState] = {}
+        self.include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        self.continuous = self.include_usage and bool(body.stream_options and body.stream_options.continuous_usage_stats)
+        self.prompt_tokens = sum(len(p.token_ids) for p in prompts)
 
-    def chunks(index: int, out: RequestOutput) -> list[bytes]:
+    def usage(self) -> UsageInfo:
+        done = sum(st.tokens for st in self.states.values())
+        return UsageInfo(prompt_tokens=self.prompt_tokens, completion_tokens=done, total_tokens=self.prompt_tokens + done)
+
+    def final(self) -> bytes | None:
+        """The usage chunk that ends the stream, when asked for."""
+        if not self.include_usage:
+            return None
+        return sse_data(CompletionStreamResponse(id=self.call.request_id, created=self.created,
+                                                 model=self.ready.model_name, choices=[], usage=self.usage()))
+
+    def chunks(self, index: int, out: RequestOutput) -> list[bytes]:
+        """The events for what is new in `out` (prompt `index`), one per choice that moved."""
         events = []
-        prompt = prompts[index]
         for c in out.outputs:
-            st = states.setdefault((index, c.index), _ChoiceState())
+            st = self.states.setdefault((index, c.index), _ChoiceState())
             if st.finished:
                 continue
-            generated[(index, c.index)] = len(c.token_ids)
-            new_ids = c.token_ids[st.tokens:]
-            delta = c.text[st.text_len:]
-            finishing = c.finish_reason is not None
-            if not (new_ids or delta or finishing or (body.echo and not st.started)):
-                continue
-            logprobs: CompletionLogProbs | None = None
-            if body.logprobs is not None:
-                entries = list((c.logprobs or [])[st.tokens:])
-                ids = list(new_ids)
-                if body.echo and not st.started:
-                    entries = list(out.prompt_logprobs or [None] * len(prompt.token_ids)) + entries
-                    ids = prompt.token_ids + ids
-                logprobs = completion_logprobs(entries, ids, namer, initial_offset=st.offset)
-            text = (prompt.text if body.echo and not st.started else "") + delta
-            st.started = True
-            st.offset += len(text)
-            st.text_len = len(c.text)
-            st.tokens = len(c.token_ids)
-            st.finished = finishing
-            choice = CompletionResponseChoice(
-                index=index * n + c.index, text=text, logprobs=logprobs,
-                finish_reason=c.finish_reason if finishing else None,
-                stop_reason=c.stop_reason if finishing else None,
-                member_logprobs=(member_logprobs((c.logprobs or [])[len(c.token_ids) - len(new_ids):])
-                                 if body.return_member_logprobs else None),
-            )
-            events.append(sse_data(CompletionStreamResponse(
-                id=call.request_id, created=created, model=ready.model_name, choices=[choice],
-                usage=usage() if continuous else None,
-            )))
+            choice = self._choice(index, out, c, st)
+            if choice is not None:
+                events.append(sse_data(CompletionStreamResponse(
+                    id=self.call.request_id, created=self.created, model=self.ready.model_name, choices=[choice],
+                    usage=self.usage() if self.continuous else None,
+                )))
         return events
 
-    try:
-        if first is not None:
-            for event in chunks(*first):
-                yield event
-        async for index, out in outputs:
-            for event in chunks(index, out):
-                yield event
-        call.raise_if_stopped()
-        if include_usage:
-            yield sse_data(CompletionStreamResponse(id=call.request_id, created=created,
-                                                    model=ready.model_name, choices=[], usage=usage()))
-    except APIError as err:
-        yield stream_error_event(err)
-    yield DONE
+    def _choice(self, index: int, out: RequestOutput, c: CompletionOutput,
+                st: _ChoiceState) -> CompletionResponseChoice | None:
+        """One choice's delta since `st` (None when nothing moved); advances `st`."""
+        body, prompt = self.body, self.prompts[index]
+        new_ids = c.token_ids[st.tokens:]
+        delta = c.text[st.text_len:]
+        finishing = c.finish_reason is not None
+        echo = body.echo and not st.started
+        if not (new_ids or delta or finishing or echo):
+            return None
+        logprobs: CompletionLogProbs | None = None
+        if body.logprobs is not None:
+            entries = list((c.logprobs or [])[st.tokens:])
+            ids = list(new_ids)
+            if echo:
+                entries = list(out.prompt_logprobs or [None] * len(prompt.token_ids)) + entries
+                ids = prompt.token_ids + ids
+            logprobs = completion_logprobs(entries, ids, self.namer, initial_offset=st.offset)
+        text = (prompt.text if echo else "") + delta
+        st.started, st.offset, st.text_len, st.tokens, st.finished = (
+            True, st.offset + len(text), len(c.text), len(c.token_ids), finishing)
+        return CompletionResponseChoice(
+            index=index * self.call.options.n + c.index, text=text, logprobs=logprobs,
+            finish_reason=c.finish_reason if finishing else None,
+            stop_reason=c.stop_reason if finishing else None,
+            member_logprobs=(member_logprobs((c.logprobs or [])[len(c.token_ids) - len(new_ids):])
+                             if body.return_member_logprobs else None),
+        )
+
+
+def _stream(body: CompletionRequest, ready: Ready, call: GenerationCall, prompts: list[Prompt],
+            outputs: AsyncIterator[tuple[int, RequestOutput]],
+            first: tuple[int, RequestOutput] | None) -> AsyncIterator[bytes]:
+    """The SSE body of a streamed completion request."""
+    stream = _CompletionStream(body, ready, call, prompts)
+    return stream_events(call, first, outputs, stream.chunks, stream.final)

@@ -187,8 +187,9 @@ def pool_logprobs(
         alpha: the plausibility threshold of rows with a negative weight (see the module
             docstring); 0 turns it off.
         gate: an `EntropyGate` for the geometric pool, applied when the rule is
-            ``logprob_mean`` and every weight is non-negative (ignored for ``prob_mean`` and
-            contrastive weights).
+            ``logprob_mean`` to the rows whose weights are all non-negative (ignored for
+            ``prob_mean`` and for contrastive rows; with per-row weights each row is gated or not
+            on its own weights, whatever the other rows hold).
 
     Returns:
         ``[N, V]`` float32 normalised log-probabilities on the members' device.
@@ -214,10 +215,19 @@ def pool_logprobs(
     w = normalise_weights(weights, k, rule, num_rows=n).to(first.device)
     temps = _check_temperatures(temperatures, k)
     alpha = check_alpha(alpha)
-    if gate is not None and not gate.is_off and rule == "logprob_mean" and bool((w >= 0).all()):
+    if gate is not None and not gate.is_off and rule == "logprob_mean":
         if len(gate.centre) != k:
             raise ValueError(f"the entropy gate is for {len(gate.centre)} members, the logits come from {k}")
-        return _gated_pool(member_logits, w, temps, gate, chunk_size)
+        gated = (w >= 0).all(dim=-1)  # [] or [N]: rows without a contrastive (negative) weight
+        if bool(gated.all()):
+            return _gated_pool(member_logits, w, temps, gate, chunk_size)
+        if w.dim() == 2 and bool(gated.any()):
+            # Per-row weights, some contrastive: the gate applies row by row, as if pooled alone.
+            out = torch.empty((n, v), dtype=torch.float32, device=first.device)
+            for rows, row_gate in ((gated.nonzero()[:, 0], gate), ((~gated).nonzero()[:, 0], None)):
+                out[rows] = pool_logprobs([x[rows] for x in member_logits], w[rows], rule, temps, chunk_size,
+                                          alpha, row_gate)
+            return out
 
     geometric = rule == "logprob_mean" and w.dim() == 1 and bool((w >= 0).all())
     coefficients = w / torch.tensor(temps, dtype=torch.float32, device=w.device) if geometric else None

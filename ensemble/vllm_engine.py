@@ -12,10 +12,16 @@ worker process; a `ensemble.vllm_worker` extension reads them back with ``collec
 before the first request (resetting what start-up's dummy runs counted), then every
 `COUNTERS_POLL_S` seconds in the background, so `stats()` (synchronous) reports the latest.
 
-The pooling rule and member weights are fixed when the engine loads (vLLM's ``compute_logits``
-sees a batch of rows, not requests), and per-member log-probs are not reported: requests asking
-for either get `EngineRequestError`, unless they ask for exactly the ensemble's own pooling. So a
-member of weight 0 (one `ensemble fit` dropped) is neither loaded nor run.
+Per-request pooling (a request's own rule and member weights, negative ones included): vLLM's
+``compute_logits`` sees a batch of rows, not requests, so the engine installs
+`ensemble.vllm_pooling.RequestPoolingTracker`, a V1 logits processor that tells the model which
+row asked for what (see that module); requests carry their pooling in ``SamplingParams.extra_args``
+(`ensemble.vllm_translate.request_pooling`) and share batches with every other request. It is
+not installed with speculative decoding or vLLM's V2 model runner; such an engine, like every
+engine for prompt log-probs with per-request pooling, answers those requests with
+`EngineRequestError` (400) saying why. A member of weight 0 in the manifest (one `ensemble fit`
+dropped) is neither loaded nor run, so a request that weights it gets a 400 naming it.
+Per-member log-probs are not reported (400).
 
 Start-up takes 15-40 s on a CPU (vLLM starts an engine-core and a worker process), so scripts
 using this engine need an ``if __name__ == "__main__":`` guard.
@@ -38,7 +44,8 @@ from ensemble.pooling_stats import driver_snapshot
 from ensemble.protocol import EngineRequestError, EngineStats, RequestOutput, SamplingOptions
 from ensemble.sampling import check_options, is_greedy
 from ensemble.speculative import check_speculative_config, draft_member_config, speculative_method
-from ensemble.vllm_translate import OutputTranslator, check_fixed_pooling, sampling_params
+from ensemble.vllm_pooling import TRACKER_QUALNAME
+from ensemble.vllm_translate import OutputTranslator, request_pooling, sampling_params
 from ensemble.vllm_worker import QUALNAME as WORKER_EXTENSION
 
 # AsyncEngineArgs fields that VLLMEngineConfig sets itself; pass-through args may not repeat them.
@@ -194,6 +201,18 @@ def whole_prefills_on_cpu(engine_args: Mapping[str, Any], max_model_len: int, de
     return args
 
 
+def request_pooling_unavailable(vllm_config: Any) -> str | None:
+    """Why an engine of `vllm_config` cannot pool per request (None: it can, once the tracker is
+    installed): see `ensemble.vllm_pooling`."""
+    if vllm_config.speculative_config is not None:
+        return ("it decodes speculatively (a drafting step scores several rows per request, and vLLM runs no "
+                "custom logits processor beside a draft)")
+    if vllm_config.use_v2_model_runner:
+        return ("it runs vLLM's V2 model runner, which the request-pooling tracker does not support yet "
+                "(VLLM_USE_V2_MODEL_RUNNER=0 selects the V1 runner)")
+    return None
+
+
 def _speculative_info(spec: Any, draft_member: str | None, sampling: bool) -> dict[str, Any] | None:
     """How the engine drafts (/v1/models `speculative`; `sampling`: whether it serves sampled
     requests while drafting), or None when it does not."""
@@ -209,6 +228,7 @@ class VLLMEngine:
     def __init__(self, config: VLLMEngineConfig) -> None:
         from vllm import AsyncEngineArgs
         from vllm.platforms import current_platform
+        from vllm.usage.usage_lib import UsageContext
         from vllm.v1.engine.async_llm import AsyncLLM
 
         self.config = config
@@ -269,7 +289,15 @@ class VLLMEngine:
         self._counters: dict[str, Any] | None = None  # the workers' latest ensemble counters
         self._counters_lock = asyncio.Lock()
         self._poller: asyncio.Task | None = None
-        self._llm = AsyncLLM.from_engine_args(args, stat_loggers=[_stats_logger_factory(self._stats)])
+        # AsyncLLM.from_engine_args, with the request-pooling tracker added where it can work.
+        vllm_config = args.create_engine_config(UsageContext.ENGINE_CONTEXT)
+        self.pooling_unavailable = request_pooling_unavailable(vllm_config)
+        if self.pooling_unavailable is None:
+            model_config = vllm_config.model_config
+            model_config.logits_processors = [*(model_config.logits_processors or ()), TRACKER_QUALNAME]
+        self._llm = AsyncLLM.from_vllm_config(
+            vllm_config, stat_loggers=[_stats_logger_factory(self._stats)],
+            enable_log_requests=args.enable_log_requests, disable_log_stats=args.disable_log_stats)
         self._active: set[str] = set()
         self.model_name = self.manifest.name
         self.max_model_len = int(self._llm.model_config.max_model_len)
@@ -296,7 +324,7 @@ class VLLMEngine:
             "chat_template": bool(getattr(self.tokenizer, "chat_template", None)),
             "tensor_parallel_size": self.config.tensor_parallel_size,
             "dtype": str(self._llm.model_config.dtype).removeprefix("torch."),
-            "per_request_pooling": False,
+            "per_request_pooling": self.pooling_unavailable is None,
             "served_members": [m.name for m in self.served.members],
             "max_num_seqs": self.max_num_seqs,
             "prefix_caching": bool(vllm_config.cache_config.enable_prefix_caching),
@@ -325,7 +353,7 @@ class VLLMEngine:
             raise RuntimeError("the engine has been shut down")
         if request_id in self._active:
             raise EngineRequestError(f"request id {request_id!r} is already in flight")
-        check_fixed_pooling(options, self.manifest)
+        pooling = request_pooling(options, self.manifest, self.served, self.pooling_unavailable)
         check_options(options, self.manifest.vocab_size)  # the reference engine's checks, its messages
         prompt = [int(t) for t in prompt_token_ids]
         if not prompt:
@@ -338,7 +366,7 @@ class VLLMEngine:
                 f"temperature {options.temperature}: this server drafts with a member (--draft-member), and on a "
                 "CPU vLLM 0.32's speculative sampler does not keep the target distribution (docs/architecture.md, "
                 "'Speculative decoding'); send temperature 0, or serve without --draft-member")
-        params = sampling_params(options)
+        params = sampling_params(options, extra_args=pooling)
         if options.priority and self.info["scheduling_policy"] != "priority":
             raise EngineRequestError(f"'priority' {options.priority} needs an engine started with "
                                      "--scheduling-policy priority (this one schedules first come, first served)")

@@ -22,8 +22,13 @@ Ensemble counters (`ensemble.pooling_stats`) are kept per ``compute_logits`` cal
 pools counts, which beyond one row per sampled token includes prompt-logprob rows and the rows of
 partial-prefill steps whose sample vLLM discards.
 
-Limits: the pooling rule and weights are fixed when the engine loads (``compute_logits`` sees no
-request ids); no pipeline parallelism; members must be unquantized text-only causal LMs.
+Per-request pooling: ``compute_logits`` sees rows, not request ids. When `VLLMEngine` installed
+`ensemble.vllm_pooling.RequestPoolingTracker` (vLLM's V1 runner, no speculative decoding), the
+tracker says which rows of a step's sampling call asked for their own rule and weights; those rows
+are pooled by theirs, every other row (and every prompt-logprob row) by the manifest's. See
+`ensemble.vllm_pooling` for how a row is matched to its request and what is not served.
+
+Limits: no pipeline parallelism; members must be unquantized text-only causal LMs.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from torch import nn
 from ensemble.manifest import EnsembleManifest, MemberSpec
 from ensemble.pooling import fit_vocab, pool_logprobs
 from ensemble.pooling_stats import PoolingCounters
+from ensemble.vllm_pooling import RowPooling, active_tracker
 
 # The float32 K x rows x V pooling buffer is bounded to about this many bytes: on a GPU with a 150k
 # vocabulary and many rows, e.g. prompt logprobs, it would otherwise be gigabytes
@@ -225,10 +231,30 @@ class EnsembleForCausalLM(nn.Module):
         logits = self.member_logits(hidden_states)
         if logits is None:
             return None
-        return self.pooling_counters.timed_pool(logits, lambda: pool_logprobs(
-            logits, self.weights, self.rule, self.temperatures, chunk_size=self.pool_chunk_rows,
-            alpha=self.manifest.contrastive_alpha, gate=self.manifest.entropy_gate,
-        ))
+        tracker = active_tracker()
+        asked = tracker.rows_to_pool(hidden_states.shape[0]) if tracker is not None else None
+        return self.pooling_counters.timed_pool(logits, lambda: self.pool(logits, asked))
+
+    def pool(self, logits: list[torch.Tensor], asked: dict[int, RowPooling] | None = None) -> torch.Tensor:
+        """Pool the members' `logits` with the manifest's rule and weights, except the rows in
+        `asked`, each pooled with its own (`ensemble.vllm_pooling`). Rows are pooled in groups of
+        one (rule, weights) each, so a row's result does not depend on the rest of its batch."""
+
+        def pool(rows: list[torch.Tensor], spec: RowPooling | None) -> torch.Tensor:
+            rule, weights = (self.rule, self.weights) if spec is None else (spec.rule, spec.weights)
+            return pool_logprobs(rows, weights, rule, self.temperatures, chunk_size=self.pool_chunk_rows,
+                                 alpha=self.manifest.contrastive_alpha, gate=self.manifest.entropy_gate)
+
+        if not asked:
+            return pool(logits, None)
+        groups: dict[RowPooling | None, list[int]] = {}
+        for row in range(logits[0].shape[0]):
+            groups.setdefault(asked.get(row), []).append(row)
+        out = torch.empty(logits[0].shape, dtype=torch.float32, device=logits[0].device)
+        for spec, rows in groups.items():
+            index = torch.tensor(rows, dtype=torch.long, device=out.device)
+            out[index] = pool([x.index_select(0, index) for x in logits], spec)
+        return out
 
     # ------------------------------------------------------------------ weights
 

@@ -3,10 +3,12 @@
 `sampling_params` turns our `SamplingOptions` into vLLM's `SamplingParams` (delta outputs;
 a `StructuredOutput` becomes vLLM's `StructuredOutputsParams`, `structured_outputs_params`);
 `OutputTranslator` adds vLLM's delta `RequestOutput`s up into our cumulative `RequestOutput`;
-`token_logprob` converts one position of vLLM log-probs; `check_fixed_pooling` refuses what the
-vLLM engine cannot serve (per-request pooling, per-member log-probs). Used by
-`ensemble.vllm_engine.VLLMEngine`; pure functions of their arguments, tested without an engine
-(tests/ensemble/test_vllm_translation.py).
+`token_logprob` converts one position of vLLM log-probs; `request_pooling` checks a request's own
+pooling rule and weights and turns them into the ``extra_args`` that carry them to the model
+(`ensemble.vllm_pooling`), refusing what the vLLM engine cannot serve (per-member log-probs, a
+member it did not load, prompt log-probs with per-request pooling, an engine without the
+tracker). Used by `ensemble.vllm_engine.VLLMEngine`; pure functions of their arguments, tested
+without an engine (tests/ensemble/test_vllm_translation.py).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ensemble.manifest import EnsembleManifest
+from ensemble.pooling import normalise_weights
 from ensemble.protocol import (
     CompletionOutput,
     EngineRequestError,
@@ -28,28 +31,63 @@ from ensemble.protocol import (
 )
 
 
-def check_fixed_pooling(options: SamplingOptions, manifest: EnsembleManifest) -> None:
-    """Raise EngineRequestError if `options` ask for pooling other than the ensemble's own."""
-    fixed = (
-        f"the vLLM engine pools with the ensemble's own rule {manifest.rule!r} and weights "
-        f"{list(manifest.weights)}, fixed when it loads (vLLM computes logits for a batch of rows, "
-        "not per request)"
-    )
-    if options.pooling is not None and options.pooling != manifest.rule:
-        raise EngineRequestError(f"per-request pooling {options.pooling!r} is not supported: {fixed}")
-    if options.weights is not None:
-        own = manifest.weights
-        asked = tuple(float(w) for w in options.weights)
-        same = len(asked) == len(own) and sum(asked) > 0 and all(
-            math.isclose(a / sum(asked), o / sum(own), rel_tol=1e-9, abs_tol=1e-12) for a, o in zip(asked, own)
-        )
-        if not same:
-            raise EngineRequestError(f"per-request weights {list(asked)} are not supported: {fixed}")
+def request_pooling(
+    options: SamplingOptions, manifest: EnsembleManifest, served: EnsembleManifest, unavailable: str | None = None,
+) -> dict[str, Any] | None:
+    """The ``SamplingParams.extra_args`` that carry `options`' own pooling to the vLLM model, or None
+    when the request pools as the ensemble does (asks for nothing, or for its own rule and weights
+    at any scale).
+
+    `manifest` is the ensemble's (`options.weights` follow its members), `served` the members vLLM
+    runs (`EnsembleManifest.without_idle_members`); `unavailable` says why this engine cannot pool
+    per request (None: it can). Raises EngineRequestError (a 400) for per-member log-probs, invalid
+    weights (the reference engine's checks and words), weight on a member the engine did not load,
+    and per-request pooling that this engine or request cannot have.
+    """
+    from ensemble.vllm_pooling import pooling_extra_args
+
     if options.member_logprobs:
         raise EngineRequestError(
             "member_logprobs is not supported by the vLLM engine: it reports the pooled "
             "distribution only (use the reference engine for per-member log-probs)"
         )
+    if options.pooling is None and options.weights is None:
+        return None
+    rule = options.pooling or manifest.rule
+    weights = tuple(float(w) for w in options.weights) if options.weights is not None else manifest.weights
+    try:
+        normalise_weights(weights, len(manifest.members), rule)
+    except ValueError as err:
+        raise EngineRequestError(f"pooling: {err}") from None
+    loaded = {m.name for m in served.members}
+    idle = [f"{m.name!r} ({w:g})" for m, w in zip(manifest.members, weights) if m.name not in loaded and w != 0]
+    if idle:
+        raise EngineRequestError(
+            f"per-request weights give weight to member(s) {', '.join(idle)} that the ensemble's manifest "
+            "weights 0, so the vLLM engine neither loads nor runs them: give them weight 0, or serve with "
+            "--engine torch (which runs every member)"
+        )
+    asked = tuple(w for m, w in zip(manifest.members, weights) if m.name in loaded)
+    if rule == served.rule and _same_weights(asked, served.weights):
+        return None
+    if unavailable is not None:
+        raise EngineRequestError(f"per-request pooling (rule {rule!r}, weights {list(weights)}) is not available "
+                                 f"on this vLLM engine: {unavailable}; the reference engine (--engine torch) "
+                                 "serves it")
+    if options.prompt_logprobs is not None:
+        raise EngineRequestError(
+            "prompt log-probs (echo with logprobs) with per-request pooling are not supported by the vLLM engine "
+            "(vLLM scores prompt tokens in calls that do not say which request they belong to); drop echo or "
+            "logprobs, pool as the ensemble does, or use the reference engine (--engine torch)"
+        )
+    return pooling_extra_args(rule, asked)
+
+
+def _same_weights(asked: Sequence[float], own: Sequence[float]) -> bool:
+    """Equal after dividing each by its (positive) sum."""
+    a, b = sum(asked), sum(own)
+    return len(asked) == len(own) and a > 0 and all(
+        math.isclose(x / a, y / b, rel_tol=1e-9, abs_tol=1e-12) for x, y in zip(asked, own))
 
 
 def structured_outputs_params(structured: StructuredOutput | None):
@@ -73,9 +111,10 @@ def structured_outputs_params(structured: StructuredOutput | None):
     return StructuredOutputsParams(grammar=str(structured.spec))
 
 
-def sampling_params(options: SamplingOptions):
+def sampling_params(options: SamplingOptions, extra_args: dict[str, Any] | None = None):
     """Translate our `SamplingOptions` into vLLM's `SamplingParams` (delta outputs: each carries
-    only what is new, which `OutputTranslator` adds up, so nothing is copied whole per token).
+    only what is new, which `OutputTranslator` adds up, so nothing is copied whole per token);
+    `extra_args` (`request_pooling`'s) become its ``extra_args``.
 
     Raises EngineRequestError when vLLM rejects a value.
     """
@@ -102,6 +141,7 @@ def sampling_params(options: SamplingOptions):
             logit_bias=dict(options.logit_bias) or None,
             structured_outputs=structured_outputs_params(options.structured_outputs),
             output_kind=RequestOutputKind.DELTA,
+            extra_args=extra_args or None,
         )
     except (ValueError, TypeError, VLLMClientError) as err:
         raise EngineRequestError(str(err)) from None

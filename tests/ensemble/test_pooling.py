@@ -344,6 +344,22 @@ def test_entropy_gate_scales_each_weight_by_the_members_entropies() -> None:
     torch.testing.assert_close(pool_logprobs(xs, rows, "logprob_mean", temps, gate=gate), pooled, rtol=0, atol=2e-6)
 
 
+def test_entropy_gate_applies_row_by_row_beside_contrastive_rows() -> None:
+    """Per-row weights with some rows contrastive (one batch of requests with their own weights):
+    every row is pooled as if alone, gated unless its own weights hold a negative one."""
+    xs = [_logits(6, 50, seed=5), _logits(6, 50, seed=6, scale=1.0)]
+    temps, gate = [1.2, 0.8], EntropyGate((1.0, 3.4), ((0.05, -8.0), (0.2, 0.0)))
+    own, contrastive = [0.7, 0.3], [1.5, -0.5]
+    rows = torch.tensor([own, contrastive, own, own, contrastive, own])
+    pooled = pool_logprobs(xs, rows, "logprob_mean", temps, gate=gate)
+    for r, w in enumerate(rows.tolist()):
+        alone = pool_logprobs([x[r:r + 1] for x in xs], w, "logprob_mean", temps, gate=gate)
+        torch.testing.assert_close(pooled[r:r + 1], alone, rtol=0, atol=2e-6)
+    ungated = pool_logprobs(xs, rows, "logprob_mean", temps)
+    assert not torch.allclose(pooled[0], ungated[0], atol=1e-3)  # the gate still acts on the plain rows
+    torch.testing.assert_close(pooled[1], ungated[1], rtol=0, atol=2e-6)
+
+
 def test_entropy_gate_with_an_abstaining_member_pools_over_the_voters() -> None:
     xs = [_logits(4, 30, seed=3), _logits(4, 30, seed=4)]
     xs[1][:, 29] = -math.inf  # member 1 cannot score id 29

@@ -88,6 +88,12 @@ async def _probe(engine, prompts: list[list[int]]) -> dict[str, object]:
         probes["sampled_error"] = None
     except EngineRequestError as err:
         probes["sampled_error"] = str(err)
+    own = SamplingOptions(max_tokens=2, temperature=0.0, weights=(1.0,) * len(engine.manifest.members))
+    try:
+        await collect(engine, prompts[0], own, "own-pooling")
+        probes["pooling_error"] = None
+    except EngineRequestError as err:
+        probes["pooling_error"] = str(err)
     return probes
 
 
@@ -136,6 +142,17 @@ def test_a_member_drafting_for_itself_is_always_accepted_under_greedy(spec_runs)
           f"accepted {stats.spec_decode_accepted_tokens}")
     assert stats.spec_decode_draft_tokens > 0
     assert stats.spec_decode_accepted_tokens == stats.spec_decode_draft_tokens
+
+
+@pytest.mark.vllm
+def test_per_request_pooling_is_refused_while_drafting(spec_runs) -> None:
+    """A drafting step scores several rows per request and vLLM runs no custom logits processor
+    beside a draft: per-request weights are a 400 there (and served without the draft)."""
+    error = spec_runs["draft"].probes["pooling_error"]
+    assert error is not None and "not available on this vLLM engine: it decodes speculatively" in error
+    assert spec_runs["draft"].probes["info"]["per_request_pooling"] is False
+    assert spec_runs["plain"].probes["pooling_error"] is None
+    assert spec_runs["plain"].probes["info"]["per_request_pooling"] is True
 
 
 @pytest.mark.vllm

@@ -4,7 +4,9 @@ Each ensemble gets exactly one vLLM engine (`vllm_harness.run_engine`, module-sc
 a batch of prompts of different lengths, greedy, with generated and prompt log-probs. The same
 requests go to `ensemble.reference.ReferenceEngine` (transformers members, float32): the tokens
 must be identical and every log-prob within 1e-4. The Llama + Qwen2 engine also answers probes
-of the adapter's own behaviour (abort, stats, seeds, stop ids, request errors).
+of the adapter's own behaviour (abort, stats, seeds, stop ids, request errors), and serves one batch
+of concurrent requests that each pool their own way (per-request rule and weights, a negative
+weight, a one-hot weight), checked against the reference engine token for token.
 
 Timing on 2 CPU cores: 35-50 s per vLLM start (two spawned processes importing vLLM, and a 5 s
 shutdown), a few seconds of decoding; the default part (four vLLM starts) takes about 3-4 minutes.
@@ -14,6 +16,7 @@ The tensor-parallel test (slow mark) adds one start with two workers, about 40-5
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 from pathlib import Path
 
@@ -21,10 +24,13 @@ import pytest
 from vllm_harness import (
     MAX_MODEL_LEN,
     MAX_TOKENS,
+    TOL,
+    TOP,
     EngineRun,
     collect,
     compare,
     counter_deltas,
+    greedy,
     run_engine,
     run_plain_vllm,
     run_reference,
@@ -81,10 +87,12 @@ async def _probe(engine, prompts: list[list[int]]) -> dict[str, object]:
     forced = SamplingOptions(max_tokens=3, temperature=0.0, ignore_eos=True, logit_bias=((7, 100.0),))
     probes["biased"] = [(options, (await collect(engine, prompts[0], options, f"bias-{i}"))[-1])
                         for i, options in enumerate((banned, forced))]
+    probes["per_request"] = await _per_request_batch(engine, prompts)
     errors = {}
     bad = {
-        "pooling": SamplingOptions(pooling="logprob_mean" if engine.manifest.rule == "prob_mean" else "prob_mean"),
-        "weights": SamplingOptions(weights=tuple(range(1, len(engine.manifest.members) + 1))[::-1]),
+        "idle_weight": SamplingOptions(weights=tuple(range(1, len(engine.manifest.members) + 1))[::-1]),
+        "echo_pooling": SamplingOptions(pooling="prob_mean", prompt_logprobs=1),
+        "negative_prob_mean": SamplingOptions(pooling="prob_mean", weights=(1.0, -0.5, 0.0)),
         "member_logprobs": SamplingOptions(member_logprobs=True),
         "too_long": SamplingOptions(max_tokens=1),
         "top_p": SamplingOptions(top_p=1.5),
@@ -115,6 +123,64 @@ async def _probe(engine, prompts: list[list[int]]) -> dict[str, object]:
 
 
 COUNTED = SamplingOptions(max_tokens=6, temperature=0.0, ignore_eos=True)  # no prompt log-probs
+
+
+def _own(pooling: str | None = None, weights: tuple[float, ...] | None = None) -> SamplingOptions:
+    """A greedy request with generated log-probs (no prompt log-probs) and its own pooling."""
+    return SamplingOptions(max_tokens=MAX_TOKENS, temperature=0.0, logprobs=TOP, ignore_eos=True,
+                           pooling=pooling, weights=weights)
+
+
+# One batch on pair_run's engine (members llama, qwen and the idle gemma3 of weight 0; the ensemble
+# pools logprob_mean 0.7 : 0.3 with an entropy gate): (name, prompt index, options). The first asks
+# for prompt log-probs with the ensemble's own pooling, whose rows vLLM scores in extra
+# compute_logits calls in the same steps as the others' own pooling.
+PER_REQUEST = (
+    ("default_echo", 2, greedy()),
+    ("default", 1, _own()),
+    ("prob_mean", 1, _own("prob_mean", (1.0, 3.0, 0.0))),
+    ("contrastive", 1, _own("logprob_mean", (1.5, -0.5, 0.0))),  # Qwen2 subtracted from Llama
+    ("qwen_alone", 1, _own("prob_mean", (0.0, 1.0, 0.0))),  # one-hot: Qwen2 alone, at its temperature
+)
+
+
+async def _run_batch(engine, prompts: list[list[int]], batch, tag: str) -> tuple[list[RequestOutput], int]:
+    """The requests of `batch` all at once; their last outputs and the most requests vLLM (or the
+    reference engine) ran at once meanwhile."""
+    peak = 0
+    done = asyncio.Event()
+
+    async def watch() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, engine.stats().num_running)
+            await asyncio.sleep(0.005)
+
+    watcher = asyncio.create_task(watch())
+    try:
+        runs = await asyncio.gather(*(collect(engine, prompts[i], options, f"{tag}-{name}")
+                                      for name, i, options in batch))
+    finally:
+        done.set()
+        await watcher
+    return [r[-1] for r in runs], peak
+
+
+# The trio (llama, qwen, gemma; prob_mean 1:2:1), at TP=2.
+TRIO_OWN = (
+    ("default", 2, _own()),
+    ("logprob_mean", 1, _own("logprob_mean")),
+    ("contrastive", 1, _own("logprob_mean", (2.0, 0.0, -1.0))),
+    ("gemma_alone", 1, _own("prob_mean", (0.0, 0.0, 1.0))),
+)
+
+
+async def _trio_own_batch(engine, prompts: list[list[int]]) -> dict[str, object]:
+    return {"own": await _run_batch(engine, prompts, TRIO_OWN, "own")}
+
+
+async def _per_request_batch(engine, prompts: list[list[int]]) -> tuple[list[RequestOutput], int]:
+    return await _run_batch(engine, prompts, PER_REQUEST, "own")
 
 
 async def _counted_request(engine, prompt: list[int]) -> tuple[object, object]:
@@ -296,16 +362,59 @@ def test_logit_bias_matches_reference(pair_run: EngineRun, prompts) -> None:
     assert vllm_banned.outputs[0].token_ids[:4] != greedy[:4]
 
 
+def test_requests_pool_their_own_way_in_one_batch(pair_run: EngineRun, prompts) -> None:
+    """Five concurrent requests in one vLLM batch: the ensemble's own pooling (one with prompt
+    log-probs), prob_mean with other weights, contrastive logprob_mean with a negative weight, and a
+    one-hot weight. Each matches the reference engine (which ran the same batch) token for token and
+    every log-prob within TOL; the one-hot one is Qwen2's own distribution (the reference engine's
+    per-member log-prob), and the default one equals the same request alone in the parity batch."""
+    from ensemble.reference import ReferenceEngine
+
+    outputs, peak = pair_run.probes["per_request"]
+    assert peak == len(PER_REQUEST), f"the requests did not share vLLM's batch (at most {peak} ran at once)"
+    member_view = [(n, i, o if n != "qwen_alone" else dataclasses.replace(o, member_logprobs=True))
+                   for n, i, o in PER_REQUEST]
+
+    async def reference():
+        engine = ReferenceEngine(pair_run.folder, max_num_seqs=len(PER_REQUEST))
+        try:
+            return await _run_batch(engine, prompts, member_view, "ref")
+        finally:
+            await engine.shutdown()
+
+    expected, ref_peak = asyncio.run(reference())
+    assert ref_peak == len(PER_REQUEST)
+    worst = compare(outputs, expected)
+    print(f"per-request pooling in one batch vs reference: max |logprob diff| {worst:.2e}")
+    by_name = dict(zip((n for n, _, _ in PER_REQUEST), outputs))
+    # Each pooled its own way: the same prompt's first-token distributions all differ.
+    same_prompt = ("default", "prob_mean", "contrastive", "qwen_alone")
+    firsts = {n: by_name[n].outputs[0].logprobs[0].top for n in same_prompt}
+    for a in firsts:
+        for b in firsts:
+            if a < b:
+                assert firsts[a] != firsts[b], f"{a} and {b} pooled alike"
+    qwen = dict(zip((n for n, _, _ in PER_REQUEST), expected))["qwen_alone"].outputs[0].logprobs
+    for got, member in zip(by_name["qwen_alone"].outputs[0].logprobs, qwen, strict=True):
+        assert abs(got.logprob - member.member_logprobs["qwen"]) < TOL
+    alone = pair_run.outputs[1]  # prompt 1 with the ensemble's own pooling, in the parity batch
+    assert by_name["default"].outputs[0].token_ids == alone.outputs[0].token_ids
+    for got, before in zip(by_name["default"].outputs[0].logprobs, alone.outputs[0].logprobs, strict=True):
+        assert abs(got.logprob - before.logprob) < TOL
+
+
 def test_request_errors(pair_run: EngineRun) -> None:
     errors = pair_run.probes["errors"]
-    assert "fixed when it loads" in errors["pooling"]
-    assert "fixed when it loads" in errors["weights"]
+    assert "member(s) 'idle' (1)" in errors["idle_weight"] and "neither loads nor runs" in errors["idle_weight"]
+    assert "prompt log-probs (echo with logprobs) with per-request pooling" in errors["echo_pooling"]
+    assert "negative weights are only allowed with pooling 'logprob_mean'" in errors["negative_prob_mean"]
     assert "member_logprobs" in errors["member_logprobs"]
     assert errors["too_long"] and errors["top_p"]
     assert "already in flight" in errors["duplicate_id"]
     assert "shut down" in pair_run.after_shutdown
     # Asking for exactly the ensemble's own pooling (weights in any scale) is fine.
     assert len(pair_run.probes["same_pooling"].outputs[0].token_ids) == 2
+    assert pair_run.probes["info"]["per_request_pooling"] is True
 
 
 # ---------------------------------------------------------------------------- tensor parallel
@@ -323,6 +432,19 @@ def test_tensor_parallel_two_ranks_equals_one(trio_run: EngineRun, tiny_ensemble
         pytest.skip("tensor parallelism on the CPU needs two cores")
     # vLLM's automatic OpenMP binding wants one NUMA node per rank; bind one core per rank.
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", f"{cpus[0]}|{cpus[1]}")
-    run = run_engine(tiny_ensemble, prompts, tensor_parallel_size=2)
+    run = run_engine(tiny_ensemble, prompts, tensor_parallel_size=2, probe=_trio_own_batch)
     worst = compare(run.outputs, trio_run.outputs)
     print(f"trio at TP=2 vs TP=1: max |logprob diff| {worst:.2e}, vLLM start-up {run.startup_s:.1f} s")
+    # Per-request pooling at TP=2: each rank tracks the batch, rank 0 pools; as the reference engine.
+    from ensemble.reference import ReferenceEngine
+
+    async def reference():
+        engine = ReferenceEngine(tiny_ensemble, max_num_seqs=len(TRIO_OWN))
+        try:
+            return await _run_batch(engine, prompts, TRIO_OWN, "ref")
+        finally:
+            await engine.shutdown()
+
+    (outputs, peak), (expected, _) = run.probes["own"], asyncio.run(reference())
+    assert peak == len(TRIO_OWN)
+    print(f"per-request pooling at TP=2 vs reference: max |logprob diff| {compare(outputs, expected):.2e}")

@@ -1,9 +1,9 @@
 """The vLLM adapter's translations, without starting an engine (fast).
 
 Our `SamplingOptions` -> vLLM `SamplingParams`, vLLM's cumulative outputs -> ours (including
-``n > 1``, where vLLM's outputs carry only the completions that changed), the refusal of
-per-request pooling, engine-config validation, the engine's dtype decision, the plugin's config class and the pooling
-buffer bound.
+``n > 1``, where vLLM's outputs carry only the completions that changed), per-request pooling
+(its extra_args, its refusals, the tracker and the model's row grouping), engine-config
+validation, the engine's dtype decision, the plugin's config class and the pooling buffer bound.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from vllm.logprobs import Logprob
 from vllm.outputs import CompletionOutput as VCompletion
 from vllm.outputs import RequestOutput as VRequestOutput
@@ -19,15 +20,22 @@ from vllm.sampling_params import RequestOutputKind
 
 from ensemble.manifest import EnsembleManifest, MemberSpec
 from ensemble.protocol import EngineRequestError, SamplingOptions, StructuredOutput
-from ensemble.vllm_engine import VLLMEngineConfig, engine_dtype
-from ensemble.vllm_translate import OutputTranslator, check_fixed_pooling, sampling_params, token_logprob
+from ensemble.vllm_engine import VLLMEngineConfig, engine_dtype, request_pooling_unavailable
+from ensemble.vllm_pooling import (
+    EXTRA_ARGS_KEY,
+    RequestPoolingTracker,
+    RowPooling,
+    active_tracker,
+    parse_row_pooling,
+)
+from ensemble.vllm_translate import OutputTranslator, request_pooling, sampling_params, token_logprob
 from ensemble.vllm_model import pool_chunk_rows
 
 pytestmark = pytest.mark.vllm
 
 
 def _manifest(rule: str = "prob_mean", weights=(1.0, 3.0)) -> EnsembleManifest:
-    members = tuple(MemberSpec(f"m{'ab'[i]}", f"/nowhere/{i}", w) for i, w in enumerate(weights))
+    members = tuple(MemberSpec(f"m{'abc'[i]}", f"/nowhere/{i}", w) for i, w in enumerate(weights))
     return EnsembleManifest(name="e", members=members, rule=rule, vocab_size=100, max_model_len=64)
 
 
@@ -74,18 +82,120 @@ def test_sampling_params_reject_bad_values_as_request_errors() -> None:
         sampling_params(SamplingOptions(n=0))
 
 
-def test_per_request_pooling_is_refused_unless_it_is_the_ensembles_own() -> None:
-    manifest = _manifest()
-    check_fixed_pooling(SamplingOptions(), manifest)
-    check_fixed_pooling(SamplingOptions(pooling="prob_mean", weights=(2.0, 6.0)), manifest)  # same, scaled
-    with pytest.raises(EngineRequestError, match="fixed when it loads"):
-        check_fixed_pooling(SamplingOptions(pooling="logprob_mean"), manifest)
-    with pytest.raises(EngineRequestError, match="fixed when it loads"):
-        check_fixed_pooling(SamplingOptions(weights=(1.0, 1.0)), manifest)
-    with pytest.raises(EngineRequestError, match="fixed when it loads"):
-        check_fixed_pooling(SamplingOptions(weights=(1.0, 3.0, 1.0)), manifest)
+def test_request_pooling_carries_a_requests_own_pooling_in_extra_args() -> None:
+    """Weights follow the manifest's members; the extra_args hold the served members' (an idle
+    member of weight 0 is not loaded), and nothing at all when the request pools as the ensemble."""
+    manifest = _manifest(weights=(1.0, 3.0, 0.0))
+    served = manifest.without_idle_members()
+    assert request_pooling(SamplingOptions(), manifest, served) is None
+    assert request_pooling(SamplingOptions(pooling="prob_mean", weights=(2.0, 6.0, 0.0)), manifest, served) is None
+    assert request_pooling(SamplingOptions(pooling="logprob_mean"), manifest, served) == {
+        EXTRA_ARGS_KEY: {"rule": "logprob_mean", "weights": [1.0, 3.0]}}
+    extra = request_pooling(SamplingOptions(pooling="logprob_mean", weights=(1.5, -0.5, 0.0)), manifest, served)
+    assert extra == {EXTRA_ARGS_KEY: {"rule": "logprob_mean", "weights": [1.5, -0.5]}}
+    assert parse_row_pooling(extra) == RowPooling("logprob_mean", (1.5, -0.5))
+    assert parse_row_pooling(None) is None and parse_row_pooling({"other": 1}) is None
+    params = sampling_params(SamplingOptions(), extra_args=extra)
+    assert params.extra_args == extra and sampling_params(SamplingOptions()).extra_args is None
+    RequestPoolingTracker.validate_params(params)  # what vLLM's front end runs per request
+    for bad in ({"rule": "median", "weights": [1.0]}, {"rule": "prob_mean", "weights": []},
+                {"rule": "prob_mean", "weights": [float("nan")]}, {"rule": "prob_mean"}, [1.0]):
+        with pytest.raises(ValueError, match=EXTRA_ARGS_KEY):
+            parse_row_pooling({EXTRA_ARGS_KEY: bad})
+
+
+def test_request_pooling_refusals_name_the_reason() -> None:
+    manifest = _manifest(weights=(1.0, 3.0, 0.0))
+    served = manifest.without_idle_members()
+    own = SamplingOptions(weights=(1.0, 1.0, 0.0))
+    with pytest.raises(EngineRequestError, match=r"member\(s\) 'mc' \(2\).*neither loads nor runs"):
+        request_pooling(SamplingOptions(weights=(1.0, 1.0, 2.0)), manifest, served)
+    with pytest.raises(EngineRequestError, match="pooling: negative weights are only allowed with pooling"):
+        request_pooling(SamplingOptions(weights=(1.0, -1.0, 0.0)), manifest, served)
+    with pytest.raises(EngineRequestError, match=r"pooling: weights must have shape \[3\]"):
+        request_pooling(SamplingOptions(weights=(1.0, 1.0)), manifest, served)
+    with pytest.raises(EngineRequestError, match="prompt log-probs .* not supported"):
+        request_pooling(SamplingOptions(weights=own.weights, prompt_logprobs=1), manifest, served)
+    request_pooling(SamplingOptions(prompt_logprobs=1), manifest, served)  # the ensemble's own pooling: fine
+    with pytest.raises(EngineRequestError, match="not available on this vLLM engine: it decodes speculatively"):
+        request_pooling(own, manifest, served, unavailable="it decodes speculatively")
+    assert request_pooling(SamplingOptions(weights=(2.0, 6.0, 0.0)), manifest, served, unavailable="x") is None
     with pytest.raises(EngineRequestError, match="member_logprobs"):
-        check_fixed_pooling(SamplingOptions(member_logprobs=True), manifest)
+        request_pooling(SamplingOptions(member_logprobs=True), manifest, served)
+
+
+def test_request_pooling_unavailable_with_a_draft_or_the_v2_runner() -> None:
+    from types import SimpleNamespace
+
+    assert request_pooling_unavailable(SimpleNamespace(speculative_config=None, use_v2_model_runner=False)) is None
+    assert "speculatively" in request_pooling_unavailable(SimpleNamespace(speculative_config=object(),
+                                                                          use_v2_model_runner=False))
+    assert "VLLM_USE_V2_MODEL_RUNNER=0" in request_pooling_unavailable(SimpleNamespace(speculative_config=None,
+                                                                                      use_v2_model_runner=True))
+
+
+def test_tracker_follows_the_persistent_batch_and_answers_the_sampling_call_only(monkeypatch) -> None:
+    """vLLM's batch updates (removed, added, moved by index) keep the tracker's rows; only the first
+    compute_logits after update_state (the step's sampling call) gets them, with a row count check."""
+    from vllm import SamplingParams
+    from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
+
+    from ensemble import vllm_pooling
+
+    monkeypatch.setattr(vllm_pooling, "_active", None)  # this process's tracker is restored afterwards
+
+    def params(rule=None, weights=None):
+        return SamplingParams(extra_args=None if rule is None else
+                              {EXTRA_ARGS_KEY: {"rule": rule, "weights": weights}})
+
+    tracker = RequestPoolingTracker(None, torch.device("cpu"), False)
+    assert active_tracker() is tracker
+    contrastive, one_hot = RowPooling("logprob_mean", (1.5, -0.5)), RowPooling("prob_mean", (0.0, 1.0))
+    tracker.update_state(BatchUpdate(batch_size=3, removed=[], moved=[], added=[
+        (0, params(), [1], []), (1, params("logprob_mean", [1.5, -0.5]), [1], []),
+        (2, params("prob_mean", [0.0, 1.0]), [1], [])]))
+    assert tracker.rows_to_pool(3) == {1: contrastive, 2: one_hot}
+    assert tracker.rows_to_pool(7) is None  # a prompt-logprob call of the same step: the ensemble's own
+    tracker.update_state(None)  # next step, same batch
+    with pytest.raises(RuntimeError, match="4 logits rows in a step of 3 requests"):
+        tracker.rows_to_pool(4)
+    # Requests 0 and 1 finish; vLLM condenses the batch, moving request 2 into slot 0.
+    tracker.update_state(BatchUpdate(batch_size=1, removed=[1, 0], added=[],
+                                     moved=[(2, 0, MoveDirectionality.UNIDIRECTIONAL)]))
+    assert tracker.rows_to_pool(1) == {0: one_hot}
+    tracker.update_state(BatchUpdate(batch_size=2, removed=[], moved=[],
+                                     added=[(1, params("logprob_mean", [1.5, -0.5]), [1], [])]))
+    assert tracker.rows_to_pool(2) == {0: one_hot, 1: contrastive}
+    tracker.update_state(BatchUpdate(batch_size=2, removed=[], added=[], moved=[(0, 1, MoveDirectionality.SWAP)]))
+    assert tracker.rows_to_pool(2) == {0: contrastive, 1: one_hot}
+    # Request 0 finishes and a default request takes its slot (vLLM reuses a removed index).
+    tracker.update_state(BatchUpdate(batch_size=2, removed=[], added=[(0, params(), [1], [])], moved=[]))
+    assert tracker.rows_to_pool(2) == {1: one_hot}
+    tracker.update_state(BatchUpdate(batch_size=1, removed=[1], added=[], moved=[]))
+    assert tracker.rows_to_pool(1) is None  # nobody asks: the default path
+
+
+def test_model_pools_each_row_by_its_own_request() -> None:
+    """`EnsembleForCausalLM.pool`: rows that asked are pooled by their own rule and weights, the rest
+    by the manifest's, each exactly as if pooled alone."""
+    from types import SimpleNamespace
+
+    from ensemble.pooling import pool_logprobs
+    from ensemble.vllm_model import EnsembleForCausalLM
+
+    gen = torch.Generator().manual_seed(0)
+    logits = [torch.randn(5, 40, generator=gen) * 3 for _ in range(2)]
+    model = SimpleNamespace(rule="logprob_mean", weights=(0.7, 0.3), temperatures=(1.0, 1.3), pool_chunk_rows=2,
+                            manifest=SimpleNamespace(contrastive_alpha=0.1, entropy_gate=None))
+    asked = {1: RowPooling("prob_mean", (1.0, 3.0)), 3: RowPooling("logprob_mean", (1.5, -0.5)),
+             4: RowPooling("prob_mean", (1.0, 3.0))}
+    pooled = EnsembleForCausalLM.pool(model, logits, asked)
+    for row in range(5):
+        spec = asked.get(row, RowPooling("logprob_mean", (0.7, 0.3)))
+        alone = pool_logprobs([x[row:row + 1] for x in logits], spec.weights, spec.rule, (1.0, 1.3))
+        torch.testing.assert_close(pooled[row:row + 1], alone, rtol=0, atol=1e-6)
+    assert torch.equal(EnsembleForCausalLM.pool(model, logits, None),
+                       pool_logprobs(logits, (0.7, 0.3), "logprob_mean", (1.0, 1.3), chunk_size=2))
 
 
 def test_token_logprob_keeps_ranks_up_to_k_best_first() -> None:

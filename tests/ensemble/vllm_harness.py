@@ -132,7 +132,8 @@ def aligned_logprobs(ours: list[RequestOutput], theirs: list[RequestOutput]) -> 
     """Per scored position, ``(where, [(token, our log-prob, their log-prob), ...])``.
 
     Asserts first that both greedy runs produced the same MAX_TOKENS tokens and the same top ids
-    (same order) everywhere; a position lists the chosen token, then its top alternatives.
+    (same order) everywhere; a position lists the chosen token, then its top alternatives. Prompt
+    positions count where the requests asked for prompt log-probs.
     """
     positions = []
     for r, (a, b) in enumerate(zip(ours, theirs, strict=True)):
@@ -140,10 +141,11 @@ def aligned_logprobs(ours: list[RequestOutput], theirs: list[RequestOutput]) -> 
         (ca,), (cb,) = a.outputs, b.outputs
         assert len(ca.token_ids) == MAX_TOKENS
         assert ca.token_ids == cb.token_ids, f"request {r}: greedy tokens differ: {ca.token_ids} vs {cb.token_ids}"
-        assert a.prompt_logprobs[0] is None and b.prompt_logprobs[0] is None
         pairs = [(f"request {r}, generated {i}", x, y) for i, (x, y) in enumerate(zip(ca.logprobs, cb.logprobs, strict=True))]
-        pairs += [(f"request {r}, prompt {i + 1}/{len(a.prompt_token_ids)}", x, y)
-                  for i, (x, y) in enumerate(zip(a.prompt_logprobs[1:], b.prompt_logprobs[1:], strict=True))]
+        if a.prompt_logprobs is not None or b.prompt_logprobs is not None:  # else neither asked for them
+            assert a.prompt_logprobs[0] is None and b.prompt_logprobs[0] is None
+            pairs += [(f"request {r}, prompt {i + 1}/{len(a.prompt_token_ids)}", x, y)
+                      for i, (x, y) in enumerate(zip(a.prompt_logprobs[1:], b.prompt_logprobs[1:], strict=True))]
         for where, x, y in pairs:
             assert x.token_id == y.token_id
             assert [t for t, _ in x.top] == [t for t, _ in y.top], f"{where}: top ids differ: {x.top} vs {y.top}"

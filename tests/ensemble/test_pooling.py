@@ -390,3 +390,17 @@ def test_entropy_gate_validation() -> None:
         EntropyGate((math.inf,), ((0.0,),))
     with pytest.raises(ValueError, match="the entropy gate is for 1 members, the logits come from 2"):
         pool_logprobs([_logits(2, 5), _logits(2, 5)], [1, 1], "logprob_mean", gate=EntropyGate((1.0,), ((0.5,),)))
+
+
+def test_a_reused_scratch_changes_nothing_and_is_never_returned() -> None:
+    from ensemble.pooling import Scratch
+
+    scratch = Scratch()
+    xs = [_logits(3, 40, seed=5), _logits(3, 40, seed=6)]
+    first = pool_logprobs(xs, [0.6, 0.4], "logprob_mean", [1.1, 0.9], scratch=scratch)
+    kept = first.clone()
+    torch.testing.assert_close(first, pool_logprobs(xs, [0.6, 0.4], "logprob_mean", [1.1, 0.9]), rtol=0, atol=0)
+    # A larger and a smaller call reuse (and grow) the buffer; the first result is untouched.
+    pool_logprobs([_logits(5, 40, seed=7), _logits(5, 40, seed=8)], [1, 1], "logprob_mean", scratch=scratch)
+    pool_logprobs([_logits(1, 40, seed=9), _logits(1, 40, seed=10)], [1, 1], "logprob_mean", scratch=scratch)
+    assert torch.equal(first, kept)

@@ -180,13 +180,13 @@ def test_model_pools_each_row_by_its_own_request() -> None:
     by the manifest's, each exactly as if pooled alone."""
     from types import SimpleNamespace
 
-    from ensemble.pooling import pool_logprobs
+    from ensemble.pooling import Scratch, pool_logprobs
     from ensemble.vllm_model import EnsembleForCausalLM
 
     gen = torch.Generator().manual_seed(0)
     logits = [torch.randn(5, 40, generator=gen) * 3 for _ in range(2)]
     model = SimpleNamespace(rule="logprob_mean", weights=(0.7, 0.3), temperatures=(1.0, 1.3), pool_chunk_rows=2,
-                            manifest=SimpleNamespace(contrastive_alpha=0.1, entropy_gate=None))
+                            manifest=SimpleNamespace(contrastive_alpha=0.1, entropy_gate=None), scratch=Scratch())
     asked = {1: RowPooling("prob_mean", (1.0, 3.0)), 3: RowPooling("logprob_mean", (1.5, -0.5)),
              4: RowPooling("prob_mean", (1.0, 3.0))}
     pooled = EnsembleForCausalLM.pool(model, logits, asked)

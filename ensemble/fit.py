@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -152,10 +153,10 @@ def fit_ensemble(folder: str | Path, config: FitConfig = FitConfig(), write: boo
     own_t = torch.tensor(manifest.temperatures)
     gated = config.entropy_gate and config.temperatures and "logprob_mean" in config.rules
     entropies = window_entropies(windows) if gated or manifest.entropy_gate else None
-    before = RuleFit(manifest.rule, tuple(manifest.weights), tuple(manifest.temperatures),
-                     bits_per_byte(windows, n_bytes, own_w, own_t, manifest.rule), manifest.entropy_gate)
-    if manifest.entropy_gate:
-        before = replace(before, bits_per_byte=gated_bits_per_byte(windows, entropies, n_bytes, before))
+    before = RuleFit(manifest.rule, tuple(manifest.weights), tuple(manifest.temperatures), math.nan,
+                     manifest.entropy_gate)
+    before = replace(before, bits_per_byte=gated_bits_per_byte(windows, entropies, n_bytes, before)
+                     if manifest.entropy_gate else bits_per_byte(windows, n_bytes, own_w, own_t, manifest.rule))
     keep = None if config.temperatures else list(manifest.temperatures)
     fits = tuple(fit_rule(windows, n_bytes, rule, keep, config.max_iter) for rule in config.rules)
     if gated:

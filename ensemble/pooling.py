@@ -223,13 +223,13 @@ def pool_logprobs(
             raise ValueError(f"the entropy gate is for {len(gate.centre)} members, the logits come from {k}")
         gated = (w >= 0).all(dim=-1)  # [] or [N]: rows without a contrastive (negative) weight
         if bool(gated.all()):
-            return _gated_pool(member_logits, w, temps, gate, chunk_size)
+            return _gated_pool(member_logits, w, temps, gate, chunk_size, scratch)
         if w.dim() == 2 and bool(gated.any()):
             # Per-row weights, some contrastive: the gate applies row by row, as if pooled alone.
             out = torch.empty((n, v), dtype=torch.float32, device=first.device)
             for rows, row_gate in ((gated.nonzero()[:, 0], gate), ((~gated).nonzero()[:, 0], None)):
                 out[rows] = pool_logprobs([x[rows] for x in member_logits], w[rows], rule, temps, chunk_size,
-                                          alpha, row_gate)
+                                          alpha, row_gate, scratch)
             return out
 
     geometric = rule == "logprob_mean" and w.dim() == 1 and bool((w >= 0).all())
@@ -366,7 +366,7 @@ def gated_coefficients(base: Tensor, gate: EntropyGate, entropies: Tensor) -> Te
 
 
 def _gated_pool(member_logits: Sequence[Tensor], w: Tensor, temps: Sequence[float], gate: EntropyGate,
-                chunk_size: int) -> Tensor:
+                chunk_size: int, scratch: Scratch | None = None) -> Tensor:
     """The entropy-gated geometric pool, chunk by chunk (`gated_coefficients`)."""
     first = member_logits[0]
     n, v = first.shape
@@ -377,7 +377,7 @@ def _gated_pool(member_logits: Sequence[Tensor], w: Tensor, temps: Sequence[floa
         xs = [x[start:stop] for x in member_logits]
         base = (w if w.dim() == 1 else w[start:stop]) * inv_t
         c = gated_coefficients(base, gate, member_entropies(xs))
-        pooled = _geometric_pool(xs, c)
+        pooled = _geometric_pool(xs, c, scratch)
         if pooled is None:  # abstentions: the general path, with weights c_k T_k on log_softmax(x_k / T_k)
             stacked = torch.stack([member_logprobs(x, t) for x, t in zip(xs, temps)], dim=0)
             pooled = _pool_rows(stacked, c / inv_t, "logprob_mean")

@@ -102,7 +102,7 @@ def describe_validation_error(exc: RequestValidationError) -> tuple[str, str | N
     if first.get("type") == "json_invalid":
         ctx = first.get("ctx") or {}
         return f"request body is not valid JSON: {ctx.get('error', first.get('msg'))}", None
-    if first.get("type") == "invalid_unicode":  # server.protocol.RequestBody: names the field itself
+    if first.get("type") in ("invalid_unicode", "too_many_items"):  # server.protocol_base.RequestBody
         return first.get("msg", "invalid Unicode text"), (first.get("ctx") or {}).get("param")
     if first.get("type") == "missing" and not loc:
         return "request body is missing or empty", None

@@ -81,13 +81,15 @@ def test_a_chat_message_without_content_is_a_400(http: httpx.Client, message: di
 
 def test_lists_a_client_controls_are_capped(http: httpx.Client) -> None:
     too_many_stops = {"prompt": "a", "max_tokens": 1, "stop": ["x"] * (MAX_STOP + 1)}
-    assert _error(_post(http, "/v1/completions", too_many_stops), 400)["param"] == "stop"
+    error = _error(_post(http, "/v1/completions", too_many_stops), 400)
+    assert error["param"] == "stop" and f"has {MAX_STOP + 1} items; at most {MAX_STOP}" in error["message"]
     long_stop = {"prompt": "a", "max_tokens": 1, "stop": "x" * 5000}
     assert _error(_post(http, "/v1/completions", long_stop), 400)["param"] == "stop"
     ids = {"prompt": "a", "max_tokens": 1, "stop_token_ids": [1] * (MAX_STOP_TOKEN_IDS + 1)}
     assert _error(_post(http, "/v1/completions", ids), 400)["param"] == "stop_token_ids"
     chat_stops = {**CHAT, "stop": ["x"] * 100_000}
-    assert _error(_post(http, "/v1/chat/completions", chat_stops), 400)["param"] == "stop"
+    error = _error(_post(http, "/v1/chat/completions", chat_stops), 400)
+    assert error["param"] == "stop" and "has 100000 items" in error["message"]
 
 
 def test_prompts_times_n_is_capped_before_tokenizing(http: httpx.Client) -> None:

@@ -351,6 +351,22 @@ def test_invalid_text_is_found_anywhere_in_a_body() -> None:
     assert [prompt_count(p) for p in ("a", ["a", "b"], [1, 2, 3], [[1], [2]])] == [1, 2, 1, 2]
 
 
+def test_oversized_lists_are_refused_before_their_items_are_looked_at() -> None:
+    """A hostile body's cost must not grow with the list it smuggles in: the cap is checked on the
+    raw list, before any item is validated."""
+    from server.protocol import MAX_MESSAGES, MAX_STOP, ChatCompletionRequest, CompletionRequest
+    from server.protocol_base import list_caps
+
+    assert list_caps(CompletionRequest)["stop"] == MAX_STOP
+    assert "prompt" not in list_caps(CompletionRequest)  # token-id prompts have no item cap
+    assert list_caps(ChatCompletionRequest)["messages"] == MAX_MESSAGES
+
+    with pytest.raises(ValidationError) as err:  # pydantic's own check ("too_long") runs after the items
+        CompletionRequest.model_validate({"prompt": "a", "stop": [1] * 100_000})  # items of the wrong type
+    assert [e["type"] for e in err.value.errors()] == ["too_many_items"]
+    assert err.value.errors()[0]["ctx"] == {"param": "stop", "count": 100_000, "cap": MAX_STOP}
+
+
 def test_admission_timeout_while_queued() -> None:
     async def scenario() -> None:
         adm = Admission(max_running=1, max_queue=1)

@@ -81,6 +81,36 @@ def member_logits(member: Member, ids: torch.Tensor) -> torch.Tensor:
 
 
 def main(argv: list[str] | None = None) -> int:
+    p = _parser()
+    args = p.parse_args(argv)
+    from transformers import AutoTokenizer
+
+    from transfer.config import resolve_text
+    from transfer.evaluate import read_windows
+
+    torch.manual_seed(0)
+    manifest = EnsembleManifest.load(args.ensemble)
+    tokenizer = AutoTokenizer.from_pretrained(args.ensemble)
+    texts = args.text or ["zoo:heldout"]
+    windows = {t: read_windows(resolve_text(t), args.window_bytes, args.max_bytes) for t in texts}
+    members = load_members(manifest, "cpu", torch.float32)
+    originals = _score_originals(p, args, texts)
+    settings = scorers(manifest)
+    tallies = _score_windows(manifest, members, tokenizer, windows, settings)
+    rows = originals | {name: {t: tally.bpb(t) for t in texts} for name, tally in tallies.items()}
+    _report(args, manifest, texts, rows, originals, own=next(iter(settings)))
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        record = {"ensemble": str(args.ensemble), "max_bytes": args.max_bytes, "originals": args.original,
+                  "members": [{"name": m.name, "path": m.path, "weight": m.weight} for m in manifest.members],
+                  "bits_per_byte": rows}
+        out.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+        print(f"wrote {out}")
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("ensemble", help="ensemble folder (from `ensemble build`)")
     p.add_argument("--text", action="append", help="text file or zoo:NAME (repeatable; default zoo:heldout)")
@@ -89,22 +119,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--original", action="append", default=[], metavar="NAME=MODEL",
                    help="also score MODEL (folder or zoo:NAME) with its own tokenizer (repeatable)")
     p.add_argument("--out", help="write the results as JSON here")
-    args = p.parse_args(argv)
+    return p
 
-    from tqdm.auto import tqdm
-    from transformers import AutoTokenizer
 
+def _score_originals(p: argparse.ArgumentParser, args: argparse.Namespace, texts: list[str]) -> dict[str, dict]:
+    """``--original`` models, each scored with its own tokenizer: row name -> text -> bits per byte."""
     from transfer.config import resolve_model, resolve_text
-    from transfer.evaluate import evaluate_folder, read_windows
-    from transfer.tokens import encode_text, start_token_id
+    from transfer.evaluate import evaluate_folder
 
-    torch.manual_seed(0)
-    manifest = EnsembleManifest.load(args.ensemble)
-    tokenizer = AutoTokenizer.from_pretrained(args.ensemble)
-    start = start_token_id(tokenizer)
-    texts = args.text or ["zoo:heldout"]
-    windows = {t: read_windows(resolve_text(t), args.window_bytes, args.max_bytes) for t in texts}
-    members = load_members(manifest, "cpu", torch.float32)
     originals = {}
     for item in args.original:
         name, sep, model = item.partition("=")
@@ -113,7 +135,17 @@ def main(argv: list[str] | None = None) -> int:
         originals[f"original {name} (own tokenizer)"] = {
             t: evaluate_folder(resolve_model(model), resolve_text(t), max_bytes=args.max_bytes,
                                window_bytes=args.window_bytes).bits_per_byte for t in texts}
-    settings = scorers(manifest)
+    return originals
+
+
+def _score_windows(manifest: EnsembleManifest, members: list[Member], tokenizer, windows: dict[str, list[str]],
+                   settings: dict[str, tuple[str, list[float]]]) -> dict[str, Tally]:
+    """Every member alone and every pooling setting, scored window by window on the same ids."""
+    from tqdm.auto import tqdm
+
+    from transfer.tokens import encode_text, start_token_id
+
+    start = start_token_id(tokenizer)
     tallies = {m.name: Tally() for m in manifest.members} | {name: Tally() for name in settings}
     total = sum(len(w) for w in windows.values())
     temps = torch.tensor([m.temperature for m in manifest.members])
@@ -136,8 +168,13 @@ def main(argv: list[str] | None = None) -> int:
                         bpb = bits_per_byte(scored, n_bytes, torch.tensor(weights), temps, rule)
                     tallies[name].add(text, bpb * n_bytes, n_bytes)
                 bar.update(1)
+    return tallies
 
-    rows = originals | {name: {t: tally.bpb(t) for t in texts} for name, tally in tallies.items()}
+
+def _report(args: argparse.Namespace, manifest: EnsembleManifest, texts: list[str], rows: dict[str, dict],
+            originals: dict[str, dict], own: str) -> None:
+    """Print the Markdown table, the best member per text and, with originals, how the ensemble's
+    own setting (`own`) compares with the best of them."""
     print(f"\nbits per byte (lower is better), {args.max_bytes} bytes per text, ensemble {args.ensemble}\n")
     print("| scorer | " + " | ".join(texts) + " |")
     print("|---|" + "---|" * len(texts))
@@ -145,22 +182,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {name} | " + " | ".join(f"{row[t]:.4f}" for t in texts) + " |")
     best = {t: min(rows[m.name][t] for m in manifest.members) for t in texts}
     print("\nbest member per text: " + ", ".join(f"{t} {best[t]:.4f}" for t in texts))
-    if originals:
-        own = next(iter(settings))  # the manifest's own rule, weights and temperatures
+    if originals:  # own: the manifest's own rule, weights and temperatures
         for t in texts:
             name, value = min(((n, r[t]) for n, r in originals.items()), key=lambda x: x[1])
             change = 100 * (rows[own][t] / value - 1)
             print(f"{t}: {own} {rows[own][t]:.4f} vs best {name} {value:.4f}: {change:+.1f}% bits")
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        record = {"ensemble": str(args.ensemble), "max_bytes": args.max_bytes, "originals": args.original,
-                  "members": [{"name": m.name, "path": m.path, "weight": m.weight} for m in manifest.members],
-                  "bits_per_byte": rows}
-        out.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
-        print(f"wrote {out}")
-    return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -22,7 +22,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -32,10 +32,10 @@ from ensemble.manifest import (
     ManifestError,
     MemberSpec,
     SpecialTokens,
-    check_weights,
+    check_members,
     hf_config,
 )
-from ensemble.pooling import DEFAULT_ALPHA, POOLING_RULES
+from ensemble.pooling import DEFAULT_ALPHA
 from ensemble.vocab import TokenTable, describe_token, end_of_turn_token, first_mismatch, token_bytes_table
 
 
@@ -177,16 +177,8 @@ def plan_ensemble(
     contrastive_alpha: float = DEFAULT_ALPHA,
 ) -> tuple[EnsembleManifest, MemberInfo, str | None]:
     """Validate members and return (manifest, tokenizer-from member, chat template); no writes."""
-    if rule not in POOLING_RULES:
-        raise ManifestError(f"unknown pooling rule {rule!r}; expected one of {', '.join(POOLING_RULES)}")
-    if not members:
-        raise ManifestError("an ensemble needs at least one member")
-    names = [m.name for m in members]
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        raise ManifestError(f"member names must be unique; repeated: {', '.join(dupes)}")
-    check_weights([m.weight for m in members], rule, names)
-    members = [replace(m, path=str(Path(m.path).expanduser().resolve())) for m in members]
+    check_members(members, rule)
+    members = [m.model_copy(update={"path": str(Path(m.path).expanduser().resolve())}) for m in members]
     infos = [inspect_member(m) for m in members]
     reference = _pick(tokenizer_from, infos, "tokenizer_from")
     vocab_size = reference.table.useful_size()
@@ -199,7 +191,7 @@ def plan_ensemble(
                 f"member {info.spec.name!r} has {info.embedding_rows} embedding rows but the shared "
                 f"vocabulary has {vocab_size} tokens"
             )
-    specs = tuple(replace(i.spec, vocab_size=min(len(i.table), vocab_size)) for i in infos)
+    specs = tuple(i.spec.model_copy(update={"vocab_size": min(len(i.table), vocab_size)}) for i in infos)
     template_info = _pick(chat_template_from, infos, "chat_template_from") if chat_template_from else None
     if template_info is None:
         template_info = next((i for i in (reference, *infos) if i.tokenizer.chat_template), None)

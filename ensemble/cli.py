@@ -80,8 +80,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _build(args: argparse.Namespace) -> int:
-    from dataclasses import replace
-
     from ensemble.builder import build_ensemble
 
     members = [parse_member(text) for text in args.member]
@@ -89,7 +87,7 @@ def _build(args: argparse.Namespace) -> int:
     unknown = sorted(set(temps) - {m.name for m in members})
     if unknown:
         raise ManifestError(f"--temperature names unknown member(s): {', '.join(unknown)}")
-    members = [replace(m, temperature=temps.get(m.name, m.temperature)) for m in members]
+    members = [m.updated(temperature=temps[m.name]) if m.name in temps else m for m in members]
     out = build_ensemble(
         args.out_dir, members, rule=args.rule, tokenizer_from=args.tokenizer_from,
         chat_template_from=args.chat_template_from, name=args.name, overwrite=args.overwrite,

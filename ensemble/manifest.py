@@ -11,104 +11,33 @@ An ensemble folder holds
 Members keep their own folders; nothing is copied. Member paths are stored absolute, or relative
 to the ensemble folder, and `EnsembleManifest.load` resolves them to absolute paths.
 Build folders with `ensemble.builder.build_ensemble` (or ``ensemble build`` on the command line).
+
+The manifest and its parts are frozen pydantic models; bad input raises `ManifestError` with one
+line naming the field. The parts (`MemberSpec`, `SpecialTokens`, `ManifestError`) live in
+`ensemble.manifest_parts` and `hf_config` in `ensemble.hf_config`; all are importable from here.
 """
 
 from __future__ import annotations
 
 import json
-import math
-import re
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ensemble.pooling import DEFAULT_ALPHA, POOLING_RULES, EntropyGate, check_alpha, normalise_weights
+from pydantic import ValidationInfo, field_serializer, field_validator, model_validator
+
+from ensemble.hf_config import hf_config
+from ensemble.manifest_parts import SPECIAL_ROLES, ManifestError, ManifestModel, MemberSpec, SpecialTokens, positive_int
+from ensemble.pooling import DEFAULT_ALPHA, EntropyGate, check_alpha, check_rule, normalise_weights
+
+__all__ = ["FORMAT_VERSION", "MANIFEST_FILE", "SPECIAL_ROLES", "EnsembleManifest", "ManifestError", "MemberSpec",
+           "SpecialTokens", "check_members", "check_weights", "hf_config"]
 
 MANIFEST_FILE = "chorus_ensemble.json"
 FORMAT_VERSION = 1
-SPECIAL_ROLES = ("bos", "eos", "eot", "pad")
-
-# vLLM asserts that a layer name holds at most one integer (the layer index), so member names,
-# which become module prefixes, must hold none.
-_MEMBER_NAME = re.compile(r"^[A-Za-z_][A-Za-z_]*$")
 
 
-class ManifestError(ValueError):
-    """An ensemble definition or folder that is invalid; the message says what and where."""
-
-
-@dataclass(frozen=True)
-class MemberSpec:
-    """One member model of an ensemble.
-
-    Attributes:
-        name: digit-free identifier (``smollm2``, ``member_a``); becomes the vLLM module prefix.
-        path: the member's own Hugging Face folder (absolute, or relative to the ensemble folder).
-        weight: relative pooling weight (normalised over members; negative only for
-            ``logprob_mean``).
-        temperature: the member's own softmax temperature before pooling (> 0).
-        vocab_size: ids below this are tokens of this member; logits at ids from here up to the
-            shared vocabulary size are masked to ``-inf`` (None: the whole shared vocabulary).
-    """
-
-    name: str
-    path: str
-    weight: float = 1.0
-    temperature: float = 1.0
-    vocab_size: int | None = None
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not _MEMBER_NAME.match(self.name):
-            raise ManifestError(
-                f"member name {self.name!r} must be an identifier of letters and underscores, "
-                "without digits (vLLM allows one integer per layer name), e.g. 'smollm' or 'member_a'"
-            )
-        if not str(self.path):
-            raise ManifestError(f"member {self.name!r} has an empty path")
-        object.__setattr__(self, "path", str(self.path))
-        for what in ("weight", "temperature"):
-            value = getattr(self, what)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ManifestError(f"member {self.name!r} {what} must be a finite number, got {value!r}")
-            object.__setattr__(self, what, float(value))
-        if self.temperature <= 0:
-            raise ManifestError(f"member {self.name!r} temperature must be > 0, got {self.temperature}")
-        if self.vocab_size is not None and (not isinstance(self.vocab_size, int) or self.vocab_size < 1):
-            raise ManifestError(f"member {self.name!r} vocab_size must be a positive integer, got {self.vocab_size!r}")
-
-
-@dataclass(frozen=True)
-class SpecialTokens:
-    """One token id per special role in the shared vocabulary (None where the role is absent).
-
-    ``eot`` is the chat end-of-turn token (``<|im_end|>``, ``<end_of_turn>``, ``<|eot_id|>``);
-    generation stops at ``eos`` and ``eot`` unless a request sets ``ignore_eos``.
-    """
-
-    bos: int | None = None
-    eos: int | None = None
-    eot: int | None = None
-    pad: int | None = None
-
-    def __post_init__(self) -> None:
-        for role in SPECIAL_ROLES:
-            value = getattr(self, role)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-                raise ManifestError(f"special token {role!r} must be a non-negative id or null, got {value!r}")
-
-    @property
-    def stop_ids(self) -> tuple[int, ...]:
-        """The ids that end a generation (eos, then eot), without duplicates."""
-        ids: list[int] = []
-        for value in (self.eos, self.eot):
-            if value is not None and value not in ids:
-                ids.append(value)
-        return tuple(ids)
-
-
-@dataclass(frozen=True)
-class EnsembleManifest:
+class EnsembleManifest(ManifestModel):
     """Everything an engine needs to run an ensemble, validated on construction.
 
     Attributes:
@@ -133,48 +62,89 @@ class EnsembleManifest:
     rule: str
     vocab_size: int
     max_model_len: int
-    special_tokens: SpecialTokens = field(default_factory=SpecialTokens)
+    special_tokens: SpecialTokens = SpecialTokens()
     tokenizer_from: str | None = None
     chat_template_from: str | None = None
     contrastive_alpha: float = DEFAULT_ALPHA
     entropy_gate: EntropyGate | None = None
     format_version: int = FORMAT_VERSION
 
-    def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not self.name.strip():
+    @classmethod
+    def _label(cls, data: dict[str, Any]) -> str:
+        return "manifest"
+
+    # ------------------------------------------------------------------ validation, field by field
+
+    @field_validator("name", mode="before")
+    @classmethod
+    def _check_name(cls, value: Any) -> str:
+        if not isinstance(value, str) or not value.strip():
             raise ManifestError("the ensemble needs a non-empty name")
-        members = tuple(self.members)
-        object.__setattr__(self, "members", members)
-        if not members:
-            raise ManifestError("an ensemble needs at least one member")
-        if not all(isinstance(m, MemberSpec) for m in members):
-            raise ManifestError("members must be MemberSpec instances")
-        names = [m.name for m in members]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ManifestError(f"member names must be unique; repeated: {', '.join(dupes)}")
-        if self.rule not in POOLING_RULES:
-            raise ManifestError(f"unknown pooling rule {self.rule!r}; expected one of {', '.join(POOLING_RULES)}")
-        check_weights([m.weight for m in members], self.rule, names)
-        try:
-            object.__setattr__(self, "contrastive_alpha", check_alpha(self.contrastive_alpha))
-        except ValueError as err:
-            raise ManifestError(str(err)) from None
-        if self.entropy_gate is not None:
-            object.__setattr__(self, "entropy_gate", _checked_gate(self.entropy_gate, members, self.rule))
-        for what in ("vocab_size", "max_model_len"):
-            value = getattr(self, what)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ManifestError(f"{what} must be a positive integer, got {value!r}")
-        if not isinstance(self.special_tokens, SpecialTokens):
-            raise ManifestError("special_tokens must be a SpecialTokens instance")
+        return value
+
+    @field_validator("members")
+    @classmethod
+    def _check_members(cls, members: tuple[MemberSpec, ...]) -> tuple[MemberSpec, ...]:
+        _check_member_names(members)
+        return members
+
+    @field_validator("rule", mode="before")
+    @classmethod
+    def _check_rule(cls, value: Any) -> str:
+        check_rule(value)
+        return value
+
+    @field_validator("vocab_size", "max_model_len", mode="before")
+    @classmethod
+    def _check_size(cls, value: Any, info: ValidationInfo) -> int:
+        return positive_int(value, info.field_name)
+
+    @field_validator("special_tokens", mode="before")
+    @classmethod
+    def _no_special_tokens(cls, value: Any) -> Any:
+        return SpecialTokens() if value is None else value
+
+    @field_validator("contrastive_alpha", mode="before")
+    @classmethod
+    def _check_alpha(cls, value: Any) -> float:
+        return check_alpha(value)
+
+    @field_validator("entropy_gate", mode="plain")
+    @classmethod
+    def _check_gate(cls, value: Any, info: ValidationInfo) -> EntropyGate | None:
+        if value is None:
+            return None
+        gate = _entropy_gate(value)
+        if "members" not in info.data or "rule" not in info.data:
+            return gate  # their own errors are the ones to report
+        return _checked_gate(gate, info.data["members"], info.data["rule"])
+
+    @field_validator("format_version", mode="before")
+    @classmethod
+    def _check_version(cls, value: Any) -> int:
+        if value != FORMAT_VERSION or isinstance(value, bool):
+            raise ManifestError(
+                f"ensemble format version {value!r} is not supported (this chorus reads {FORMAT_VERSION})"
+            )
+        return value
+
+    @field_serializer("entropy_gate")
+    def _gate_as_dict(self, gate: EntropyGate | None) -> dict[str, Any] | None:
+        return None if gate is None else {"centre": list(gate.centre), "slopes": [list(r) for r in gate.slopes]}
+
+    # ------------------------------------------------------------------ validation across fields
+
+    @model_validator(mode="after")
+    def _check_together(self) -> EnsembleManifest:
+        names = list(self.member_names)
+        check_weights(list(self.weights), self.rule, names)
         for role in SPECIAL_ROLES:
             value = getattr(self.special_tokens, role)
             if value is not None and value >= self.vocab_size:
                 raise ManifestError(
                     f"special token {role!r} id {value} is outside the shared vocabulary of {self.vocab_size}"
                 )
-        for m in members:
+        for m in self.members:
             if m.vocab_size is not None and m.vocab_size > self.vocab_size:
                 raise ManifestError(
                     f"member {m.name!r} vocab_size {m.vocab_size} exceeds the shared vocabulary {self.vocab_size}"
@@ -183,10 +153,7 @@ class EnsembleManifest:
             value = getattr(self, what)
             if value is not None and value not in names:
                 raise ManifestError(f"{what} {value!r} is not a member (members: {', '.join(names)})")
-        if self.format_version != FORMAT_VERSION:
-            raise ManifestError(
-                f"ensemble format version {self.format_version} is not supported (this chorus reads {FORMAT_VERSION})"
-            )
+        return self
 
     # ------------------------------------------------------------------ views
 
@@ -213,8 +180,8 @@ class EnsembleManifest:
         gate = None if self.entropy_gate is None else EntropyGate(  # an idle member's slope column is 0
             tuple(self.entropy_gate.centre[i] for i in keep),
             tuple(tuple(self.entropy_gate.slopes[i][j] for j in keep) for i in keep))
-        return replace(
-            self, members=kept, entropy_gate=gate,
+        return self.updated(
+            members=kept, entropy_gate=gate,
             tokenizer_from=self.tokenizer_from if self.tokenizer_from in names else None,
             chat_template_from=self.chat_template_from if self.chat_template_from in names else None,
         )
@@ -229,54 +196,22 @@ class EnsembleManifest:
     def resolved(self, folder: str | Path) -> EnsembleManifest:
         """A copy whose member paths are absolute, relative ones taken from `folder`."""
         base = Path(folder).resolve()
-        members = tuple(replace(m, path=str((base / Path(m.path).expanduser()).resolve())) for m in self.members)
-        return replace(self, members=members)
+        members = tuple(m.model_copy(update={"path": str((base / Path(m.path).expanduser()).resolve())})
+                        for m in self.members)
+        return self.model_copy(update={"members": members})
 
     # ------------------------------------------------------------------ (de)serialisation
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (the content of ``chorus_ensemble.json``)."""
-        out = asdict(self)
-        out["members"] = [asdict(m) for m in self.members]
-        return out
+        return self.model_dump(mode="json")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> EnsembleManifest:
         """Build and validate a manifest from `to_dict` output; ManifestError on bad input."""
         if not isinstance(data, Mapping):
             raise ManifestError(f"an ensemble manifest must be a JSON object, got {type(data).__name__}")
-        known = {"name", "members", "rule", "vocab_size", "max_model_len", "special_tokens",
-                 "tokenizer_from", "chat_template_from", "contrastive_alpha", "entropy_gate", "format_version"}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ManifestError(f"unknown manifest field(s): {', '.join(unknown)}")
-        missing = sorted({"name", "members", "rule", "vocab_size", "max_model_len"} - set(data))
-        if missing:
-            raise ManifestError(f"manifest lacks field(s): {', '.join(missing)}")
-        raw_members = data["members"]
-        if not isinstance(raw_members, list):
-            raise ManifestError("manifest 'members' must be a list")
-        members = []
-        for i, raw in enumerate(raw_members):
-            if not isinstance(raw, Mapping) or "name" not in raw or "path" not in raw:
-                raise ManifestError(f"member #{i} must be an object with at least 'name' and 'path'")
-            extra = sorted(set(raw) - {"name", "path", "weight", "temperature", "vocab_size"})
-            if extra:
-                raise ManifestError(f"member {raw['name']!r} has unknown field(s): {', '.join(extra)}")
-            members.append(MemberSpec(**raw))
-        specials = data.get("special_tokens") or {}
-        if not isinstance(specials, Mapping) or set(specials) - set(SPECIAL_ROLES):
-            raise ManifestError(f"special_tokens must map roles {', '.join(SPECIAL_ROLES)} to ids, got {specials!r}")
-        fields = {k: v for k, v in data.items() if k not in ("members", "special_tokens")}
-        gate = fields.get("entropy_gate")
-        if gate is not None:
-            if not isinstance(gate, Mapping) or set(gate) != {"centre", "slopes"}:
-                raise ManifestError("entropy_gate must be an object with 'centre' and 'slopes'")
-            try:
-                fields["entropy_gate"] = EntropyGate(tuple(gate["centre"]), tuple(tuple(r) for r in gate["slopes"]))
-            except (TypeError, ValueError) as err:
-                raise ManifestError(f"entropy_gate: {err}") from None
-        return cls(members=tuple(members), special_tokens=SpecialTokens(**specials), **fields)
+        return cls._validated(dict(data))
 
     def save(self, folder: str | Path) -> Path:
         """Write ``chorus_ensemble.json`` into `folder` (which must exist); return its path."""
@@ -298,12 +233,22 @@ class EnsembleManifest:
         return cls.from_dict(data).resolved(folder)
 
 
-def _checked_gate(gate: Any, members: tuple[MemberSpec, ...], rule: str) -> EntropyGate | None:
-    """The entropy gate (None when its slopes are all zero); ManifestError unless it is an
-    `EntropyGate` for these members under ``logprob_mean`` that reads no member of weight 0
-    (engines drop such members, so their entropy cannot be read)."""
-    if not isinstance(gate, EntropyGate):
-        raise ManifestError(f"entropy_gate must be an EntropyGate, got {type(gate).__name__}")
+def _entropy_gate(value: Any) -> EntropyGate:
+    """`value` as an `EntropyGate`: one already, or its JSON object (``centre``, ``slopes``)."""
+    if isinstance(value, EntropyGate):
+        return value
+    if not isinstance(value, Mapping) or set(value) != {"centre", "slopes"}:
+        raise ManifestError("entropy_gate must be an object with 'centre' and 'slopes'")
+    try:
+        return EntropyGate(tuple(value["centre"]), tuple(tuple(r) for r in value["slopes"]))
+    except (TypeError, ValueError) as err:
+        raise ManifestError(f"entropy_gate: {err}") from None
+
+
+def _checked_gate(gate: EntropyGate, members: tuple[MemberSpec, ...], rule: str) -> EntropyGate | None:
+    """The entropy gate (None when its slopes are all zero); ManifestError unless it is for these
+    members under ``logprob_mean`` and reads no member of weight 0 (engines drop such members, so
+    their entropy cannot be read)."""
     if len(gate.centre) != len(members):
         raise ManifestError(f"entropy_gate is for {len(gate.centre)} members, the ensemble has {len(members)}")
     if gate.is_off:
@@ -316,6 +261,27 @@ def _checked_gate(gate: Any, members: tuple[MemberSpec, ...], rule: str) -> Entr
     return gate
 
 
+def _check_member_names(members: Sequence[MemberSpec]) -> None:
+    if not members:
+        raise ManifestError("an ensemble needs at least one member")
+    names = [m.name for m in members]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ManifestError(f"member names must be unique; repeated: {', '.join(dupes)}")
+
+
+def check_members(members: Sequence[MemberSpec], rule: str) -> None:
+    """Raise ManifestError unless `rule` is a pooling rule and `members` could form an ensemble
+    under it: at least one, unique names, weights that suit the rule (the manifest's own checks,
+    for a caller that has no manifest yet)."""
+    try:
+        check_rule(rule)
+    except ValueError as err:
+        raise ManifestError(str(err)) from None
+    _check_member_names(members)
+    check_weights([m.weight for m in members], rule, [m.name for m in members])
+
+
 def check_weights(weights: list[float], rule: str, names: list[str] | None = None) -> None:
     """Raise ManifestError unless `weights` suit `rule`: the pooling's own check
     (`ensemble.pooling.normalise_weights`: finite; >= 0 for prob_mean; a positive sum), with the
@@ -326,60 +292,3 @@ def check_weights(weights: list[float], rule: str, names: list[str] | None = Non
     except ValueError as err:
         named = ", ".join(f"{name}={w}" for name, w in zip(names, weights))
         raise ManifestError(f"member weights ({named}): {err}") from None
-
-
-def _transformers_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("transformers")
-    except PackageNotFoundError:
-        return "5.0.0"
-
-
-def hf_config(manifest: EnsembleManifest) -> dict[str, Any]:
-    """The ``config.json`` that makes an ensemble folder loadable by vLLM.
-
-    vLLM reads the architecture and sizes from here; the vLLM model class finds its members in
-    the ``chorus`` entry (the manifest as a dict). Callers may extend the dict.
-    """
-    special = manifest.special_tokens
-    config: dict[str, Any] = {
-        "architectures": ["EnsembleForCausalLM"],
-        "model_type": "chorus_ensemble",
-        "chorus": manifest.to_dict(),
-        "vocab_size": manifest.vocab_size,
-        "max_position_embeddings": manifest.max_model_len,
-        "torch_dtype": "float32",
-        # Marks the folder as written for transformers 5 (which also silences a tokenizer check
-        # that otherwise treats unknown local configs as old Mistral checkpoints).
-        "transformers_version": _transformers_version(),
-    }
-    for role in ("bos", "eos", "pad"):
-        value = getattr(special, role)
-        if value is not None:
-            config[f"{role}_token_id"] = value
-    # Sizes vLLM derives its buffers and checks from (read from the members' own config.json,
-    # so member paths must resolve, as they do after plan_ensemble / EnsembleManifest.load).
-    # The ensemble's hidden state is the members' hidden states side by side, so hidden_size is
-    # their sum; head counts are gcds, so a tensor-parallel size divides them exactly when it
-    # divides every member's; the ensemble owns no embedding, so nothing is tied.
-    from transformers import AutoConfig
-
-    texts = []
-    for member in manifest.members:
-        try:
-            texts.append(AutoConfig.from_pretrained(member.path).get_text_config())
-        except (OSError, ValueError) as err:
-            raise ManifestError(f"member {member.name!r}: cannot read the config.json in {member.path}: {err}") from None
-    heads = [int(t.num_attention_heads) for t in texts]
-    config.update(
-        hidden_size=sum(int(t.hidden_size) for t in texts),
-        num_hidden_layers=sum(int(t.num_hidden_layers) for t in texts),
-        num_attention_heads=math.gcd(*heads),
-        num_key_value_heads=math.gcd(*(int(getattr(t, "num_key_value_heads", None) or h)
-                                        for t, h in zip(texts, heads))),
-        head_dim=max(int(getattr(t, "head_dim", None) or t.hidden_size // h) for t, h in zip(texts, heads)),
-        tie_word_embeddings=False,
-    )
-    return config

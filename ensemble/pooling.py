@@ -33,12 +33,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
+from ensemble.pooling_gate import EntropyGate, gated_coefficients, member_entropies
 from ensemble.protocol import POOLING_RULES, PoolingRule
+
+__all__ = ["DEFAULT_ALPHA", "POOLING_RULES", "EntropyGate", "PoolingRule", "Scratch", "check_alpha", "check_rule",
+           "fit_vocab", "gated_coefficients", "mask_padded_vocab", "member_entropies", "member_logprobs",
+           "normalise_weights", "pool_logprobs"]
 
 # Contrastive decoding's plausibility threshold (Li et al. 2023 use 0.1).
 DEFAULT_ALPHA = 0.1
@@ -198,6 +201,21 @@ def pool_logprobs(
         ``[N, V]`` float32 normalised log-probabilities on the members' device.
     """
     check_rule(rule)
+    first = _check_logits(member_logits, chunk_size)
+    k = len(member_logits)
+    w = normalise_weights(weights, k, rule, num_rows=first.shape[0]).to(first.device)
+    temps = _check_temperatures(temperatures, k)
+    alpha = check_alpha(alpha)
+    if gate is not None and not gate.is_off and rule == "logprob_mean":
+        pooled = _pool_gated(member_logits, w, temps, chunk_size, alpha, gate, scratch)
+        if pooled is not None:
+            return pooled
+    return _pool_chunks(member_logits, w, rule, temps, chunk_size, alpha, scratch)
+
+
+def _check_logits(member_logits: Sequence[Tensor], chunk_size: int) -> Tensor:
+    """The first member's logits, once all K are ``[N, V]`` floating-point tensors of one shape
+    (and `chunk_size` is >= 1); ValueError otherwise."""
     if len(member_logits) == 0:
         raise ValueError("pool_logprobs needs at least one member's logits")
     first = member_logits[0]
@@ -213,25 +231,37 @@ def pool_logprobs(
             raise ValueError(f"member {i} logits must be floating point, got {x.dtype}")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    k = len(member_logits)
-    n, v = first.shape
-    w = normalise_weights(weights, k, rule, num_rows=n).to(first.device)
-    temps = _check_temperatures(temperatures, k)
-    alpha = check_alpha(alpha)
-    if gate is not None and not gate.is_off and rule == "logprob_mean":
-        if len(gate.centre) != k:
-            raise ValueError(f"the entropy gate is for {len(gate.centre)} members, the logits come from {k}")
-        gated = (w >= 0).all(dim=-1)  # [] or [N]: rows without a contrastive (negative) weight
-        if bool(gated.all()):
-            return _gated_pool(member_logits, w, temps, gate, chunk_size, scratch)
-        if w.dim() == 2 and bool(gated.any()):
-            # Per-row weights, some contrastive: the gate applies row by row, as if pooled alone.
-            out = torch.empty((n, v), dtype=torch.float32, device=first.device)
-            for rows, row_gate in ((gated.nonzero()[:, 0], gate), ((~gated).nonzero()[:, 0], None)):
-                out[rows] = pool_logprobs([x[rows] for x in member_logits], w[rows], rule, temps, chunk_size,
-                                          alpha, row_gate, scratch)
-            return out
+    return first
 
+
+def _pool_gated(member_logits: Sequence[Tensor], w: Tensor, temps: list[float], chunk_size: int, alpha: float,
+                gate: EntropyGate, scratch: Scratch | None) -> Tensor | None:
+    """The geometric pool under an entropy gate that is on: every row gated (`_gated_pool`) when no
+    weight is negative; with per-row weights, gated rows and contrastive rows pooled apart; None
+    when no row can be gated (all contrastive: the plain pool)."""
+    k = len(member_logits)
+    if len(gate.centre) != k:
+        raise ValueError(f"the entropy gate is for {len(gate.centre)} members, the logits come from {k}")
+    gated = (w >= 0).all(dim=-1)  # [] or [N]: rows without a contrastive (negative) weight
+    if bool(gated.all()):
+        return _gated_pool(member_logits, w, temps, gate, chunk_size, scratch)
+    if w.dim() != 2 or not bool(gated.any()):
+        return None
+    # Per-row weights, some contrastive: the gate applies row by row, as if pooled alone.
+    first = member_logits[0]
+    out = torch.empty(first.shape, dtype=torch.float32, device=first.device)
+    for rows, row_gate in ((gated.nonzero()[:, 0], gate), ((~gated).nonzero()[:, 0], None)):
+        out[rows] = pool_logprobs([x[rows] for x in member_logits], w[rows], "logprob_mean", temps, chunk_size,
+                                  alpha, row_gate, scratch)
+    return out
+
+
+def _pool_chunks(member_logits: Sequence[Tensor], w: Tensor, rule: str, temps: list[float], chunk_size: int,
+                 alpha: float, scratch: Scratch | None) -> Tensor:
+    """The pool without a gate, `chunk_size` rows at a time: the fast geometric pool
+    (`_geometric_pool`) where it applies, else `_pool_rows` over the members' log-probs."""
+    first = member_logits[0]
+    n, v = first.shape
     geometric = rule == "logprob_mean" and w.dim() == 1 and bool((w >= 0).all())
     coefficients = w / torch.tensor(temps, dtype=torch.float32, device=w.device) if geometric else None
     if geometric and n <= chunk_size:
@@ -301,68 +331,6 @@ class Scratch:
         if self._flat is None or self._flat.numel() < n or self._flat.device != torch.device(device):
             self._flat = torch.empty(n, dtype=torch.float32, device=device)
         return self._flat[:n].view(tuple(shape))
-
-
-@dataclass(frozen=True)
-class EntropyGate:
-    """Weights that follow the members' uncertainty token by token (``logprob_mean``).
-
-    At a row where the members' entropies are ``H_j`` (`member_entropies`), member k pools with
-    ``c_k = (w_k / T_k) * max(0, 1 + sum_j slopes[k][j] * (H_j - centre[j]))``: its manifest
-    weight and temperature hold at the ``centre`` entropies (the dev text's means, as
-    ``ensemble fit`` fits them) and the slopes move it from there: an unsure member usually counts
-    for less, its partner for more; selective ensembling in the spirit of SAFE (arXiv
-    2510.15346). The factor is relative, so a member of weight 0 stays out of every row.
-    """
-
-    centre: tuple[float, ...]
-    slopes: tuple[tuple[float, ...], ...]
-
-    def __post_init__(self) -> None:
-        k = len(self.centre)
-        if len(self.slopes) != k or any(len(row) != k for row in self.slopes):
-            raise ValueError(f"an entropy gate needs K centres and K x K slopes (member x member), "
-                             f"got {k} centres and {[len(r) for r in self.slopes]} slopes")
-        for v in (*self.centre, *(v for row in self.slopes for v in row)):
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise ValueError(f"entropy gate entries must be finite numbers, got {v!r}")
-        object.__setattr__(self, "centre", tuple(float(v) for v in self.centre))
-        object.__setattr__(self, "slopes", tuple(tuple(float(v) for v in row) for row in self.slopes))
-
-    @property
-    def is_off(self) -> bool:
-        """All slopes zero: the plain pool."""
-        return not any(v for row in self.slopes for v in row)
-
-    def tensors(self, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
-        """``(centre [K], slopes [K, K])`` float32."""
-        return (torch.tensor(self.centre, dtype=torch.float32, device=device),
-                torch.tensor(self.slopes, dtype=torch.float32, device=device))
-
-
-def member_entropies(member_logits: Sequence[Tensor]) -> Tensor:
-    """``[N, K]`` float32: the entropy (nats) of each member's own distribution ``softmax(x_k)``
-    (temperature 1) on each row; ids a member masks (``-inf``) take no part."""
-    out = []
-    for x in member_logits:
-        x = x.to(torch.float32)
-        lse = torch.logsumexp(x, dim=-1, keepdim=True)
-        p = (x - lse).exp()
-        out.append(lse[:, 0] - torch.where(p > 0, p * x, 0.0).sum(dim=-1))
-    return torch.stack(out, dim=1)
-
-
-def gated_coefficients(base: Tensor, gate: EntropyGate, entropies: Tensor) -> Tensor:
-    """Per-row geometric-pool coefficients of `EntropyGate`, floored at 0; a row the gate would
-    zero entirely keeps `base`.
-
-    `base` (``[K]`` or ``[R, K]``) holds each member's ``w_k / T_k``, the coefficient of its logits
-    in the geometric pool (`_geometric_pool`); `entropies` ``[R, K]`` (`member_entropies`).
-    """
-    centre, slopes = gate.tensors(entropies.device)
-    c = (base * (1.0 + (entropies - centre) @ slopes.t())).clamp_min(0.0)
-    dead = c.sum(dim=-1, keepdim=True) <= 0
-    return torch.where(dead, base.expand_as(c), c)
 
 
 def _gated_pool(member_logits: Sequence[Tensor], w: Tensor, temps: Sequence[float], gate: EntropyGate,

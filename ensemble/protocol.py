@@ -14,7 +14,10 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol, get_args, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, Protocol, get_args, runtime_checkable
+
+if TYPE_CHECKING:
+    from ensemble.manifest import EnsembleManifest
 
 PoolingRule = Literal["prob_mean", "logprob_mean"]
 POOLING_RULES: tuple[str, ...] = get_args(PoolingRule)
@@ -180,3 +183,22 @@ class Engine(Protocol):
     async def shutdown(self) -> None:
         """Abort everything in flight and release the engine's resources."""
         ...
+
+
+def engine_info(engine: str, manifest: EnsembleManifest, tokenizer: Any, *, max_model_len: int, dtype: Any,
+                **settings: Any) -> dict[str, Any]:
+    """An engine's `Engine.info`: what every engine reports (its kind, the manifest's members,
+    rule and weights, the context length, whether the tokenizer has a chat template, the dtype),
+    then its own `settings` (e.g. ``scheduling_policy``, ``structured_outputs``)."""
+    return {
+        "engine": engine,
+        "members": [{"name": m.name, "path": m.path, "weight": m.weight, "temperature": m.temperature}
+                    for m in manifest.members],
+        "rule": manifest.rule,
+        "weights": list(manifest.weights),
+        "vocab_size": manifest.vocab_size,
+        "max_model_len": max_model_len,
+        "chat_template": bool(getattr(tokenizer, "chat_template", None)),
+        "dtype": str(dtype).removeprefix("torch."),
+        **settings,
+    }

@@ -33,14 +33,13 @@ import threading
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from ensemble.manifest import EnsembleManifest
 from ensemble.pooling import normalise_weights
 from ensemble.pooling_stats import PoolingCounters
-from ensemble.protocol import EngineRequestError, EngineStats, RequestOutput, SamplingOptions
+from ensemble.protocol import EngineRequestError, EngineStats, RequestOutput, SamplingOptions, engine_info
 from ensemble.reference_decode import PROMPT_LOGPROBS_BYTES, DecodeMixin  # noqa: F401 (re-exported)
 from ensemble.reference_members import Member, load_members  # noqa: F401 (Member: re-exported)
 from ensemble.reference_requests import _Request, _Sequence  # noqa: F401 (_Sequence: re-exported)
@@ -75,21 +74,11 @@ class ReferenceEngine(DecodeMixin):
         self.max_model_len = self.manifest.max_model_len
         self.max_num_seqs = max_num_seqs
         self.members = load_members(self.manifest, device, dtype)
-        self.info: dict[str, Any] = {
-            "engine": "reference",
-            "members": [
-                {"name": m.name, "path": m.path, "weight": m.weight, "temperature": m.temperature}
-                for m in self.manifest.members
-            ],
-            "rule": self.manifest.rule,
-            "weights": list(self.manifest.weights),
-            "vocab_size": self.manifest.vocab_size,
-            "max_model_len": self.max_model_len,
-            "chat_template": bool(getattr(self.tokenizer, "chat_template", None)),
-            "dtype": str(dtype).removeprefix("torch."),
-            "scheduling_policy": "priority",
-            "structured_outputs": None,  # no grammar backend: constrained requests need the vLLM engine
-        }
+        self.info = engine_info(
+            "reference", self.manifest, self.tokenizer, max_model_len=self.max_model_len, dtype=dtype,
+            scheduling_policy="priority",
+            structured_outputs=None,  # no grammar backend: constrained requests need the vLLM engine
+        )
         self._cond = threading.Condition()
         self._waiting: deque[_Request] = deque()
         self._running: list[_Request] = []

@@ -1,7 +1,8 @@
 """`VLLMEngine`: the `ensemble.protocol.Engine` contract on top of vLLM's `AsyncLLM`.
 
 vLLM loads the ensemble folder as one model (`ensemble.vllm_model.EnsembleForCausalLM`, found
-through the ``vllm.general_plugins`` entry point), so this file only starts vLLM and relays:
+through the ``vllm.general_plugins`` entry point), so this file only starts vLLM (with the arguments
+`ensemble.vllm_engine_args` builds) and relays:
 requests (translated by `ensemble.vllm_translate`: our `SamplingOptions` to vLLM's
 `SamplingParams`, vLLM's delta outputs to our cumulative `RequestOutput`), aborts, load
 statistics (from a stat logger that keeps vLLM's latest `SchedulerStats` and sums its
@@ -30,110 +31,29 @@ using this engine need an ``if __name__ == "__main__":`` guard.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
-import os
-from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from ensemble.manifest import EnsembleManifest, hf_config
-from ensemble.parallel import MemberShape, check_tensor_parallel
+from ensemble.manifest import EnsembleManifest
 from ensemble.pooling_stats import driver_snapshot
-from ensemble.protocol import EngineRequestError, EngineStats, RequestOutput, SamplingOptions
+from ensemble.protocol import EngineRequestError, EngineStats, RequestOutput, SamplingOptions, engine_info
 from ensemble.sampling import check_options, is_greedy
-from ensemble.speculative import check_speculative_config, draft_member_config, speculative_method
+from ensemble.vllm_engine_args import (  # noqa: F401 (re-exported)
+    SMALL_CPU_CORES,
+    VLLMEngineConfig,
+    build_engine_args,
+    engine_dtype,
+    reserved_cpu_cores,
+    whole_prefills_on_cpu,
+)
 from ensemble.vllm_pooling import TRACKER_QUALNAME
 from ensemble.vllm_translate import OutputTranslator, request_pooling, sampling_params
-from ensemble.vllm_worker import QUALNAME as WORKER_EXTENSION
 
-# AsyncEngineArgs fields that VLLMEngineConfig sets itself; pass-through args may not repeat them.
-_OWN_ARGS = frozenset({"model", "tokenizer", "tensor_parallel_size", "max_model_len", "enforce_eager", "dtype",
-                       "worker_extension_cls", "hf_overrides"})
-# The config.json entries that describe the members vLLM runs (`manifest.hf_config`).
-_SERVED_KEYS = ("chorus", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-                "head_dim")
 COUNTERS_POLL_S = 1.0  # how often the ensemble counters are read back from the workers
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class VLLMEngineConfig:
-    """How to start vLLM on an ensemble folder.
-
-    Attributes:
-        folder: the ensemble folder (``ensemble build`` output).
-        tensor_parallel_size: vLLM tensor parallelism (every member is split across the ranks).
-        max_model_len: prompt + completion limit; None = the ensemble's (min over members).
-        enforce_eager: skip torch.compile and CUDA graphs; None = True on a CPU, False elsewhere.
-        dtype: weight/activation dtype: ``auto`` = float32 on a CPU, bfloat16 on a GPU with native
-            bf16 (see `engine_dtype`; vLLM's own ``auto`` would pick bfloat16 on any x86 CPU); or
-            explicit ``bfloat16``, ``float32``...
-        engine_args: further ``vllm.AsyncEngineArgs`` fields, passed through unchanged
-            (e.g. ``gpu_memory_utilization``, ``max_num_seqs``, ``enable_prefix_caching``); a
-            ``speculative_config`` must use a proposer that works on an ensemble
-            (`ensemble.speculative`).
-        draft_member: speculative decoding with this member as vLLM's draft model, verified by the
-            whole ensemble (lossless: see `ensemble.speculative`); None = off.
-        draft_tokens: tokens the draft member proposes per step.
-    """
-
-    folder: str
-    tensor_parallel_size: int = 1
-    max_model_len: int | None = None
-    enforce_eager: bool | None = None
-    dtype: str = "auto"
-    engine_args: Mapping[str, Any] = field(default_factory=dict)
-    draft_member: str | None = None
-    draft_tokens: int = 3
-
-    def __post_init__(self) -> None:
-        folder = Path(self.folder).expanduser()
-        object.__setattr__(self, "folder", str(folder))
-        if not folder.is_dir():
-            raise ValueError(f"ensemble folder {folder} does not exist")
-        if isinstance(self.tensor_parallel_size, bool) or not isinstance(self.tensor_parallel_size, int) or (
-            self.tensor_parallel_size < 1
-        ):
-            raise ValueError(f"tensor_parallel_size must be a positive integer, got {self.tensor_parallel_size!r}")
-        if self.max_model_len is not None and (
-            isinstance(self.max_model_len, bool) or not isinstance(self.max_model_len, int) or self.max_model_len < 2
-        ):
-            raise ValueError(f"max_model_len must be an integer >= 2, got {self.max_model_len!r}")
-        if not isinstance(self.dtype, str):
-            raise ValueError(f"dtype must be a string such as 'auto' or 'bfloat16', got {self.dtype!r}")
-        clash = sorted(_OWN_ARGS & set(self.engine_args))
-        if clash:
-            raise ValueError(f"set {', '.join(clash)} through VLLMEngineConfig's own fields, not engine_args")
-        object.__setattr__(self, "engine_args", dict(self.engine_args))
-        if self.draft_member is not None and "speculative_config" in self.engine_args:
-            raise ValueError("give either draft_member or a speculative_config, not both")
-        if "speculative_config" in self.engine_args:
-            check_speculative_config(self.engine_args["speculative_config"])
-
-
-def engine_dtype(requested: str, device_type: str, native: bool | None = None) -> str:
-    """vLLM's ``dtype`` argument for `requested`; any value but ``auto`` is passed on as it is.
-
-    ``auto`` on a GPU: bfloat16 where it is native (`transfer.precision.choose_dtype`; `native`
-    injects the capability in tests), else float32. ``auto`` on a CPU: float32, with or without
-    native bf16, as measured by ``bench/vllm_dtype.py`` on the default ensemble (README, "Precision
-    and hardware"): with native bf16, bfloat16 was 1.22x faster but its log-probs differed from the
-    float32 reference by 0.1 (the parity tolerance is 1e-4) and greedy tokens diverged; without it,
-    bfloat16 was 0.35x as fast. (vLLM's own ``auto`` picks bfloat16 on every x86 CPU.)
-    """
-    if requested != "auto":
-        return requested
-    from transfer.precision import choose_dtype, log
-
-    if device_type == "cpu":
-        log.info("precision for the vLLM engine: float32 (auto on a CPU: bfloat16 is not within the "
-                 "1e-4 reference tolerance, and without native bf16 it is slower)")
-        return "float32"
-    chosen = choose_dtype("auto", device_type, native=native, what="the vLLM engine")
-    return str(chosen).removeprefix("torch.")
 
 
 def _stats_logger_factory(box: dict[str, Any]):
@@ -165,42 +85,6 @@ def _stats_logger_factory(box: dict[str, Any]):
     return LatestSchedulerStats
 
 
-SMALL_CPU_CORES = 4  # up to here, vLLM's reserved scheduler core is a quarter of the machine or more
-
-
-def reserved_cpu_cores(environ: Mapping[str, str], cpu_count: int) -> str | None:
-    """``VLLM_CPU_NUM_OF_RESERVED_CPU`` for a CPU engine, or None to keep vLLM's choice.
-
-    vLLM keeps one core per worker out of its OpenMP threads for the scheduler and the API
-    process. On a machine of at most SMALL_CPU_CORES cores that idles a large share of it (half of
-    a 2-core machine; bench/RESULTS.md measures the gain of using it), so chorus reserves none
-    there. A value the user set, or an explicit thread binding (``VLLM_CPU_OMP_THREADS_BIND``),
-    is left alone.
-    """
-    if "VLLM_CPU_NUM_OF_RESERVED_CPU" in environ or environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto") != "auto":
-        return None
-    return "0" if cpu_count <= SMALL_CPU_CORES else None
-
-
-def whole_prefills_on_cpu(engine_args: Mapping[str, Any], max_model_len: int, default_budget: int) -> dict[str, Any]:
-    """`engine_args` with chunked prefill off (unless the caller set it) for a CPU engine.
-
-    vLLM 0.32 rewinds a seeded request's random generator after a partial prefill step with
-    ``Generator.set_offset``, which a CPU generator does not have: one request with a ``seed`` whose
-    prompt is split across steps (a long prompt, or a short one when other prompts fill the step's
-    token budget) raised "CPU Generator does not use offset" in the worker and killed the engine
-    for every request. Whole prefills never take that path; a step then holds up to
-    ``max_num_batched_tokens`` tokens (`default_budget`, vLLM's default, when not given), raised to
-    the context length as vLLM requires.
-    """
-    args = dict(engine_args)
-    if "enable_chunked_prefill" in args:
-        return args
-    args["enable_chunked_prefill"] = False
-    args["max_num_batched_tokens"] = max(int(args.get("max_num_batched_tokens") or default_budget), max_model_len)
-    return args
-
-
 def request_pooling_unavailable(vllm_config: Any) -> str | None:
     """Why an engine of `vllm_config` cannot pool per request (None: it can, once the tracker is
     installed): see `ensemble.vllm_pooling`."""
@@ -226,78 +110,17 @@ class VLLMEngine:
     """An ensemble served by vLLM (continuous batching, paged KV cache, tensor parallelism)."""
 
     def __init__(self, config: VLLMEngineConfig) -> None:
-        from vllm import AsyncEngineArgs
-        from vllm.platforms import current_platform
-        from vllm.usage.usage_lib import UsageContext
-        from vllm.v1.engine.async_llm import AsyncLLM
-
         self.config = config
         self.manifest = EnsembleManifest.load(config.folder)
-        if config.max_model_len is not None and config.max_model_len > self.manifest.max_model_len:
-            raise ValueError(
-                f"max_model_len {config.max_model_len} exceeds the ensemble's {self.manifest.max_model_len} "
-                "(the shortest member context)"
-            )
         # The weights are fixed here, so members of weight 0 are neither loaded nor run.
         self.served = self.manifest.without_idle_members()
-        # vLLM checks only the head count at start; other misfits fail in a worker, mid-load.
-        check_tensor_parallel(
-            config.tensor_parallel_size,
-            [MemberShape.from_folder(m.name, m.path) for m in self.served.members],
-        )
-        enforce_eager = current_platform.is_cpu() if config.enforce_eager is None else config.enforce_eager
-        self.dtype = engine_dtype(config.dtype, current_platform.device_type)
-        engine_args = dict(config.engine_args)
-        max_model_len = config.max_model_len or self.manifest.max_model_len
-        if current_platform.is_cpu():
-            from vllm.config import SchedulerConfig
-
-            reserved = reserved_cpu_cores(os.environ, os.cpu_count() or 1)
-            if reserved is not None:
-                # Read by vLLM's engine core process, which inherits this environment.
-                os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = reserved
-
-            engine_args = whole_prefills_on_cpu(engine_args, max_model_len,
-                                                SchedulerConfig.DEFAULT_MAX_NUM_BATCHED_TOKENS)
-        if config.draft_member is not None:
-            engine_args["speculative_config"] = draft_member_config(
-                self.manifest, config.draft_member, config.draft_tokens)
-        if speculative_method(engine_args.get("speculative_config") or {}) == "draft_model":
-            # vLLM needs a draft's layers in one KV-cache group; beside a member that mixes sliding
-            # and full layers (Gemma 3) the hybrid manager splits them, so every layer gets a full
-            # cache instead (tests/ensemble/test_speculative.py: same greedy output).
-            engine_args.setdefault("disable_hybrid_kv_cache_manager", True)
-        valid = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
-        unknown = sorted(set(config.engine_args) - valid)
-        if unknown:
-            raise ValueError(f"unknown vLLM engine argument(s): {', '.join(unknown)}")
-        args = AsyncEngineArgs(
-            model=config.folder,
-            tokenizer=config.folder,
-            tensor_parallel_size=config.tensor_parallel_size,
-            max_model_len=max_model_len,
-            enforce_eager=enforce_eager,
-            dtype=self.dtype,
-            worker_extension_cls=WORKER_EXTENSION,
-            # The model pools by the manifest this engine loaded (chorus_ensemble.json, which
-            # `ensemble fit` rewrites), never by an older copy in config.json; without idle
-            # members, and with the sizes of the members it runs.
-            hf_overrides={k: v for k, v in hf_config(self.served).items() if k in _SERVED_KEYS},
-            **{"disable_log_stats": True, **engine_args},
-        )
+        args = build_engine_args(config, self.manifest, self.served)
+        self.dtype = args.dtype
         self._stats: dict[str, Any] = {}
         self._counters: dict[str, Any] | None = None  # the workers' latest ensemble counters
         self._counters_lock = asyncio.Lock()
         self._poller: asyncio.Task | None = None
-        # AsyncLLM.from_engine_args, with the request-pooling tracker added where it can work.
-        vllm_config = args.create_engine_config(UsageContext.ENGINE_CONTEXT)
-        self.pooling_unavailable = request_pooling_unavailable(vllm_config)
-        if self.pooling_unavailable is None:
-            model_config = vllm_config.model_config
-            model_config.logits_processors = [*(model_config.logits_processors or ()), TRACKER_QUALNAME]
-        self._llm = AsyncLLM.from_vllm_config(
-            vllm_config, stat_loggers=[_stats_logger_factory(self._stats)],
-            enable_log_requests=args.enable_log_requests, disable_log_stats=args.disable_log_stats)
+        self._llm = self._start(args)
         self._active: set[str] = set()
         self.model_name = self.manifest.name
         self.max_model_len = int(self._llm.model_config.max_model_len)
@@ -306,37 +129,42 @@ class VLLMEngine:
         self.info = self._describe()
         self._greedy_only_drafts = bool(self.info["speculative"]) and not self.info["speculative"]["sampling"]
 
+    def _start(self, args: Any) -> Any:
+        """``AsyncLLM.from_engine_args``, with the request-pooling tracker added where it can work
+        (`pooling_unavailable` says why not) and a stat logger that fills `_stats`."""
+        from vllm.usage.usage_lib import UsageContext
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        vllm_config = args.create_engine_config(UsageContext.ENGINE_CONTEXT)
+        self.pooling_unavailable = request_pooling_unavailable(vllm_config)
+        if self.pooling_unavailable is None:
+            model_config = vllm_config.model_config
+            model_config.logits_processors = [*(model_config.logits_processors or ()), TRACKER_QUALNAME]
+        return AsyncLLM.from_vllm_config(
+            vllm_config, stat_loggers=[_stats_logger_factory(self._stats)],
+            enable_log_requests=args.enable_log_requests, disable_log_stats=args.disable_log_stats)
+
     def _describe(self) -> dict[str, Any]:
         """`info`: the members, the pooling and the vLLM settings that shape serving (/v1/models)."""
         from vllm.platforms import current_platform
 
         vllm_config = self._llm.vllm_config
-        return {
-            "engine": "vllm",
-            "members": [
-                {"name": m.name, "weight": m.weight, "temperature": m.temperature, "path": m.path}
-                for m in self.manifest.members
-            ],
-            "rule": self.manifest.rule,
-            "weights": list(self.manifest.weights),
-            "vocab_size": self.manifest.vocab_size,
-            "max_model_len": self.max_model_len,
-            "chat_template": bool(getattr(self.tokenizer, "chat_template", None)),
-            "tensor_parallel_size": self.config.tensor_parallel_size,
-            "dtype": str(self._llm.model_config.dtype).removeprefix("torch."),
-            "per_request_pooling": self.pooling_unavailable is None,
-            "served_members": [m.name for m in self.served.members],
-            "max_num_seqs": self.max_num_seqs,
-            "prefix_caching": bool(vllm_config.cache_config.enable_prefix_caching),
-            "scheduling_policy": str(vllm_config.scheduler_config.policy),
+        return engine_info(
+            "vllm", self.manifest, self.tokenizer, max_model_len=self.max_model_len, dtype=self._llm.model_config.dtype,
+            tensor_parallel_size=self.config.tensor_parallel_size,
+            per_request_pooling=self.pooling_unavailable is None,
+            served_members=[m.name for m in self.served.members],
+            max_num_seqs=self.max_num_seqs,
+            prefix_caching=bool(vllm_config.cache_config.enable_prefix_caching),
+            scheduling_policy=str(vllm_config.scheduler_config.policy),
             # vLLM's grammar backend for structured outputs ("auto": xgrammar, guidance as fallback)
-            "structured_outputs": str(vllm_config.structured_outputs_config.backend),
+            structured_outputs=str(vllm_config.structured_outputs_config.backend),
             # vLLM 0.32's CPU kernels verify greedy drafts exactly but skew sampled ones toward the
             # draft (measured without chorus: tests/ensemble/test_speculative.py), so a CPU engine
             # that drafts serves greedy requests only.
-            "speculative": _speculative_info(vllm_config.speculative_config, self.config.draft_member,
-                                             sampling=not current_platform.is_cpu()),
-        }
+            speculative=_speculative_info(vllm_config.speculative_config, self.config.draft_member,
+                                          sampling=not current_platform.is_cpu()),
+        )
 
     @classmethod
     def from_folder(cls, folder: str | Path, **kwargs: Any) -> VLLMEngine:

@@ -109,43 +109,26 @@ def _load_member_hf_config(spec: MemberSpec, trust_remote_code: bool):
     return config
 
 
+def _chorus_manifest(hf_config, folder: str) -> EnsembleManifest:
+    """The manifest in an ensemble folder's config.json (its ``chorus`` entry), member paths
+    resolved against `folder`."""
+    chorus = getattr(hf_config, "chorus", None)
+    if not isinstance(chorus, dict):
+        raise ValueError(f"{folder}: config.json has no 'chorus' manifest; build the folder with `ensemble build`")
+    return EnsembleManifest.from_dict(chorus).resolved(folder)
+
+
 class EnsembleForCausalLM(nn.Module):
     """K member causal LMs decoding as one: per-step pooled next-token distributions."""
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         super().__init__()
-        from vllm.compilation.backends import set_model_tag
-        from vllm.model_executor.model_loader.utils import initialize_model
-        from vllm.model_executor.models.utils import maybe_prefix
-
         model_config = vllm_config.model_config
         self.config = model_config.hf_config
-        chorus = getattr(self.config, "chorus", None)
-        if not isinstance(chorus, dict):
-            raise ValueError(
-                f"{model_config.model}: config.json has no 'chorus' manifest; build the folder "
-                "with `ensemble build`"
-            )
-        self.manifest = EnsembleManifest.from_dict(chorus).resolved(model_config.model)
+        self.manifest = _chorus_manifest(self.config, model_config.model)
         self.load_config = vllm_config.load_config
         vocab_size = self.manifest.vocab_size
-
-        # Read and check every member's config before building anything.
-        hf_configs = []
-        for spec in self.manifest.members:
-            if hasattr(self, spec.name):
-                raise ValueError(
-                    f"ensemble member name {spec.name!r} clashes with an attribute of the "
-                    "ensemble module; rename the member"
-                )
-            hf_config = _load_member_hf_config(spec, model_config.trust_remote_code)
-            rows = hf_config.get_text_config().vocab_size
-            if rows < (spec.vocab_size or vocab_size):
-                raise ValueError(
-                    f"ensemble member {spec.name!r} has {rows} vocabulary rows, fewer than the "
-                    f"{spec.vocab_size or vocab_size} ids it must score"
-                )
-            hf_configs.append(hf_config)
+        hf_configs = self._member_hf_configs(model_config.trust_remote_code)
         self.hidden_sizes = [int(c.get_text_config().hidden_size) for c in hf_configs]
         expected = getattr(self.config, "hidden_size", None)
         if expected != sum(self.hidden_sizes):
@@ -154,6 +137,41 @@ class EnsembleForCausalLM(nn.Module):
                 f"hidden sizes sum to {sum(self.hidden_sizes)}; rebuild the folder with "
                 "`ensemble build`"
             )
+        self._plans = self._build_members(vllm_config, prefix, hf_configs)
+        self.weights = self.manifest.weights
+        self.temperatures = self.manifest.temperatures
+        self.rule = self.manifest.rule
+        self.vocab_size = vocab_size
+        self.pool_chunk_rows = pool_chunk_rows(len(self._plans), vocab_size)
+        # Read (and reset after start-up's dummy runs) by `ensemble.vllm_worker`, via collective_rpc.
+        self.pooling_counters = PoolingCounters([p.spec.name for p in self._plans])
+        self.scratch = Scratch()  # the pool's work buffer, reused step after step
+
+    def _member_hf_configs(self, trust_remote_code: bool) -> list:
+        """Every member's Hugging Face config, read and checked before anything is built."""
+        vocab_size = self.manifest.vocab_size
+        hf_configs = []
+        for spec in self.manifest.members:
+            if hasattr(self, spec.name):
+                raise ValueError(
+                    f"ensemble member name {spec.name!r} clashes with an attribute of the "
+                    "ensemble module; rename the member"
+                )
+            hf_config = _load_member_hf_config(spec, trust_remote_code)
+            rows = hf_config.get_text_config().vocab_size
+            if rows < (spec.vocab_size or vocab_size):
+                raise ValueError(
+                    f"ensemble member {spec.name!r} has {rows} vocabulary rows, fewer than the "
+                    f"{spec.vocab_size or vocab_size} ids it must score"
+                )
+            hf_configs.append(hf_config)
+        return hf_configs
+
+    def _build_members(self, vllm_config, prefix: str, hf_configs: list) -> tuple[_MemberPlan, ...]:
+        """Build every member's vLLM model as a submodule named after it; their plans."""
+        from vllm.compilation.backends import set_model_tag
+        from vllm.model_executor.model_loader.utils import initialize_model
+        from vllm.model_executor.models.utils import maybe_prefix
 
         plans: list[_MemberPlan] = []
         self._member_configs = {}
@@ -165,15 +183,7 @@ class EnsembleForCausalLM(nn.Module):
             self.add_module(spec.name, member)
             self._member_configs[spec.name] = member_config.model_config
             plans.append(_MemberPlan(spec, spec.name, hidden))
-        self._plans = tuple(plans)
-        self.weights = self.manifest.weights
-        self.temperatures = self.manifest.temperatures
-        self.rule = self.manifest.rule
-        self.vocab_size = vocab_size
-        self.pool_chunk_rows = pool_chunk_rows(len(plans), vocab_size)
-        # Read (and reset after start-up's dummy runs) by `ensemble.vllm_worker`, via collective_rpc.
-        self.pooling_counters = PoolingCounters([p.spec.name for p in plans])
-        self.scratch = Scratch()  # the pool's work buffer, reused step after step
+        return tuple(plans)
 
     # ------------------------------------------------------------------ members
 

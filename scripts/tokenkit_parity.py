@@ -19,11 +19,12 @@ Needs a Python with jax and numpy (CPU is enough), not chorus' venv, e.g.
     /tmp/tkvenv/bin/python scripts/tokenkit_parity.py --tokenkit /tmp/tokenkit
 
 tokenkit's heavy imports (flax, optax, transformers, wandb, ...) are not needed by the functions
-used here; where a module is missing, an empty stand-in module is registered under its name
-before tokenkit is imported (printed on stderr), and the two helpers needed from
-`tokenkit/utils.py` (`get_large_negative_number`, `get_space_mask`) are taken from that file's
-source by name. The inputs are built from fixed numbers and a seeded numpy generator, so a rerun
-writes the same file (up to the JAX version's float32 rounding).
+used here. `scripts/tokenkit_parity_loader.py` loads tokenkit: where a module is missing, an
+empty stand-in module is registered under its name before tokenkit is imported (printed on
+stderr), and the two helpers needed from `tokenkit/utils.py` (`get_large_negative_number`,
+`get_space_mask`) are taken from that file's source by name. The inputs are built from fixed
+numbers and a seeded numpy generator, so a rerun writes the same file (up to the JAX version's
+float32 rounding).
 
 What the cases cover (see docs/alm.md, "Parity with tokenkit"): chunks that differ between the
 two tokenizations, groups of chunks merged by the teacher's space probability, trailing chunks
@@ -37,9 +38,6 @@ space debiasing on (``merge_by_space_prob+append_space``) and off, distances ``b
 from __future__ import annotations
 
 import argparse
-import ast
-import importlib
-import importlib.util
 import json
 import subprocess
 import sys
@@ -48,78 +46,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from tokenkit_parity_loader import load_tokenkit  # this script's folder is on sys.path
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "tests" / "transfer" / "fixtures" / "tokenkit_alm.json"
 
 GAMMA = 0.1  # tokenkit: tokenizer_pair_bias_threshold (its default for merge_by_space_prob); chorus: loss.gamma
 TAU = 100.0  # tokenkit: binarization_temp; chorus: loss.tau
 SPACE_MASK_MODE = "space+tab+newline+special"  # tokenkit's default; chorus' space_token_mask rule
-
-# --------------------------------------------------------------------------------------------
-# Loading tokenkit's modules without its dependency tree
-
-
-def _stub(name: str, **attrs) -> types.ModuleType:
-    module = types.ModuleType(name)
-    module.__dict__.update(attrs)
-    module.__tokenkit_parity_stub__ = True
-    sys.modules[name] = module
-    return module
-
-
-def _unavailable(name: str):
-    def fail(*_args, **_kwargs):
-        raise RuntimeError(f"{name} is a stand-in registered by scripts/tokenkit_parity.py and was not expected to be called")
-    return fail
-
-
-def _functions_from_source(path: Path, names: list[str], env: dict) -> dict:
-    """The named top-level functions of a Python file, defined in `env` (no module import)."""
-    tree = ast.parse(path.read_text(encoding="utf-8"))
-    wanted = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name in names]
-    found = {n.name for n in wanted}
-    if found != set(names):
-        raise SystemExit(f"{path} lacks {sorted(set(names) - found)}: not the tokenkit this script was written against")
-    code = compile(ast.Module(body=wanted, type_ignores=[]), str(path), "exec")
-    exec(code, env)  # noqa: S102 - tokenkit's own function definitions, nothing else
-    return {n: env[n] for n in names}
-
-
-def load_tokenkit(root: Path) -> types.SimpleNamespace:
-    """tokenkit's losses, align, multitask and model_kinds modules, and two helpers of its utils."""
-    import jax
-    import jax.numpy as jnp
-
-    package = root / "tokenkit"
-    if not (package / "training" / "losses.py").is_file():
-        raise SystemExit(f"{root} is not a tokenkit checkout (no tokenkit/training/losses.py)")
-    stubbed = []
-    for top, names in (("optax", ["optax"]), ("flax", ["flax", "flax.training", "flax.training.common_utils"])):
-        if importlib.util.find_spec(top) is None:  # used only by losses other than ALM
-            for name in names:
-                _stub(name, onehot=_unavailable(f"{name}.onehot"))
-            stubbed += names
-    pkg = _stub("tokenkit")
-    pkg.__path__ = [str(package)]
-    helpers = _functions_from_source(package / "utils.py", ["get_large_negative_number", "get_space_mask"],
-                                     {"jax": jax, "jnp": jnp, "np": np})
-    _stub("tokenkit.utils", **helpers)
-    _stub("tokenkit.baseline_utils")
-    models = _stub("tokenkit.models")
-    models.__path__ = [str(package / "models")]
-    _stub("tokenkit.models.param")
-    _stub("tokenkit.byteify", ByteifyTokenizer=object, load_byteify_tokenizer=_unavailable("load_byteify_tokenizer"))
-    stubbed += ["tokenkit.utils (2 functions from utils.py)", "tokenkit.baseline_utils", "tokenkit.models.param",
-                "tokenkit.byteify"]
-    print("tokenkit_parity: stand-ins for " + ", ".join(stubbed), file=sys.stderr)
-    return types.SimpleNamespace(
-        losses=importlib.import_module("tokenkit.training.losses"),
-        align=importlib.import_module("tokenkit.align"),
-        multitask=importlib.import_module("tokenkit.training.multitask"),
-        constants=importlib.import_module("tokenkit.constants"),
-        get_space_mask=helpers["get_space_mask"],
-    )
-
 
 # --------------------------------------------------------------------------------------------
 # The cases: token sequences of two tiny tokenizers
@@ -246,44 +179,13 @@ def _set_space_prob(row_logits: np.ndarray, space: np.ndarray, target: float) ->
 def build_case(tk, name: str, rows: list[Row], vt: Vocab, vs: Vocab, tok_t: FakeTokenizer, tok_s: FakeTokenizer,
                space_t: np.ndarray, space_s: np.ndarray, seed: int) -> dict:
     rng = np.random.RandomState(seed)
-    ids_t = [[vt.id(x) for x in r.teacher] for r in rows]
-    ids_s = [[vs.id(x) for x in r.student] for r in rows]
-    if any(r.budget for r in rows):  # tokenkit's collator truncates each side to its max length
-        ids_t = [i[: r.budget] if r.budget else i for i, r in zip(ids_t, rows)]
-        ids_s = [i[: r.budget] if r.budget else i for i, r in zip(ids_s, rows)]
-    lt, ls = max(map(len, ids_t)), max(map(len, ids_s))
-    pad_t, pad_s = vt.id(EOT), vs.id(EOT)
-    input_t = np.array([i + [pad_t] * (lt - len(i)) for i in ids_t], dtype=np.int32)
-    input_s = np.array([i + [pad_s] * (ls - len(i)) for i in ids_s], dtype=np.int32)
-    mask_t = np.array([[1] * len(i) + [0] * (lt - len(i)) for i in ids_t], dtype=np.int32)
-    mask_s = np.array([[1] * len(i) + [0] * (ls - len(i)) for i in ids_s], dtype=np.int32)
+    ids_t, ids_s = _row_ids(rows, vt, vs)
+    input_t, mask_t = _padded(ids_t, vt.id(EOT))
+    input_s, mask_s = _padded(ids_s, vs.id(EOT))
     a, b = tk.align.get_unconstrained_alignments(input_t, input_s, mask_t, mask_s, tok_t, tok_s)
     chunks = [_chunks_of(b[k], a[k]) for k in range(len(rows))]
-
-    # Logits: random, then the teacher's word-boundary probability set at every chunk end
-    # (far from gamma: likely where the row says so, unlikely elsewhere).
-    logits_t = np.round(rng.normal(0.0, 2.0, (len(rows), lt, len(vt.tokens))), 4)
-    logits_s = np.round(rng.normal(0.0, 2.0, (len(rows), ls, len(vs.tokens))), 4)
-    for k, row in enumerate(rows):
-        text_chunks = [c for c in chunks[k] if c[0] != [0]]  # tokenkit's own bos chunk first
-        for n, (t_idx, _) in enumerate(text_chunks):
-            target = rng.uniform(0.3, 0.9) if n in row.marks else rng.uniform(0.005, 0.04)
-            _set_space_prob(logits_t[k, t_idx[-1]], space_t, target)
-        # Position 0 ends tokenkit's own bos chunk (and stands for its empty columns): away from gamma too.
-        _set_space_prob(logits_t[k, 0], space_t, rng.choice([rng.uniform(0.005, 0.04), rng.uniform(0.3, 0.9)]))
-        # The student: the same, but with its own, different levels (it has to learn them).
-        for t_idx, s_idx in text_chunks:
-            _set_space_prob(logits_s[k, s_idx[-1]], space_s, rng.uniform(0.02, 0.7))
-    logits_t, logits_s = np.round(logits_t, 4), np.round(logits_s, 4)
-    for k, row in enumerate(rows):
-        text_chunks = [c for c in chunks[k] if c[0] != [0]]
-        for n, (t_idx, _) in enumerate(text_chunks):
-            p = np.exp(logits_t[k, t_idx[-1]] - logits_t[k, t_idx[-1]].max())
-            p_sp = p[space_t].sum() / p.sum()
-            assert (p_sp > 2 * GAMMA) if n in row.marks else (p_sp < GAMMA / 2), (name, k, n, p_sp)
-        p = np.exp(logits_t[k, 0] - logits_t[k, 0].max())
-        assert not GAMMA / 2 <= p[space_t].sum() / p.sum() <= 2 * GAMMA, (name, k)
-
+    logits_t, logits_s = _logits(rng, rows, chunks, input_t.shape[1], input_s.shape[1], vt, vs, space_t, space_s)
+    _check_boundaries(name, rows, chunks, logits_t, space_t)
     case = {
         "rows": [
             {
@@ -305,6 +207,57 @@ def build_case(tk, name: str, rows: list[Row], vt: Vocab, vs: Vocab, tok_t: Fake
     }
     case["tokenkit"] = run_alm(tk, input_t, input_s, mask_t, mask_s, a, b, logits_t, logits_s, space_t, space_s)
     return case
+
+
+def _row_ids(rows: list[Row], vt: Vocab, vs: Vocab) -> tuple[list[list[int]], list[list[int]]]:
+    """Each row's teacher and student token ids, cut to its budget as tokenkit's collator cuts
+    each side to its max length."""
+    ids_t = [[vt.id(x) for x in r.teacher] for r in rows]
+    ids_s = [[vs.id(x) for x in r.student] for r in rows]
+    if any(r.budget for r in rows):
+        ids_t = [i[: r.budget] if r.budget else i for i, r in zip(ids_t, rows)]
+        ids_s = [i[: r.budget] if r.budget else i for i, r in zip(ids_s, rows)]
+    return ids_t, ids_s
+
+
+def _padded(ids: list[list[int]], pad: int) -> tuple[np.ndarray, np.ndarray]:
+    """The rows right-padded with `pad` into one batch, and its attention mask."""
+    length = max(map(len, ids))
+    inputs = np.array([i + [pad] * (length - len(i)) for i in ids], dtype=np.int32)
+    mask = np.array([[1] * len(i) + [0] * (length - len(i)) for i in ids], dtype=np.int32)
+    return inputs, mask
+
+
+def _logits(rng: np.random.RandomState, rows: list[Row], chunks: list, lt: int, ls: int, vt: Vocab, vs: Vocab,
+            space_t: np.ndarray, space_s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Random teacher and student logits (4 decimals), then the teacher's word-boundary
+    probability set at every chunk end (far from gamma: likely where the row says so, unlikely
+    elsewhere) and the student's at its own, different levels (it has to learn them)."""
+    logits_t = np.round(rng.normal(0.0, 2.0, (len(rows), lt, len(vt.tokens))), 4)
+    logits_s = np.round(rng.normal(0.0, 2.0, (len(rows), ls, len(vs.tokens))), 4)
+    for k, row in enumerate(rows):
+        text_chunks = [c for c in chunks[k] if c[0] != [0]]  # tokenkit's own bos chunk first
+        for n, (t_idx, _) in enumerate(text_chunks):
+            target = rng.uniform(0.3, 0.9) if n in row.marks else rng.uniform(0.005, 0.04)
+            _set_space_prob(logits_t[k, t_idx[-1]], space_t, target)
+        # Position 0 ends tokenkit's own bos chunk (and stands for its empty columns): away from gamma too.
+        _set_space_prob(logits_t[k, 0], space_t, rng.choice([rng.uniform(0.005, 0.04), rng.uniform(0.3, 0.9)]))
+        for t_idx, s_idx in text_chunks:
+            _set_space_prob(logits_s[k, s_idx[-1]], space_s, rng.uniform(0.02, 0.7))
+    return np.round(logits_t, 4), np.round(logits_s, 4)
+
+
+def _check_boundaries(name: str, rows: list[Row], chunks: list, logits_t: np.ndarray, space_t: np.ndarray) -> None:
+    """Assert that the rounded teacher logits keep every chunk end's boundary probability on its
+    side of gamma, with a margin of 2x."""
+    for k, row in enumerate(rows):
+        text_chunks = [c for c in chunks[k] if c[0] != [0]]
+        for n, (t_idx, _) in enumerate(text_chunks):
+            p = np.exp(logits_t[k, t_idx[-1]] - logits_t[k, t_idx[-1]].max())
+            p_sp = p[space_t].sum() / p.sum()
+            assert (p_sp > 2 * GAMMA) if n in row.marks else (p_sp < GAMMA / 2), (name, k, n, p_sp)
+        p = np.exp(logits_t[k, 0] - logits_t[k, 0].max())
+        assert not GAMMA / 2 <= p[space_t].sum() / p.sum() <= 2 * GAMMA, (name, k)
 
 
 # --------------------------------------------------------------------------------------------

@@ -64,10 +64,18 @@ def build_parser() -> argparse.ArgumentParser:
                "with the vllm engine: serve --help-vllm lists them; CHORUS_VLLM_ARGS holds more.",
     )
     p.add_argument("--help-vllm", action="store_true", help="list vLLM's engine arguments and exit")
+    _add_engine_options(p)
+    _add_http_options(p)
+    _add_limit_options(p)
+    p.add_argument("--log-level", default=_env("LOG_LEVEL", "info"),
+                   choices=["critical", "error", "warning", "info", "debug"], help="[CHORUS_LOG_LEVEL, info]")
+    return p
+
+
+def _add_engine_options(p: argparse.ArgumentParser) -> None:
+    """What to serve and how the engine runs it: the folder, the engine, its parallelism, dtype and drafting."""
     p.add_argument("--ensemble", default=_env("ENSEMBLE"), metavar="DIR",
                    help="ensemble folder made by 'ensemble build' [CHORUS_ENSEMBLE]")
-    p.add_argument("--host", default=_env("HOST", "127.0.0.1"), help="bind address [CHORUS_HOST, 127.0.0.1]")
-    p.add_argument("--port", type=_int, default=_env("PORT", "8000"), help="port, 0 = any free [CHORUS_PORT, 8000]")
     p.add_argument("--engine", choices=ENGINES, default=_env("ENGINE", "vllm"),
                    help="vllm (batched, paged KV cache) or torch (the reference engine) [CHORUS_ENGINE, vllm]")
     p.add_argument("--tensor-parallel-size", type=_int, default=_env("TENSOR_PARALLEL_SIZE", "1"),
@@ -77,22 +85,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=DTYPES, default=_env("DTYPE", "auto"),
                    help="weights/activations dtype (auto: float32 on a CPU; on a GPU bfloat16 where native; "
                         "float32 for torch) [CHORUS_DTYPE, auto]")
-    p.add_argument("--api-key", default=_env("API_KEY"),
-                   help="require 'Authorization: Bearer KEY' on /v1/*, /tokenize, /detokenize [CHORUS_API_KEY]")
-    p.add_argument("--max-running", type=_int, default=_env("MAX_RUNNING"),
-                   help="sequences (prompts x n) in the engine at once (default: the engine's max_num_seqs) "
-                        "[CHORUS_MAX_RUNNING]")
-    p.add_argument("--max-queue", type=_int, default=_env("MAX_QUEUE", "64"),
-                   help="requests allowed to wait beyond those running; more get 429 [CHORUS_MAX_QUEUE, 64]")
-    p.add_argument("--request-timeout", type=_positive_float_or_none, default=_env("REQUEST_TIMEOUT", "600"),
-                   help="seconds per request, queueing included; 'none' = no limit [CHORUS_REQUEST_TIMEOUT, 600]")
-    p.add_argument("--served-model-name", default=_env("SERVED_MODEL_NAME"),
-                   help="the model name clients send (default: the ensemble's) [CHORUS_SERVED_MODEL_NAME]")
-    p.add_argument("--trust-request-chat-template", action="store_true",
-                   default=str(_env("TRUST_REQUEST_CHAT_TEMPLATE", "")).lower() in ("1", "true", "yes"),
-                   help="accept a chat_template in requests (templates are code) [CHORUS_TRUST_REQUEST_CHAT_TEMPLATE]")
-    p.add_argument("--shutdown-timeout", type=float, default=_env("SHUTDOWN_TIMEOUT", "5"),
-                   help="seconds in-flight requests get on shutdown before they are aborted [CHORUS_SHUTDOWN_TIMEOUT, 5]")
     p.add_argument("--distributed-executor-backend", choices=EXECUTOR_BACKENDS,
                    default=_env("DISTRIBUTED_EXECUTOR_BACKEND"),
                    help="vLLM workers: mp (one host) or ray (multi-node) [CHORUS_DISTRIBUTED_EXECUTOR_BACKEND]")
@@ -105,16 +97,39 @@ def build_parser() -> argparse.ArgumentParser:
                         "needs the ensemble's vocabulary size and one attention kind) [CHORUS_DRAFT_MEMBER]")
     p.add_argument("--draft-tokens", type=_int, default=_env("DRAFT_TOKENS", "3"),
                    help="tokens the draft member proposes per step [CHORUS_DRAFT_TOKENS, 3]")
+
+
+def _add_http_options(p: argparse.ArgumentParser) -> None:
+    """Where and to whom the HTTP API answers: address, API key, model name, request bodies."""
+    p.add_argument("--host", default=_env("HOST", "127.0.0.1"), help="bind address [CHORUS_HOST, 127.0.0.1]")
+    p.add_argument("--port", type=_int, default=_env("PORT", "8000"), help="port, 0 = any free [CHORUS_PORT, 8000]")
+    p.add_argument("--api-key", default=_env("API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1/*, /tokenize, /detokenize [CHORUS_API_KEY]")
+    p.add_argument("--served-model-name", default=_env("SERVED_MODEL_NAME"),
+                   help="the model name clients send (default: the ensemble's) [CHORUS_SERVED_MODEL_NAME]")
+    p.add_argument("--trust-request-chat-template", action="store_true",
+                   default=str(_env("TRUST_REQUEST_CHAT_TEMPLATE", "")).lower() in ("1", "true", "yes"),
+                   help="accept a chat_template in requests (templates are code) [CHORUS_TRUST_REQUEST_CHAT_TEMPLATE]")
     p.add_argument("--max-body-mb", type=float, default=_env("MAX_BODY_MB", "16"),
                    help="request bodies over this many MiB get a 413 before parsing [CHORUS_MAX_BODY_MB, 16]")
+
+
+def _add_limit_options(p: argparse.ArgumentParser) -> None:
+    """How much the server takes on at once and how long it waits: admission, timeouts, tokenizer threads."""
+    p.add_argument("--max-running", type=_int, default=_env("MAX_RUNNING"),
+                   help="sequences (prompts x n) in the engine at once (default: the engine's max_num_seqs) "
+                        "[CHORUS_MAX_RUNNING]")
+    p.add_argument("--max-queue", type=_int, default=_env("MAX_QUEUE", "64"),
+                   help="requests allowed to wait beyond those running; more get 429 [CHORUS_MAX_QUEUE, 64]")
+    p.add_argument("--request-timeout", type=_positive_float_or_none, default=_env("REQUEST_TIMEOUT", "600"),
+                   help="seconds per request, queueing included; 'none' = no limit [CHORUS_REQUEST_TIMEOUT, 600]")
+    p.add_argument("--shutdown-timeout", type=float, default=_env("SHUTDOWN_TIMEOUT", "5"),
+                   help="seconds in-flight requests get on shutdown before they are aborted [CHORUS_SHUTDOWN_TIMEOUT, 5]")
     p.add_argument("--stream-stall-timeout", type=_positive_float_or_none, default=_env("STREAM_STALL_TIMEOUT", "30"),
                    help="seconds a streaming client may read nothing before its stream is cut off; 'none' = "
                         "never [CHORUS_STREAM_STALL_TIMEOUT, 30]")
     p.add_argument("--tokenizer-workers", type=_int, default=_env("TOKENIZER_WORKERS", "2"),
                    help="threads that tokenize prompts, each with its own tokenizer [CHORUS_TOKENIZER_WORKERS, 2]")
-    p.add_argument("--log-level", default=_env("LOG_LEVEL", "info"),
-                   choices=["critical", "error", "warning", "info", "debug"], help="[CHORUS_LOG_LEVEL, info]")
-    return p
 
 
 def config_from_args(args: argparse.Namespace, vllm_argv: Sequence[str] = ()) -> ServerConfig:

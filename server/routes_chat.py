@@ -3,7 +3,6 @@ template; a forced tool call's answer comes back as `message.tool_calls` (`serve
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
@@ -22,20 +21,20 @@ from server.protocol import (
     ChatCompletionStreamResponse,
     ChatMessage,
     DeltaMessage,
-    UsageInfo,
     random_id,
 )
 from server.routes_common import (
     GENERATION_RESPONSES,
+    UsageStream,
     admitted,
     engine_call,
     first_output,
     refuse_if_full,
     stream_events,
     stream_response,
+    usage_info,
 )
 from server.sampling import build_options, check_context
-from server.sse import sse_data
 from server.state import Ready, ServerState
 from server.structured import AnswerShape, answer_shape
 from server.tool_calls import ToolCallStream, tool_calls_from_text, tool_finish_reason
@@ -128,55 +127,35 @@ def _response(body: ChatCompletionRequest, ready: Ready, out: RequestOutput, req
         ))
     prompt_tokens = len(out.prompt_token_ids)
     completion_tokens = sum(len(c.token_ids) for c in out.outputs)
-    return ChatCompletionResponse(
-        id=request_id, model=ready.model_name, choices=choices,
-        usage=UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                        total_tokens=prompt_tokens + completion_tokens),
-    )
+    return ChatCompletionResponse(id=request_id, model=ready.model_name, choices=choices,
+                                  usage=usage_info(prompt_tokens, completion_tokens))
 
 
-class _ChatStream:
+class _ChatStream(UsageStream):
     """The chunks of one streamed chat completion (its `n` choices)."""
 
+    response_type = ChatCompletionStreamResponse
+
     def __init__(self, body: ChatCompletionRequest, ready: Ready, call: GenerationCall, shape: AnswerShape) -> None:
-        self.body, self.ready, self.call = body, ready, call
-        self.created = int(time.time())
-        self.namer = ready.namer(bool(body.return_tokens_as_token_ids))
+        super().__init__(body, ready, call, len(call.prompts[0]))
         n = call.options.n
         self.tool_streams = [ToolCallStream(shape.tools) for _ in range(n)] if shape.tools is not None else None
         self.sent_text, self.sent_tokens, self.finished = [0] * n, [0] * n, [False] * n
-        self.include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        self.continuous = self.include_usage and bool(body.stream_options and body.stream_options.continuous_usage_stats)
-        self.prompt_tokens = len(call.prompts[0])
 
-    def usage(self) -> UsageInfo:
-        done = sum(self.sent_tokens)
-        return UsageInfo(prompt_tokens=self.prompt_tokens, completion_tokens=done, total_tokens=self.prompt_tokens + done)
-
-    def chunk(self, choice: ChatCompletionResponseStreamChoice) -> bytes:
-        return sse_data(ChatCompletionStreamResponse(
-            id=self.call.request_id, created=self.created, model=self.ready.model_name, choices=[choice],
-            usage=self.usage() if self.continuous else None,
-        ))
+    def completion_tokens(self) -> int:
+        return sum(self.sent_tokens)
 
     def lead(self) -> list[bytes]:
         """The role first, as OpenAI and vLLM send it, then the echoed last message, if asked for
         (a forced tool call's answer has no content, so nothing is echoed then)."""
         n = self.call.options.n
-        events = [self.chunk(ChatCompletionResponseStreamChoice(index=i, delta=DeltaMessage(role="assistant", content="")))
-                  for i in range(n)]
+        role = DeltaMessage(role="assistant", content="")
+        events = [self.event([ChatCompletionResponseStreamChoice(index=i, delta=role)]) for i in range(n)]
         echo = echoed_text(self.body) if self.tool_streams is None else ""
         if echo:
-            events += [self.chunk(ChatCompletionResponseStreamChoice(index=i, delta=DeltaMessage(content=echo)))
+            events += [self.event([ChatCompletionResponseStreamChoice(index=i, delta=DeltaMessage(content=echo))])
                        for i in range(n)]
         return events
-
-    def final(self) -> bytes | None:
-        """The usage chunk that ends the stream, when asked for."""
-        if not self.include_usage:
-            return None
-        return sse_data(ChatCompletionStreamResponse(id=self.call.request_id, created=self.created,
-                                                     model=self.ready.model_name, choices=[], usage=self.usage()))
 
     def chunks(self, _index: int, out: RequestOutput) -> list[bytes]:
         """The events for what is new in `out`, one per choice that moved."""
@@ -184,7 +163,7 @@ class _ChatStream:
         for c in out.outputs:
             choice = None if self.finished[c.index] else self._choice(c)
             if choice is not None:
-                events.append(self.chunk(choice))
+                events.append(self.event([choice]))
         return events
 
     def _choice(self, c: CompletionOutput) -> ChatCompletionResponseStreamChoice | None:

@@ -1,11 +1,14 @@
 """Plumbing shared by the generation routes: starting a `GenerationCall`, turning its failures into
-OpenAI errors, and handing a stream's cleanup to its response."""
+OpenAI errors, handing a stream's cleanup to its response, and a streamed answer's usage
+accounting (`UsageStream`)."""
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
+from typing import Any, ClassVar
 
 import anyio
 
@@ -14,7 +17,7 @@ from server.engines import engine_healthy
 from server.errors import APIError, bad_request, engine_dead_error, internal_error
 from server.generation import DeadlineExceeded, GenerationCall
 from server.limits import QueueFullError
-from server.protocol import ErrorResponse
+from server.protocol import ErrorResponse, UsageInfo
 from server.sse import DONE, SSEResponse, sse_data
 from server.state import Ready, ServerState
 
@@ -189,3 +192,46 @@ async def stream_events(
     except APIError as err:
         yield stream_error_event(err)
     yield DONE
+
+
+def usage_info(prompt_tokens: int, completion_tokens: int) -> UsageInfo:
+    """The `usage` block of an answer."""
+    return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                     total_tokens=prompt_tokens + completion_tokens)
+
+
+class UsageStream:
+    """The parts every streamed generation shares: the chunk envelope (request id, creation time,
+    model) and the usage accounting of ``stream_options`` (``include_usage``: a last chunk with the
+    totals, `final`; ``continuous_usage_stats``: the running totals on every chunk too).
+
+    A subclass sets `response_type` (the chunk model) and says how many tokens it has sent
+    (`completion_tokens`)."""
+
+    response_type: ClassVar[type]
+
+    def __init__(self, body: Any, ready: Ready, call: GenerationCall, prompt_tokens: int) -> None:
+        self.body, self.ready, self.call = body, ready, call
+        self.created = int(time.time())
+        self.namer = ready.namer(bool(body.return_tokens_as_token_ids))
+        self.include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        self.continuous = self.include_usage and bool(body.stream_options.continuous_usage_stats)
+        self.prompt_tokens = prompt_tokens
+
+    def completion_tokens(self) -> int:
+        """The tokens sent so far, over all choices."""
+        raise NotImplementedError
+
+    def usage(self) -> UsageInfo:
+        return usage_info(self.prompt_tokens, self.completion_tokens())
+
+    def event(self, choices: list[Any], usage: UsageInfo | None = None) -> bytes:
+        """One chunk of `choices`, with the running usage when ``continuous_usage_stats`` asks for it."""
+        return sse_data(self.response_type(
+            id=self.call.request_id, created=self.created, model=self.ready.model_name, choices=choices,
+            usage=usage or (self.usage() if self.continuous else None),
+        ))
+
+    def final(self) -> bytes | None:
+        """The usage chunk that ends the stream, when asked for."""
+        return self.event([], self.usage()) if self.include_usage else None

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
@@ -20,21 +19,21 @@ from server.protocol import (
     CompletionResponse,
     CompletionResponseChoice,
     CompletionStreamResponse,
-    UsageInfo,
     prompt_count,
     random_id,
 )
 from server.routes_common import (
     GENERATION_RESPONSES,
+    UsageStream,
     admitted,
     engine_call,
     first_output,
     refuse_if_full,
     stream_events,
     stream_response,
+    usage_info,
 )
 from server.sampling import build_options, check_context, check_sequences
-from server.sse import sse_data
 from server.state import Ready, ServerState
 from server.structured import answer_shape
 
@@ -120,8 +119,7 @@ def _response(body: CompletionRequest, ready: Ready, call: GenerationCall, promp
     prompt_tokens = sum(len(p.token_ids) for p in prompts)
     return CompletionResponse(
         id=request_id, model=ready.model_name, choices=sorted(choices, key=lambda ch: ch.index),
-        usage=UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                        total_tokens=prompt_tokens + completion_tokens),
+        usage=usage_info(prompt_tokens, completion_tokens),
     )
 
 
@@ -138,28 +136,18 @@ class _ChoiceState:
         self.finished = False
 
 
-class _CompletionStream:
+class _CompletionStream(UsageStream):
     """The chunks of one streamed completion request (all its prompts and choices)."""
 
+    response_type = CompletionStreamResponse
+
     def __init__(self, body: CompletionRequest, ready: Ready, call: GenerationCall, prompts: list[Prompt]) -> None:
-        self.body, self.ready, self.call, self.prompts = body, ready, call, prompts
-        self.created = int(time.time())
-        self.namer = ready.namer(bool(body.return_tokens_as_token_ids))
+        super().__init__(body, ready, call, sum(len(p.token_ids) for p in prompts))
+        self.prompts = prompts
         self.states: dict[tuple[int, int], _ChoiceState] = {}
-        self.include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        self.continuous = self.include_usage and bool(body.stream_options and body.stream_options.continuous_usage_stats)
-        self.prompt_tokens = sum(len(p.token_ids) for p in prompts)
 
-    def usage(self) -> UsageInfo:
-        done = sum(st.tokens for st in self.states.values())
-        return UsageInfo(prompt_tokens=self.prompt_tokens, completion_tokens=done, total_tokens=self.prompt_tokens + done)
-
-    def final(self) -> bytes | None:
-        """The usage chunk that ends the stream, when asked for."""
-        if not self.include_usage:
-            return None
-        return sse_data(CompletionStreamResponse(id=self.call.request_id, created=self.created,
-                                                 model=self.ready.model_name, choices=[], usage=self.usage()))
+    def completion_tokens(self) -> int:
+        return sum(st.tokens for st in self.states.values())
 
     def chunks(self, index: int, out: RequestOutput) -> list[bytes]:
         """The events for what is new in `out` (prompt `index`), one per choice that moved."""
@@ -170,10 +158,7 @@ class _CompletionStream:
                 continue
             choice = self._choice(index, out, c, st)
             if choice is not None:
-                events.append(sse_data(CompletionStreamResponse(
-                    id=self.call.request_id, created=self.created, model=self.ready.model_name, choices=[choice],
-                    usage=self.usage() if self.continuous else None,
-                )))
+                events.append(self.event([choice]))
         return events
 
     def _choice(self, index: int, out: RequestOutput, c: CompletionOutput,

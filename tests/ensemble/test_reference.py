@@ -346,14 +346,12 @@ def test_contrastive_weights_on_a_self_pair_give_the_model_itself(
     """Per-request contrastive weights (2, -1) on a model paired with itself give the model itself:
     with the plausibility constraint off, the same tokens and log-probs; with it on (the default
     alpha), the same tokens, each at least as likely (renormalised over the plausible tokens)."""
-    from dataclasses import replace
-
     prompt = _ids(self_engine, PROMPTS[0])
     contrastive = SamplingOptions(max_tokens=4, temperature=0.0, logprobs=1, pooling="logprob_mean",
                                   weights=(2.0, -1.0))
     plain = _final(self_engine, prompt, SamplingOptions(max_tokens=4, temperature=0.0, logprobs=1))
     masked = _final(self_engine, prompt, contrastive)
-    monkeypatch.setattr(self_engine, "manifest", replace(self_engine.manifest, contrastive_alpha=0.0))
+    monkeypatch.setattr(self_engine, "manifest", self_engine.manifest.model_copy(update={"contrastive_alpha": 0.0}))
     unmasked = _final(self_engine, prompt, contrastive)
     assert plain.outputs[0].token_ids == masked.outputs[0].token_ids == unmasked.outputs[0].token_ids
     for a, b, c in zip(plain.outputs[0].logprobs, masked.outputs[0].logprobs, unmasked.outputs[0].logprobs):

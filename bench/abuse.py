@@ -7,7 +7,10 @@ Starts `serve` (a subprocess on a free loopback port, as `bench/downstream.py` d
 the same valid traffic twice: `--clients` clients each sending `--requests` short completions
 (`--max-tokens` tokens, greedy) one after another,
 
-1. *quiet*: alone (after a short unmeasured warm-up);
+1. *quiet*: alone (after an unmeasured warm-up: a few valid requests, and one request of the
+   kind the slow readers send, read to its end: the engine's first streamed `n` 4 request with
+   log-probs costs seconds once, which would otherwise land on the first valid requests of the
+   abuse phase and be counted as abuse);
 2. *abuse*: while abusers run in loops on loopback until the valid traffic is done:
    - slow readers: streaming requests for long answers whose sockets are never read (the server
      cuts them off after `--stream-stall-timeout`);
@@ -33,6 +36,7 @@ import asyncio
 import contextlib
 import json
 import multiprocessing
+import os
 import statistics
 import sys
 import time
@@ -61,9 +65,12 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
 
 
-async def valid_traffic(url: str, clients: int, requests: int, max_tokens: int) -> tuple[list[float], Counter]:
-    """`clients` clients each sending `requests` completions in turn: latencies (s) and statuses."""
+async def valid_traffic(url: str, clients: int, requests: int, max_tokens: int,
+                        timeline: list[tuple[float, float]] | None = None) -> tuple[list[float], Counter]:
+    """`clients` clients each sending `requests` completions in turn: latencies (s) and statuses;
+    (start, latency) of each success appended to `timeline` (seconds from the first start)."""
     latencies: list[float] = []
+    origin = time.perf_counter()
     statuses: Counter = Counter()
     body = {"prompt": "The history of the city begins", "max_tokens": max_tokens, "temperature": 0,
             "ignore_eos": True}
@@ -75,6 +82,8 @@ async def valid_traffic(url: str, clients: int, requests: int, max_tokens: int) 
             statuses[r.status_code] += 1
             if r.status_code == 200:
                 latencies.append(time.perf_counter() - started)
+                if timeline is not None:
+                    timeline.append((round(started - origin, 3), round(latencies[-1], 3)))
 
     async with httpx.AsyncClient(headers=HEADERS, timeout=600) as http:
         await asyncio.gather(*(client(http) for _ in range(clients)))
@@ -181,12 +190,16 @@ async def peak_memory(pid: int, stop: asyncio.Event) -> float:
 KINDS = ("slow_readers", "disconnect_storm", "huge_bodies", "hostile_json")
 
 
-def _abusers_process(url: str, huge_mb: float, count: int, kinds: tuple[str, ...], started: Any, stop: Any,
-                     results: Any) -> None:
+def _abusers_process(url: str, huge_mb: float, count: int, kinds: tuple[str, ...], nice: int, started: Any,
+                     stop: Any, results: Any) -> None:
     """The abusers, in a process of their own: their client-side work (building and sending big
     bodies, parsing answers) must not hold up the valid client's event loop and so its clock, as
-    it would if both shared one loop; an attacker is not inside the victim's client either."""
-    results.put(asyncio.run(_abuse(url, huge_mb, count, kinds, started, stop)))
+    it would if both shared one loop; an attacker is not inside the victim's client either. Sends
+    back their answers, failures and the CPU seconds the process used."""
+    if nice:
+        os.nice(nice)
+    answers, failures = asyncio.run(_abuse(url, huge_mb, count, kinds, started, stop))
+    results.put((answers, failures, time.process_time()))
 
 
 async def _abuse(url: str, huge_mb: float, count: int, kinds: tuple[str, ...], started: Any,
@@ -210,27 +223,44 @@ async def _abuse(url: str, huge_mb: float, count: int, kinds: tuple[str, ...], s
     return {name: {str(k): v for k, v in c.items()} for name, c in abusers.items()}, failures
 
 
+def cpu_seconds(pid: int) -> dict[str, float]:
+    """CPU seconds (user + system) used so far by the server process and, together, its children
+    (vLLM's engine core)."""
+    proc = psutil.Process(pid)
+    own = sum(proc.cpu_times()[:2])
+    children = 0.0
+    for child in proc.children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            children += sum(child.cpu_times()[:2])
+    return {"server": own, "engine": children}
+
+
 async def phase(url: str, pid: int, args: argparse.Namespace, kinds: tuple[str, ...]) -> dict[str, Any]:
     """One run of the valid traffic, with the abusers of `kinds` (none: quiet) in their own process."""
     stop = asyncio.Event()
+    cpu_before = cpu_seconds(pid)
     memory = asyncio.create_task(peak_memory(pid, stop))
     ctx = multiprocessing.get_context("spawn")
     started, stop_abuse, queue = ctx.Event(), ctx.Event(), ctx.Queue()
     process = None
     if kinds:
-        process = ctx.Process(target=_abusers_process, args=(url, args.huge_mb, args.abusers, kinds, started,
-                                                              stop_abuse, queue), daemon=True)
+        process = ctx.Process(target=_abusers_process, args=(url, args.huge_mb, args.abusers, kinds,
+                                                              args.abuser_nice, started, stop_abuse, queue),
+                              daemon=True)
         process.start()
         await asyncio.get_running_loop().run_in_executor(None, started.wait)
         await asyncio.sleep(1.0)  # let the abuse start first
     begun = time.perf_counter()
-    latencies, statuses = await valid_traffic(url, args.clients, args.requests, args.max_tokens)
+    timeline: list[tuple[float, float]] = []
+    latencies, statuses = await valid_traffic(url, args.clients, args.requests, args.max_tokens, timeline)
     wall = time.perf_counter() - begun
     abusers: dict[str, dict[str, int]] = {}
     failures: list[str] = []
+    abuser_cpu = 0.0
+    cpu = {k: v - cpu_before[k] for k, v in cpu_seconds(pid).items()}  # while the valid traffic ran
     if process is not None:
         stop_abuse.set()
-        abusers, failures = await asyncio.get_running_loop().run_in_executor(None, queue.get)
+        abusers, failures, abuser_cpu = await asyncio.get_running_loop().run_in_executor(None, queue.get)
         process.join()
     stop.set()
     return {
@@ -238,6 +268,8 @@ async def phase(url: str, pid: int, args: argparse.Namespace, kinds: tuple[str, 
         "p50_s": percentile(latencies, 0.5), "p99_s": percentile(latencies, 0.99),
         "mean_s": statistics.fmean(latencies), "peak_rss_mib": await memory,
         "abusers": abusers, "abuser_failures": failures,
+        "cpu_s": {"server": cpu["server"], "engine": cpu["engine"], "abusers": abuser_cpu},
+        "timeline": sorted(timeline),
     }
 
 
@@ -251,6 +283,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--abusers", type=int, default=2, help="tasks of each abuser kind (default 2)")
     p.add_argument("--huge-mb", type=float, default=40.0, help="size of the huge bodies (default 40 MiB)")
     p.add_argument("--stream-stall-timeout", type=float, default=5.0, help="serve's setting (default 5 s)")
+    p.add_argument("--abuser-nice", type=int, default=0, metavar="N",
+                   help="run the abusers' process at this niceness (0: like the server; 19: their own CPU "
+                        "work barely competes with the server's, as when attackers are other machines)")
     p.add_argument("--each", action="store_true",
                    help="also run one abuse phase per abuser kind alone (which abuse costs what)")
     p.add_argument("--serve-arg", action="append", default=[], metavar="ARG", help="passed on to serve")
@@ -260,13 +295,12 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.ensemble / "chorus_ensemble.json").is_file():
         p.error(f"{args.ensemble} is not an ensemble folder (no chorus_ensemble.json)")
 
-    import os
-
     os.environ["CHORUS_API_KEY"] = API_KEY
     serve_args = ["--stream-stall-timeout", str(args.stream_stall_timeout), *args.serve_arg]
     with served(args.ensemble, args.engine, args.log, serve_args) as (url, card):
         pid = _server_pid(int(url.rsplit(":", 1)[1]))
         asyncio.run(valid_traffic(url, args.clients, 2, args.max_tokens))  # warm-up, not measured
+        warm_up_first_use(url)
         quiet = asyncio.run(phase(url, pid, args, ()))
         abuse = asyncio.run(phase(url, pid, args, KINDS))
         alone = {kind: asyncio.run(phase(url, pid, args, (kind,))) for kind in (KINDS if args.each else ())}
@@ -274,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     record = {"ensemble": str(args.ensemble), "engine": args.engine, "model": card["id"],
               "settings": {k: v for k, v in vars(args).items() if k in ("clients", "requests", "max_tokens",
                                                                            "abusers", "huge_mb",
-                                                                           "stream_stall_timeout")},
+                                                                           "stream_stall_timeout", "abuser_nice")},
               "quiet": quiet, "abuse": abuse, "p99_ratio": abuse["p99_s"] / quiet["p99_s"],
               "p50_ratio": abuse["p50_s"] / quiet["p50_s"], "alone": alone, "health_after": health}
     print(render(record))
@@ -290,6 +324,14 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if server_errors or health != 200 else 0
 
 
+def warm_up_first_use(url: str) -> None:
+    """One streamed request shaped like the slow readers' (n 4, log-probs 5), read to its end."""
+    body = {"prompt": "Tell a long story", "max_tokens": 8, "n": 4, "ignore_eos": True, "stream": True, "logprobs": 5}
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, headers=HEADERS, timeout=600) as r:
+        for _ in r.iter_bytes():
+            pass
+
+
 def _server_pid(port: int) -> int:
     """The pid of the process listening on `port`."""
     for conn in psutil.net_connections(kind="tcp"):
@@ -302,14 +344,14 @@ def render(record: dict[str, Any]) -> str:
     """The results as a Markdown table plus the abusers' answers."""
     q, a = record["quiet"], record["abuse"]
     lines = [
-        "| phase | valid ok | p50 (s) | p99 (s) | peak RSS (MiB) |",
-        "|---|---|---|---|---|",
-        f"| quiet | {q['valid_ok']} | {q['p50_s']:.3f} | {q['p99_s']:.3f} | {q['peak_rss_mib']:.0f} |",
-        f"| abuse | {a['valid_ok']} | {a['p50_s']:.3f} | {a['p99_s']:.3f} | {a['peak_rss_mib']:.0f} |",
+        "| phase | valid ok | p50 (s) | p99 (s) | peak RSS (MiB) | CPU s: server / engine / abusers |",
+        "|---|---|---|---|---|---|",
     ]
-    for kind, ph in record.get("alone", {}).items():
-        lines.append(f"| {kind} alone | {ph['valid_ok']} | {ph['p50_s']:.3f} | {ph['p99_s']:.3f} | "
-                     f"{ph['peak_rss_mib']:.0f} |")
+    phases = [("quiet", q), ("abuse", a), *((f"{kind} alone", ph) for kind, ph in record.get("alone", {}).items())]
+    for name, ph in phases:
+        cpu = ph.get("cpu_s", {})
+        lines.append(f"| {name} | {ph['valid_ok']} | {ph['p50_s']:.3f} | {ph['p99_s']:.3f} | {ph['peak_rss_mib']:.0f} | "
+                     f"{cpu.get('server', 0):.1f} / {cpu.get('engine', 0):.1f} / {cpu.get('abusers', 0):.1f} |")
     lines += [
         "",
         f"p50 ratio {record['p50_ratio']:.2f}x, p99 ratio {record['p99_ratio']:.2f}x (target: p99 within 2x)",

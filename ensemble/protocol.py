@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 PoolingRule = Literal["prob_mean", "logprob_mean"]
 POOLING_RULES: tuple[str, ...] = get_args(PoolingRule)
+ALONE = "alone"  # engines' internal rule for a request that names one member: its own distribution
 FinishReason = Literal["stop", "length", "abort"]
 StructuredKind = Literal["json", "json_object", "regex", "choice", "grammar"]
 STRUCTURED_KINDS: tuple[str, ...] = get_args(StructuredKind)
@@ -91,6 +92,9 @@ class SamplingOptions:
     pooling: PoolingRule | None = None  # per-request rule; None = the ensemble's own
     weights: tuple[float, ...] | None = None  # per-request member weights; None = the ensemble's own
     member_logprobs: bool = False  # report each member's log-prob of the chosen token
+    # Serve this member alone (a request for it by name): its own next-token distribution, at
+    # temperature 1 and without pooling; None = the ensemble.
+    member: str | None = None
 
 
 @dataclass

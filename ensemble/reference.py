@@ -39,7 +39,7 @@ import torch
 from ensemble.manifest import EnsembleManifest
 from ensemble.pooling import normalise_weights
 from ensemble.pooling_stats import PoolingCounters
-from ensemble.protocol import EngineRequestError, EngineStats, RequestOutput, SamplingOptions, engine_info
+from ensemble.protocol import ALONE, EngineRequestError, EngineStats, RequestOutput, SamplingOptions, engine_info
 from ensemble.reference_decode import PROMPT_LOGPROBS_BYTES, DecodeMixin  # noqa: F401 (re-exported)
 from ensemble.reference_members import Member, load_members  # noqa: F401 (Member: re-exported)
 from ensemble.reference_requests import _Request, _Sequence  # noqa: F401 (_Sequence: re-exported)
@@ -77,6 +77,7 @@ class ReferenceEngine(DecodeMixin):
         self.info = engine_info(
             "reference", self.manifest, self.tokenizer, max_model_len=self.max_model_len, dtype=dtype,
             scheduling_policy="priority",
+            servable_members=[m.spec.name for m in self.members],  # each one alone, by name
             structured_outputs=None,  # no grammar backend: constrained requests need the vLLM engine
         )
         self._cond = threading.Condition()
@@ -180,6 +181,11 @@ class ReferenceEngine(DecodeMixin):
             raise EngineRequestError(
                 f"structured output ({options.structured_outputs.kind}) needs the vLLM engine: the reference "
                 "engine samples without a grammar backend")
+        names = [m.spec.name for m in self.members]
+        if options.member is not None:
+            if options.member not in names:
+                raise EngineRequestError(f"unknown member {options.member!r}; the members are {', '.join(names)}")
+            return ALONE, tuple(1.0 if name == options.member else 0.0 for name in names)
         rule = options.pooling or self.manifest.rule
         weights = tuple(options.weights) if options.weights is not None else self.manifest.weights
         try:

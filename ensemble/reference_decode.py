@@ -19,7 +19,7 @@ from torch import Tensor
 from ensemble.manifest import EnsembleManifest
 from ensemble.pooling import member_logprobs, pool_logprobs
 from ensemble.pooling_stats import PoolingCounters
-from ensemble.protocol import TokenLogprob
+from ensemble.protocol import ALONE, TokenLogprob
 from ensemble.reference_members import Member
 from ensemble.reference_requests import _Request, _Sequence
 from ensemble.sampling import sample_token, top_logprobs
@@ -69,7 +69,10 @@ class DecodeMixin:
         """Pool ``[N, V]`` rows per member, row i belonging to requests[i] (its rule and weights)."""
         device = member_rows[0].device
         out = torch.empty(member_rows[0].shape, dtype=torch.float32, device=device)
-        for rule in sorted({r.rule for r in requests}):
+        for i, r in enumerate(requests):
+            if r.rule == ALONE:  # a member alone: its own distribution, temperature 1
+                out[i] = member_logprobs(member_rows[r.weights.index(1.0)][i], 1.0)
+        for rule in sorted({r.rule for r in requests} - {ALONE}):
             idx = [i for i, r in enumerate(requests) if r.rule == rule]
             index = torch.tensor(idx, dtype=torch.long, device=device)
             weights = torch.tensor([requests[i].weights for i in idx], dtype=torch.float32, device=device)

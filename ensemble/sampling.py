@@ -56,6 +56,8 @@ def check_options(options: SamplingOptions, vocab_size: int) -> None:
         value = getattr(options, name)
         if value is not None and not (isinstance(value, int) and 0 <= value <= MAX_LOGPROBS):
             raise bad(f"{name} must be an integer in [0, {MAX_LOGPROBS}], got {value}")
+    if options.member is not None and (options.pooling is not None or options.weights is not None):
+        raise bad(f"a request for member {options.member!r} alone takes no pooling rule or member weights")
     if len({token for token, _ in options.logit_bias}) != len(options.logit_bias):
         raise bad("logit_bias names a token id twice")
     for token, bias in options.logit_bias:

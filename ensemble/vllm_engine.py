@@ -154,6 +154,8 @@ class VLLMEngine:
             tensor_parallel_size=self.config.tensor_parallel_size,
             per_request_pooling=self.pooling_unavailable is None,
             served_members=[m.name for m in self.served.members],
+            # each one alone, by name (through the request-pooling tracker)
+            servable_members=[m.name for m in self.served.members] if self.pooling_unavailable is None else [],
             max_num_seqs=self.max_num_seqs,
             prefix_caching=bool(vllm_config.cache_config.enable_prefix_caching),
             scheduling_policy=str(vllm_config.scheduler_config.policy),
@@ -200,7 +202,13 @@ class VLLMEngine:
                                      "--scheduling-policy priority (this one schedules first come, first served)")
         translator = OutputTranslator(request_id, prompt, options)
         await self._start_counters()
-        stream = self._llm.generate({"prompt_token_ids": prompt}, params, request_id, priority=options.priority)
+        inputs: dict[str, Any] = {"prompt_token_ids": prompt}
+        if options.member is not None:
+            # A step of member requests alone runs only those members (`ensemble.vllm_model`), so the
+            # other members' KV of their blocks is never written: a salt of their own keeps those
+            # blocks out of every other request's prefix-cache hits.
+            inputs["cache_salt"] = f"chorus-member-{options.member}"
+        stream = self._llm.generate(inputs, params, request_id, priority=options.priority)
         self._active.add(request_id)
         try:
             async for out in stream:

@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from ensemble.manifest import EnsembleManifest, MemberSpec
-from ensemble.pooling import Scratch, fit_vocab, pool_logprobs
+from ensemble.pooling import Scratch, fit_vocab, member_logprobs, pool_logprobs
 from ensemble.pooling_stats import PoolingCounters
 from ensemble.vllm_pooling import RowPooling, active_tracker
 
@@ -146,6 +146,7 @@ class EnsembleForCausalLM(nn.Module):
         # Read (and reset after start-up's dummy runs) by `ensemble.vllm_worker`, via collective_rpc.
         self.pooling_counters = PoolingCounters([p.spec.name for p in self._plans])
         self.scratch = Scratch()  # the pool's work buffer, reused step after step
+        self._ran: frozenset[int] | None = None  # the members the last forward ran (None: all)
 
     def _member_hf_configs(self, trust_remote_code: bool) -> list:
         """Every member's Hugging Face config, read and checked before anything is built."""
@@ -205,17 +206,28 @@ class EnsembleForCausalLM(nn.Module):
         inputs_embeds: torch.Tensor | None = None,
         **kwargs,
     ) -> torch.Tensor:
-        """Run every member over the same tokens; return their final hidden states side by side."""
+        """Run every member over the same tokens; return their final hidden states side by side.
+
+        When every request of the step asked for members alone (by name), only those members run
+        and the others' columns are zeros: their logits are never computed, and their KV cache
+        for these requests is never read (such requests carry a prefix-cache salt of their own,
+        `ensemble.vllm_engine`). Under a captured full CUDA graph the capture (all members) replays."""
         if intermediate_tensors is not None:
             raise NotImplementedError("the vLLM ensemble does not support pipeline parallelism")
         if inputs_embeds is not None:
             embeds = torch.split(inputs_embeds, self.hidden_sizes, dim=-1)
         else:
             embeds = (None,) * len(self._plans)
+        tracker = active_tracker()
+        needed = tracker.members_needed() if tracker is not None else None
         outputs = [
-            member(input_ids=input_ids, positions=positions, inputs_embeds=e)
-            for member, e in zip(self.members(), embeds)
+            member(input_ids=input_ids, positions=positions, inputs_embeds=e) if needed is None or k in needed else None
+            for k, (member, e) in enumerate(zip(self.members(), embeds))
         ]
+        if needed is not None:
+            ran = next(o for o in outputs if o is not None)
+            outputs = [ran.new_zeros(ran.shape[0], h) if o is None else o for o, h in zip(outputs, self.hidden_sizes)]
+        self._ran = needed
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
 
     def member_logits(self, hidden_states: torch.Tensor) -> list[torch.Tensor] | None:
@@ -225,7 +237,11 @@ class EnsembleForCausalLM(nn.Module):
         """
         parts = torch.split(hidden_states, self.hidden_sizes, dim=-1)
         out: list[torch.Tensor] = []
-        for plan, member, h in zip(self._plans, self.members(), parts):
+        ran = getattr(self, "_ran", None)
+        for k, (plan, member, h) in enumerate(zip(self._plans, self.members(), parts)):
+            if ran is not None and k not in ran:
+                out.append(None)  # type: ignore[arg-type] - not run this step: no row needs it
+                continue
             logits = member.compute_logits(h)
             if logits is None:
                 return None
@@ -244,12 +260,16 @@ class EnsembleForCausalLM(nn.Module):
             return None
         tracker = active_tracker()
         asked = tracker.rows_to_pool(hidden_states.shape[0]) if tracker is not None else None
+        if asked and len(asked) == hidden_states.shape[0] and all(s.alone is not None for s in asked.values()):
+            return self.pool(logits, asked)  # members alone: nothing is pooled, nothing counted
         return self.pooling_counters.timed_pool(logits, lambda: self.pool(logits, asked))
 
     def pool(self, logits: list[torch.Tensor], asked: dict[int, RowPooling] | None = None) -> torch.Tensor:
         """Pool the members' `logits` with the manifest's rule and weights, except the rows in
-        `asked`, each pooled with its own (`ensemble.vllm_pooling`). Rows are pooled in groups of
-        one (rule, weights) each, so a row's result does not depend on the rest of its batch."""
+        `asked`, each pooled with its own (`ensemble.vllm_pooling`), or, for a request of a member
+        alone, that member's own log-probs. Rows are pooled in groups of one (rule, weights) each,
+        so a row's result does not depend on the rest of its batch. `logits` holds None for members
+        that did not run (only when every row is a member alone)."""
 
         def pool(rows: list[torch.Tensor], spec: RowPooling | None) -> torch.Tensor:
             rule, weights = (self.rule, self.weights) if spec is None else (spec.rule, spec.weights)
@@ -259,13 +279,17 @@ class EnsembleForCausalLM(nn.Module):
 
         if not asked:
             return pool(logits, None)
+        some = next(x for x in logits if x is not None)
         groups: dict[RowPooling | None, list[int]] = {}
-        for row in range(logits[0].shape[0]):
+        for row in range(some.shape[0]):
             groups.setdefault(asked.get(row), []).append(row)
-        out = torch.empty(logits[0].shape, dtype=torch.float32, device=logits[0].device)
+        out = torch.empty(some.shape, dtype=torch.float32, device=some.device)
         for spec, rows in groups.items():
             index = torch.tensor(rows, dtype=torch.long, device=out.device)
-            out[index] = pool([x.index_select(0, index) for x in logits], spec)
+            if spec is not None and spec.alone is not None:  # a member alone: its own distribution
+                out[index] = member_logprobs(logits[spec.alone].index_select(0, index))
+            else:
+                out[index] = pool([x.index_select(0, index) for x in logits], spec)
         return out
 
     # ------------------------------------------------------------------ weights

@@ -71,7 +71,7 @@ import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 from vllm.v1.sample.logits_processor.builtin import process_dict_updates
 
-from ensemble.protocol import POOLING_RULES
+from ensemble.protocol import ALONE, POOLING_RULES
 
 EXTRA_ARGS_KEY = "chorus_pooling"  # the key in SamplingParams.extra_args
 TRACKER_QUALNAME = "ensemble.vllm_pooling:RequestPoolingTracker"  # vLLM's <module>:<class> form
@@ -79,10 +79,13 @@ TRACKER_QUALNAME = "ensemble.vllm_pooling:RequestPoolingTracker"  # vLLM's <modu
 
 @dataclass(frozen=True)
 class RowPooling:
-    """One request's own pooling: a rule and one weight per served member (pooling order)."""
+    """One request's own pooling: a rule and one weight per served member (pooling order); or,
+    with `alone` set, no pooling: served member number `alone`'s own distribution at temperature 1
+    (a request for that member by name; `rule` is then ``ALONE`` and `weights` empty)."""
 
     rule: str
     weights: tuple[float, ...]
+    alone: int | None = None
 
 
 def pooling_extra_args(rule: str, weights: Sequence[float]) -> dict[str, Any]:
@@ -90,15 +93,26 @@ def pooling_extra_args(rule: str, weights: Sequence[float]) -> dict[str, Any]:
     return {EXTRA_ARGS_KEY: {"rule": rule, "weights": [float(w) for w in weights]}}
 
 
+def alone_extra_args(member: int) -> dict[str, Any]:
+    """``SamplingParams.extra_args`` asking for served member number `member` alone."""
+    return {EXTRA_ARGS_KEY: {"member": int(member)}}
+
+
 def parse_row_pooling(extra_args: Mapping[str, Any] | None) -> RowPooling | None:
     """The `RowPooling` a request's ``extra_args`` ask for (None: the ensemble's own).
 
-    ValueError if the entry is malformed. The weights' count and signs are checked by the
-    front end (`ensemble.vllm_translate.request_pooling`), which knows the members.
+    ValueError if the entry is malformed. The weights' count and signs, and a member number's
+    range, are checked by the front end (`ensemble.vllm_translate.request_pooling`), which knows
+    the members.
     """
     if not extra_args or EXTRA_ARGS_KEY not in extra_args:
         return None
     entry = extra_args[EXTRA_ARGS_KEY]
+    if isinstance(entry, Mapping) and set(entry) == {"member"}:
+        member = entry["member"]
+        if not isinstance(member, int) or isinstance(member, bool) or member < 0:
+            raise ValueError(f"extra_args[{EXTRA_ARGS_KEY!r}]: 'member' must be a member number, got {member!r}")
+        return RowPooling(ALONE, (), alone=member)
     if not isinstance(entry, Mapping) or set(entry) != {"rule", "weights"}:
         raise ValueError(f"extra_args[{EXTRA_ARGS_KEY!r}] must be an object with 'rule' and 'weights', got {entry!r}")
     rule, weights = entry["rule"], entry["weights"]
@@ -148,6 +162,14 @@ class RequestPoolingTracker(LogitsProcessor):
             process_dict_updates(self._rows, batch_update, lambda params, _prompt, _out: parse_row_pooling(
                 params.extra_args))
             self._batch_size = batch_update.batch_size
+
+    def members_needed(self) -> frozenset[int] | None:
+        """For `EnsembleForCausalLM.forward`: the served members this step's requests need, when
+        every request in the batch asked for a member alone; None (all of them) otherwise."""
+        if not self._rows or len(self._rows) != self._batch_size:
+            return None
+        alone = {spec.alone for spec in self._rows.values()}
+        return None if None in alone else frozenset(alone)  # type: ignore[arg-type]
 
     def rows_to_pool(self, num_rows: int) -> dict[int, RowPooling] | None:
         """For `EnsembleForCausalLM.compute_logits`: ``{row: RowPooling}`` for the rows of this

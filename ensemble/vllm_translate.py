@@ -51,6 +51,8 @@ def request_pooling(
             "member_logprobs is not supported by the vLLM engine: it reports the pooled "
             "distribution only (use the reference engine for per-member log-probs)"
         )
+    if options.member is not None:
+        return _alone(options, served, unavailable)
     if options.pooling is None and options.weights is None:
         return None
     rule = options.pooling or manifest.rule
@@ -81,6 +83,24 @@ def request_pooling(
             "logprobs, pool as the ensemble does, or use the reference engine (--engine torch)"
         )
     return pooling_extra_args(rule, asked)
+
+
+def _alone(options: SamplingOptions, served: EnsembleManifest, unavailable: str | None) -> dict[str, Any]:
+    """The ``extra_args`` of a request for one member alone (`SamplingOptions.member`)."""
+    from ensemble.vllm_pooling import alone_extra_args
+
+    names = [m.name for m in served.members]
+    if options.member not in names:
+        raise EngineRequestError(f"member {options.member!r} is not served by this vLLM engine (it serves "
+                                 f"{', '.join(names)}; a member the manifest weights 0 is not loaded)")
+    if unavailable is not None:
+        raise EngineRequestError(f"a request for member {options.member!r} alone is not available on this vLLM "
+                                 f"engine: {unavailable}")
+    if options.prompt_logprobs is not None:
+        raise EngineRequestError(f"prompt log-probs (echo with logprobs) for member {options.member!r} alone are "
+                                 "not supported by the vLLM engine (vLLM scores prompt tokens in calls that do not "
+                                 "say which request they belong to); drop echo or logprobs")
+    return alone_extra_args(names.index(options.member))
 
 
 def _same_weights(asked: Sequence[float], own: Sequence[float]) -> bool:

@@ -72,7 +72,7 @@ async def chat_prompt_ids(ready: Ready, state: ServerState, body) -> list[int]:
 
 async def _chat(body: ChatCompletionRequest, state: ServerState):
     ready = state.require_ready()
-    state.check_model(ready, body.model)
+    member = state.check_model(ready, body.model)
     shape = answer_shape(body, engine_supports=bool(ready.engine.info.get("structured_outputs")))
     refuse_if_full(ready, body.n or 1, body.priority)  # before rendering and tokenizing
     prompt = await chat_prompt_ids(ready, state, body)
@@ -80,7 +80,7 @@ async def _chat(body: ChatCompletionRequest, state: ServerState):
     max_tokens = int(asked) if asked is not None else max(1, ready.max_model_len - len(prompt))
     check_context(len(prompt), max_tokens, ready.max_model_len, "messages")
     options = build_options(body, max_tokens=max_tokens, vocab_size=ready.vocab_size, members=ready.members,
-                            structured=shape.structured)
+                            structured=shape.structured, member=member)
     request_id = random_id("chatcmpl")
     call = engine_call(state, ready, request_id, [prompt], options)
     async with admitted(call) as outputs:
@@ -127,7 +127,7 @@ def _response(body: ChatCompletionRequest, ready: Ready, out: RequestOutput, req
         ))
     prompt_tokens = len(out.prompt_token_ids)
     completion_tokens = sum(len(c.token_ids) for c in out.outputs)
-    return ChatCompletionResponse(id=request_id, model=ready.model_name, choices=choices,
+    return ChatCompletionResponse(id=request_id, model=ready.answered_as(body.model), choices=choices,
                                   usage=usage_info(prompt_tokens, completion_tokens))
 
 

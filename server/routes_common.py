@@ -228,7 +228,7 @@ class UsageStream:
     def event(self, choices: list[Any], usage: UsageInfo | None = None) -> bytes:
         """One chunk of `choices`, with the running usage when ``continuous_usage_stats`` asks for it."""
         return sse_data(self.response_type(
-            id=self.call.request_id, created=self.created, model=self.ready.model_name, choices=choices,
+            id=self.call.request_id, created=self.created, model=self.call.options.member or self.ready.model_name, choices=choices,
             usage=usage or (self.usage() if self.continuous else None),
         ))
 

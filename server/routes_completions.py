@@ -48,7 +48,7 @@ async def create_completion(body: CompletionRequest, request: Request):
 
 async def _completion(body: CompletionRequest, state: ServerState):
     ready = state.require_ready()
-    state.check_model(ready, body.model)
+    member = state.check_model(ready, body.model)
     max_tokens = int(body.max_tokens if body.max_tokens is not None else 16)
     if max_tokens == 0 and not body.echo:
         raise bad_request("max_tokens must be at least 1, got 0 (0 is only allowed with 'echo': true, "
@@ -61,7 +61,7 @@ async def _completion(body: CompletionRequest, state: ServerState):
     engine_tokens = max(max_tokens, 1)
     check_context(max(len(p.token_ids) for p in prompts), engine_tokens, ready.max_model_len, "prompt")
     options = build_options(body, max_tokens=engine_tokens, vocab_size=ready.vocab_size, members=ready.members,
-                            structured=shape.structured)
+                            structured=shape.structured, member=member)
     request_id = random_id("cmpl")
     call = engine_call(state, ready, request_id, [p.token_ids for p in prompts], options)
     async with admitted(call) as outputs:
@@ -118,7 +118,7 @@ def _response(body: CompletionRequest, ready: Ready, call: GenerationCall, promp
             ))
     prompt_tokens = sum(len(p.token_ids) for p in prompts)
     return CompletionResponse(
-        id=request_id, model=ready.model_name, choices=sorted(choices, key=lambda ch: ch.index),
+        id=request_id, model=ready.answered_as(body.model), choices=sorted(choices, key=lambda ch: ch.index),
         usage=usage_info(prompt_tokens, completion_tokens),
     )
 

@@ -34,7 +34,8 @@ def _state(request: Request) -> ServerState:
 
 @router.get("/v1/models", response_model=ModelList, responses=openai_errors(401, 503))
 async def list_models(request: Request) -> ModelList:
-    """The ensemble, with its members, weights and pooling rule as metadata."""
+    """The ensemble, with its members, weights and pooling rule as metadata; then each member
+    that can be asked for alone, by its name."""
     state = _state(request)
     ready = state.require_ready()
     info = copy.deepcopy(ready.engine.info)
@@ -43,7 +44,10 @@ async def list_models(request: Request) -> ModelList:
         if member.get("path"):
             member["path"] = PurePath(member["path"]).name
     card = ModelCard(id=ready.model_name, root=ready.model_name, max_model_len=ready.max_model_len, ensemble=info)
-    return ModelList(data=[card])
+    # Each member the engine can serve alone, under its own name (`parent`: the ensemble it is part of).
+    members = [ModelCard(id=name, root=name, parent=ready.model_name, max_model_len=ready.max_model_len)
+               for name in ready.servable_members]
+    return ModelList(data=[card, *members])
 
 
 @router.get("/health", response_class=Response,

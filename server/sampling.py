@@ -112,10 +112,17 @@ def build_options(
     vocab_size: int,
     members: list[str],
     structured: StructuredOutput | None = None,
+    member: str | None = None,
 ) -> SamplingOptions:
     """The engine options for `body` (already validated for types and ranges by pydantic);
-    `structured` is the answer's grammar constraint, as `server.structured.answer_shape` found it."""
+    `structured` is the answer's grammar constraint, as `server.structured.answer_shape` found it;
+    `member` the member the request names as its model, served alone."""
     _reject_unsupported(body)
+    if member is not None:
+        for field, value in (("pooling", body.pooling), ("member_weights", body.member_weights)):
+            if value is not None:
+                raise bad_request(f"'{field}' pools the ensemble's members; a request for member '{member}' alone "
+                                  "takes none (name the ensemble as the model to pool)", param=field)
     stop_ids = tuple(body.stop_token_ids or ())
     check_token_ids(stop_ids, vocab_size, "stop_token_ids")
     temperature = 1.0 if body.temperature is None else float(body.temperature)
@@ -151,6 +158,7 @@ def build_options(
         pooling=body.pooling,
         weights=member_weights(body.member_weights, members),
         member_logprobs=bool(body.return_member_logprobs),
+        member=member,
     )
 
 

@@ -33,7 +33,13 @@ class Ready:
     tokenization: Tokenization
     admission: Admission
     metrics: ServerMetrics
+    servable_members: list[str] = field(default_factory=list)  # members a request may name as its model
     _token_bytes: list[bytes | None] | None = None
+
+    def answered_as(self, model: str | None) -> str:
+        """The `model` of a response to a request that named `model`: the member it asked for
+        alone, else the ensemble's served name."""
+        return model if model is not None and model in self.servable_members else self.model_name
 
     def token_bytes_table(self) -> list[bytes | None]:
         """Each id's bytes (built on first use: it takes a few seconds for a large vocabulary)."""
@@ -99,11 +105,16 @@ class ServerState:
                            headers={"Retry-After": "5"})
         return self.ready
 
-    def check_model(self, ready: Ready, model: str | None) -> None:
-        """404 when the request names a model this server does not serve."""
-        if model is not None and model != ready.model_name:
-            raise APIError(404, f"The model `{model}` does not exist; this server serves `{ready.model_name}`.",
-                           param="model", code="model_not_found")
+    def check_model(self, ready: Ready, model: str | None) -> str | None:
+        """The member a request names as its model (served alone), None for the ensemble (or no
+        model); 404 when it names a model this server does not serve."""
+        if model is None or model == ready.model_name:
+            return None
+        if model in ready.servable_members:
+            return model
+        served = ", ".join(f"`{m}`" for m in [ready.model_name, *ready.servable_members])
+        raise APIError(404, f"The model `{model}` does not exist; this server serves {served}.",
+                       param="model", code="model_not_found")
 
 
 def build_ready(config: ServerConfig, engine: Engine) -> Ready:
@@ -124,6 +135,10 @@ def build_ready(config: ServerConfig, engine: Engine) -> Ready:
     if engine_cap and max_running > engine_cap:
         log.warning("--max-running %d exceeds the engine's max_num_seqs %d: the excess waits inside the engine, "
                     "where the server's admission order and timeouts do not reach it", max_running, engine_cap)
+    servable = [str(m) for m in engine.info.get("servable_members", [])]
+    if name in servable:
+        raise ValueError(f"the served model name {name!r} is also a member's name: give the ensemble another "
+                         "(--served-model-name), so that requests for the member alone can name it")
     metrics = ServerMetrics(name)
     return Ready(
         engine=engine,
@@ -135,4 +150,5 @@ def build_ready(config: ServerConfig, engine: Engine) -> Ready:
                                   max_pending=config.max_queue + max_running),
         admission=Admission(max_running, config.max_queue),
         metrics=metrics,
+        servable_members=servable,
     )

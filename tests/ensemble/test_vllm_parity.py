@@ -88,6 +88,7 @@ async def _probe(engine, prompts: list[list[int]]) -> dict[str, object]:
     probes["biased"] = [(options, (await collect(engine, prompts[0], options, f"bias-{i}"))[-1])
                         for i, options in enumerate((banned, forced))]
     probes["per_request"] = await _per_request_batch(engine, prompts)
+    probes["alone"] = await _alone_batches(engine, prompts)
     errors = {}
     bad = {
         "idle_weight": SamplingOptions(weights=tuple(range(1, len(engine.manifest.members) + 1))[::-1]),
@@ -183,6 +184,36 @@ async def _per_request_batch(engine, prompts: list[list[int]]) -> tuple[list[Req
     return await _run_batch(engine, prompts, PER_REQUEST, "own")
 
 
+def _alone(member: str) -> SamplingOptions:
+    """A greedy request for `member` alone (as a request naming it as its model)."""
+    return SamplingOptions(max_tokens=MAX_TOKENS, temperature=0.0, logprobs=TOP, ignore_eos=True, member=member)
+
+
+# On pair_run's engine: a batch of members alone only (just Llama runs), then one beside the
+# ensemble's own pooling (everyone runs).
+ALONE_ONLY = (("llama_a", 1, _alone("llama")), ("llama_b", 2, _alone("llama")))
+ALONE_MIXED = (("default", 1, _own()), ("qwen", 2, _alone("qwen")), ("llama", 0, _alone("llama")))
+
+
+def fresh_prompt(prompts: list[list[int]]) -> list[int]:
+    """A prompt no other probe sends (so its KV blocks are not in the prefix cache yet), of at least
+    one whole 32-token block."""
+    fresh = prompts[2][::-1] + prompts[1]
+    assert 32 < len(fresh) <= MAX_MODEL_LEN - MAX_TOKENS
+    return fresh
+
+
+async def _alone_batches(engine, prompts: list[list[int]]) -> dict[str, object]:
+    """The two batches above; then, on a fresh prompt, Llama alone followed by the ensemble's own
+    pooling: the second must not reuse the first's blocks, which hold no Qwen2 KV."""
+    only = await _run_batch(engine, prompts, ALONE_ONLY, "alone")
+    mixed = await _run_batch(engine, prompts, ALONE_MIXED, "mixed")
+    fresh = fresh_prompt(prompts)
+    first = (await collect(engine, fresh, _alone("llama"), "fresh-llama"))[-1]
+    after = (await collect(engine, fresh, _own(), "fresh-ensemble"))[-1]
+    return {"only": only, "mixed": mixed, "fresh": (first, after)}
+
+
 async def _counted_request(engine, prompt: list[int]) -> tuple[object, object]:
     """The engine's stats just before and just after one greedy COUNTED request (alone)."""
     await asyncio.sleep(0.2)  # the aborted request and the closed 'twice' stream are gone
@@ -230,7 +261,10 @@ def pair_run(tiny_models, make_ensemble, prompts) -> EngineRun:
                               "slopes": [[-0.4, 0.3, 0.0], [0.5, -0.2, 0.0], [0.0, 0.0, 0.0]]}
     path.write_text(json.dumps(stored))
     assert json.loads((folder / "config.json").read_text())["chorus"]["rule"] == "prob_mean"
-    return run_engine(folder, prompts, probe=_probe, engine_args={"max_num_batched_tokens": MAX_MODEL_LEN})
+    # Blocks of 32 tokens (vLLM's CPU default, 128, exceeds MAX_MODEL_LEN): prompts fill whole blocks,
+    # so the prefix cache is used (test_members_alone_match_the_reference_engine needs it).
+    return run_engine(folder, prompts, probe=_probe,
+                      engine_args={"max_num_batched_tokens": MAX_MODEL_LEN, "block_size": 32})
 
 
 @pytest.fixture(scope="module")
@@ -401,6 +435,39 @@ def test_requests_pool_their_own_way_in_one_batch(pair_run: EngineRun, prompts) 
     assert by_name["default"].outputs[0].token_ids == alone.outputs[0].token_ids
     for got, before in zip(by_name["default"].outputs[0].logprobs, alone.outputs[0].logprobs, strict=True):
         assert abs(got.logprob - before.logprob) < TOL
+
+
+def test_members_alone_match_the_reference_engine(pair_run: EngineRun, prompts) -> None:
+    """Requests for one member alone (a member served by name): a batch of them only, where vLLM
+    runs that member alone, and a batch beside the ensemble's own pooling, each token for token
+    against the reference engine (which runs every member and takes the named one's distribution
+    at temperature 1). Then the prefix cache: the ensemble's request on a prompt whose blocks a
+    member alone filled first must not reuse them (they hold only that member's KV)."""
+    from ensemble.reference import ReferenceEngine
+
+    probes = pair_run.probes["alone"]
+    fresh = fresh_prompt(prompts)
+
+    async def reference():
+        engine = ReferenceEngine(pair_run.folder, max_num_seqs=len(ALONE_MIXED))
+        try:
+            only = await _run_batch(engine, prompts, ALONE_ONLY, "ref-only")
+            mixed = await _run_batch(engine, prompts, ALONE_MIXED, "ref-mixed")
+            pair = [(await collect(engine, fresh, options, f"ref-{tag}"))[-1]
+                    for tag, options in (("llama", _alone("llama")), ("ensemble", _own()))]
+            return only, mixed, pair
+        finally:
+            await engine.shutdown()
+
+    (only, _), (mixed, _), pair = asyncio.run(reference())
+    (got_only, only_peak), (got_mixed, mixed_peak) = probes["only"], probes["mixed"]
+    assert only_peak == len(ALONE_ONLY) and mixed_peak == len(ALONE_MIXED), "the requests did not share a batch"
+    worst = max(compare(got_only, only), compare(got_mixed, mixed), compare(list(probes["fresh"]), pair))
+    print(f"members alone vs reference: max |logprob diff| {worst:.2e}")
+    assert pair_run.probes["info"]["prefix_caching"], "the check below needs vLLM's prefix cache on"
+    assert pair_run.probes["info"]["servable_members"] == ["llama", "qwen"]
+    # A member alone is not the ensemble: their first-token distributions differ.
+    assert got_only[0].outputs[0].logprobs[0].top != got_mixed[0].outputs[0].logprobs[0].top
 
 
 def test_request_errors(pair_run: EngineRun) -> None:

@@ -333,3 +333,76 @@ def test_small_cpus_reserve_no_core_unless_told() -> None:
     assert reserved_cpu_cores({}, 16) is None  # vLLM's own choice on a large machine
     assert reserved_cpu_cores({"VLLM_CPU_NUM_OF_RESERVED_CPU": "1"}, 2) is None
     assert reserved_cpu_cores({"VLLM_CPU_OMP_THREADS_BIND": "0|1"}, 2) is None
+
+
+def test_a_member_alone_is_carried_as_its_served_number() -> None:
+    """A request that names a member (its `SamplingOptions.member`) asks the model for that served
+    member's own distribution; an idle (unloaded) member, echo log-probs, pooling beside it and an
+    engine without the tracker are refused with the reason."""
+    from ensemble.protocol import ALONE
+    from ensemble.sampling import check_options
+
+    manifest = _manifest(weights=(1.0, 3.0, 0.0))
+    served = manifest.without_idle_members()
+    extra = request_pooling(SamplingOptions(member="mb"), manifest, served)
+    assert extra == {EXTRA_ARGS_KEY: {"member": 1}}
+    assert parse_row_pooling(extra) == RowPooling(ALONE, (), alone=1)
+    with pytest.raises(EngineRequestError, match="'mc' is not served by this vLLM engine"):
+        request_pooling(SamplingOptions(member="mc"), manifest, served)
+    with pytest.raises(EngineRequestError, match="prompt log-probs .* for member 'ma' alone"):
+        request_pooling(SamplingOptions(member="ma", prompt_logprobs=1), manifest, served)
+    with pytest.raises(EngineRequestError, match="not available on this vLLM engine: it drafts"):
+        request_pooling(SamplingOptions(member="ma"), manifest, served, unavailable="it drafts")
+    with pytest.raises(EngineRequestError, match="takes no pooling rule or member weights"):
+        check_options(SamplingOptions(member="ma", weights=(1.0, 0.0, 0.0)), 100)
+    for bad in ({"member": -1}, {"member": "ma"}, {"member": True}):
+        with pytest.raises(ValueError, match=EXTRA_ARGS_KEY):
+            parse_row_pooling({EXTRA_ARGS_KEY: bad})
+
+
+def test_tracker_names_the_members_a_batch_of_members_alone_needs(monkeypatch) -> None:
+    """Only a batch in which every request asked for a member alone runs fewer members."""
+    from vllm import SamplingParams
+    from vllm.v1.sample.logits_processor import BatchUpdate
+
+    from ensemble import vllm_pooling
+
+    monkeypatch.setattr(vllm_pooling, "_active", None)
+    alone = {0: SamplingParams(extra_args={EXTRA_ARGS_KEY: {"member": 0}}),
+             1: SamplingParams(extra_args={EXTRA_ARGS_KEY: {"member": 1}})}
+    tracker = RequestPoolingTracker(None, torch.device("cpu"), False)
+    assert tracker.members_needed() is None  # an empty batch (start-up's dummy runs): everyone
+    tracker.update_state(BatchUpdate(batch_size=2, removed=[], moved=[],
+                                     added=[(0, alone[1], [1], []), (1, alone[1], [1], [])]))
+    assert tracker.members_needed() == frozenset({1})
+    tracker.update_state(BatchUpdate(batch_size=3, removed=[], moved=[], added=[(2, alone[0], [1], [])]))
+    assert tracker.members_needed() == frozenset({0, 1})
+    tracker.update_state(BatchUpdate(batch_size=4, removed=[], moved=[], added=[(3, SamplingParams(), [1], [])]))
+    assert tracker.members_needed() is None  # a request of the ensemble: every member runs
+    tracker.update_state(BatchUpdate(batch_size=4, removed=[], moved=[], added=[
+        (3, SamplingParams(extra_args={EXTRA_ARGS_KEY: {"rule": "prob_mean", "weights": [0.0, 1.0]}}), [1], [])]))
+    assert tracker.members_needed() is None  # pooling with weights, even one-hot: every member runs
+
+
+def test_model_answers_a_member_alone_with_its_own_log_probs() -> None:
+    """Rows of a member alone get that member's log-softmax at temperature 1 (not the manifest's
+    member temperature), beside pooled rows; when only such rows run, the other members' logits
+    are absent (None) and nothing is pooled."""
+    from types import SimpleNamespace
+
+    from ensemble.pooling import Scratch, pool_logprobs
+    from ensemble.protocol import ALONE
+    from ensemble.vllm_model import EnsembleForCausalLM
+
+    gen = torch.Generator().manual_seed(1)
+    logits = [torch.randn(4, 30, generator=gen) * 3 for _ in range(2)]
+    model = SimpleNamespace(rule="logprob_mean", weights=(0.7, 0.3), temperatures=(1.2, 1.3), pool_chunk_rows=8,
+                            manifest=SimpleNamespace(contrastive_alpha=0.1, entropy_gate=None), scratch=Scratch())
+    asked = {0: RowPooling(ALONE, (), alone=1), 2: RowPooling(ALONE, (), alone=0)}
+    pooled = EnsembleForCausalLM.pool(model, logits, asked)
+    torch.testing.assert_close(pooled[0], torch.log_softmax(logits[1][0], -1), rtol=0, atol=1e-6)
+    torch.testing.assert_close(pooled[2], torch.log_softmax(logits[0][2], -1), rtol=0, atol=1e-6)
+    torch.testing.assert_close(pooled[1:2], pool_logprobs([x[1:2] for x in logits], (0.7, 0.3), "logprob_mean",
+                                                          (1.2, 1.3)), rtol=0, atol=1e-6)
+    only = EnsembleForCausalLM.pool(model, [None, logits[1]], {r: RowPooling(ALONE, (), alone=1) for r in range(4)})
+    torch.testing.assert_close(only, torch.log_softmax(logits[1], -1), rtol=0, atol=1e-6)

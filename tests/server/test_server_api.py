@@ -26,7 +26,8 @@ async def collect_engine(engine, prompt_ids: list[int], options: SamplingOptions
 
 def test_models_lists_the_ensemble_with_members(client: openai.OpenAI, torch_server) -> None:
     models = client.models.list().data
-    assert len(models) == 1
+    assert [m.id for m in models] == ["pair", "alpha", "beta"]  # the ensemble, then each member by name
+    assert [m.model_dump().get("parent") for m in models[1:]] == ["pair", "pair"]
     card = models[0].model_dump()
     assert card["id"] == "pair" and card["object"] == "model" and card["max_model_len"] == MAX_LEN
     ens = card["ensemble"]
@@ -335,9 +336,39 @@ def test_oversize_prompt_is_400_with_the_numbers(http: httpx.Client, client: ope
     assert exc.value.code == "context_length_exceeded"
 
 
+def test_a_member_is_served_alone_by_its_name(client: openai.OpenAI, http: httpx.Client, torch_server) -> None:
+    """`model: "alpha"` answers with that member's own next-token distribution (temperature 1, no
+    pooling), computed here with transformers from the member's folder, and says so in `model`."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    out = client.completions.create(model="alpha", prompt=PROMPT, max_tokens=1, temperature=0, logprobs=5,
+                                    extra_body={"ignore_eos": True})
+    assert out.model == "alpha"
+    engine = torch_server.engine
+    ids = torch_server.run(torch_server.state.ready.tokenization.encode(PROMPT, True))
+    member = AutoModelForCausalLM.from_pretrained(engine.manifest.members[0].path, torch_dtype=torch.float32)
+    with torch.no_grad():
+        logits = member(torch.tensor([ids])).logits[0, -1, : engine.manifest.vocab_size]
+    own = torch.log_softmax(logits.float(), dim=-1)
+    tok = torch_server.state.ready.tokenization
+    best = [(tok.token_str(int(i)), float(own[i])) for i in own.topk(5).indices]
+    got = out.choices[0].logprobs.top_logprobs[0]
+    for text, value in best:
+        assert math.isclose(got[text], value, abs_tol=1e-4), (text, got.get(text), value)
+    assert out.choices[0].logprobs.tokens[0] == best[0][0]
+    chunks = list(client.chat.completions.create(model="beta", messages=[{"role": "user", "content": "Hi"}],
+                                                 max_tokens=2, stream=True))
+    assert {c.model for c in chunks} == {"beta"}
+    for extra, param in (({"member_weights": {"alpha": 1.0}}, "member_weights"), ({"pooling": "prob_mean"}, "pooling")):
+        r = http.post("/v1/completions", json={"model": "alpha", "prompt": "x", "max_tokens": 1, **extra})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
 def test_unknown_model_is_404_and_unknown_route_too(http: httpx.Client) -> None:
     r = http.post("/v1/completions", json={"prompt": "x", "model": "gpt-4"})
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    assert "serves `pair`, `alpha`, `beta`" in r.json()["error"]["message"]
     assert http.get("/v1/nothing").status_code == 404
     assert http.get("/v1/completions").status_code == 405
 

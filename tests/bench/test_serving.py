@@ -34,11 +34,14 @@ def test_ratios_are_taken_only_where_both_sides_were_measured() -> None:
         "naive": {"1": _row(2.0, 400.0)},
         "drafted": {"1": _row(12.0, 60.0)},
         "one core reserved": {"64": _row(32.0, 350.0)},
+        "a alone": {"64": _row(30.0, 100.0)},
+        "a by name": {"64": _row(27.0, 110.0)},
     }
     r = ratios(results)
     assert r["1"] == {"ensemble / bound tok/s": 2.0, "ensemble / naive tok/s": 4.0, "drafted / bound TPOT": 0.24,
                       "drafted / ensemble TPOT": 0.5, "pooling share of wall time": 0.02}
-    assert r["64"] == {"ensemble / bound tok/s": 2.0, "ensemble / one core reserved tok/s": 1.25}
+    assert r["64"] == {"ensemble / bound tok/s": 2.0, "ensemble / one core reserved tok/s": 1.25,
+                       "a by name / alone tok/s": 0.9}
     text = markdown({"results": results, "ratios": r})
     assert "| ensemble | 1 | 8.0 | 10 / 20 | 120.0 / 240.0 |" in text and "| 1 | drafted / bound TPOT | 0.240 |" in text
 
@@ -67,10 +70,13 @@ def test_systems_measure_only_the_members_the_ensemble_runs(tmp_path: Path, monk
                                                           "rule": "prob_mean", "format_version": 1, "members": members}))
     args = argparse.Namespace(draft_member="a", draft_tokens=2, naive_max_concurrency=16)
     todo, bound_of = systems(ens, args, on_cpu=True)
-    assert [s.name for s in todo] == ["ensemble", "a alone", "b alone", "drafted", "one core reserved", "naive"]
+    assert [s.name for s in todo] == ["ensemble", "a alone", "b alone", "a by name", "b by name", "drafted",
+                                      "one core reserved", "naive"]
     assert bound_of == ["a alone", "b alone"]
-    assert todo[3].args == ("--draft-member", "a", "--draft-tokens", "2")
+    assert (todo[3].model, todo[3].member_path) == ("a", None)  # the ensemble's server, asked for member a
+    assert todo[5].args == ("--draft-member", "a", "--draft-tokens", "2")
     assert todo[1].env == {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}  # the members get the ensemble's cores
-    assert todo[4].env == {"VLLM_CPU_NUM_OF_RESERVED_CPU": "1"} and todo[5].max_concurrency == 16
+    assert todo[6].env == {"VLLM_CPU_NUM_OF_RESERVED_CPU": "1"} and todo[7].max_concurrency == 16
     args.draft_member = None
-    assert [s.name for s in systems(ens, args, on_cpu=False)[0]] == ["ensemble", "a alone", "b alone", "naive"]
+    assert [s.name for s in systems(ens, args, on_cpu=False)[0]] == ["ensemble", "a alone", "b alone", "a by name",
+                                                                      "b by name", "naive"]

@@ -148,6 +148,6 @@ def create_app(
     app.include_router(misc_router)
     # Starlette runs the middleware added last first: the key is checked before a body is read.
     app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes)
-    if config.api_key:
-        app.add_middleware(APIKeyMiddleware, api_key=config.api_key)
+    if config.authenticated:
+        app.add_middleware(APIKeyMiddleware, api_key=config.api_key, clients=config.client_keys)
     return app

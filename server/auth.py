@@ -7,6 +7,10 @@ Deny by default, not protect by prefix: a path the check did not foresee (a `roo
 doubled or percent-encoded slash) needs the key too. The path is compared the way Starlette's router
 sees it (`root_path` removed, percent-decoded by the HTTP server). A wrong or missing key gets
 OpenAI's 401 body.
+
+Besides the server's own key, each client of a keys file (`server.clients`) has one; the name of
+the client whose key matched (None for the server's own key) is left in the request's state as
+``chorus_client``, where the routes find its admission budget.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import json
 from starlette._utils import get_route_path
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from server.clients import ClientKey
 from server.errors import error_body
 
 OPEN_PATHS = frozenset({"/health", "/metrics", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
@@ -29,29 +34,49 @@ def is_protected(path: str) -> bool:
 
 def key_matches(authorization: str | None, api_key: str) -> bool:
     """Constant-time check of an `Authorization` header value against `api_key`."""
+    token = _bearer(authorization)
+    return token is not None and hmac.compare_digest(token, api_key.encode())
+
+
+def _bearer(authorization: str | None) -> bytes | None:
     if not authorization:
-        return False
+        return None
     scheme, _, token = authorization.partition(" ")
-    if scheme.lower() != "bearer":
-        return False
-    return hmac.compare_digest(token.strip().encode(), api_key.encode())
+    return token.strip().encode() if scheme.lower() == "bearer" else None
+
+
+def matching_client(authorization: str | None, keys: dict[str, str | None]) -> tuple[bool, str | None]:
+    """(whether the bearer token is one of `keys`, the client it names): every key is compared,
+    in constant time each, so the answer's timing does not tell which key came close."""
+    token = _bearer(authorization)
+    if token is None:
+        return False, None
+    found, client = False, None
+    for key, name in keys.items():
+        if hmac.compare_digest(token, key.encode()):
+            found, client = True, name
+    return found, client
 
 
 class APIKeyMiddleware:
     """Reject requests to protected paths that lack the right bearer token."""
 
-    def __init__(self, app: ASGIApp, api_key: str) -> None:
-        if not api_key:
-            raise ValueError("APIKeyMiddleware needs a non-empty api_key")
+    def __init__(self, app: ASGIApp, api_key: str | None, clients: tuple[ClientKey, ...] = ()) -> None:
+        if not api_key and not clients:
+            raise ValueError("APIKeyMiddleware needs a non-empty api_key or client keys")
         self.app = app
-        self.api_key = api_key
+        self.keys: dict[str, str | None] = {c.key: c.name for c in clients}
+        if api_key:
+            self.keys[api_key] = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope.get("method") == "OPTIONS" or not is_protected(get_route_path(scope)):
             await self.app(scope, receive, send)
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        if key_matches(headers.get("authorization"), self.api_key):
+        found, client = matching_client(headers.get("authorization"), self.keys)
+        if found:
+            scope.setdefault("state", {})["chorus_client"] = client
             await self.app(scope, receive, send)
             return
         body = json.dumps(

@@ -26,6 +26,7 @@ import shlex
 import sys
 from collections.abc import Sequence
 
+from server.clients import load_client_keys
 from server.config import DTYPES, ENGINES, EXECUTOR_BACKENDS, ConfigError, ServerConfig
 
 _ENV_PREFIX = "CHORUS_"
@@ -105,6 +106,9 @@ def _add_http_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=_int, default=_env("PORT", "8000"), help="port, 0 = any free [CHORUS_PORT, 8000]")
     p.add_argument("--api-key", default=_env("API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1/*, /tokenize, /detokenize [CHORUS_API_KEY]")
+    p.add_argument("--client-keys", default=_env("CLIENT_KEYS"), metavar="FILE",
+                   help="JSON list of clients, each with its own key and optional max_running: "
+                        '[{"name": "a", "key": "sk-...", "max_running": 4}] (README \'Security\') [CHORUS_CLIENT_KEYS]')
     p.add_argument("--served-model-name", default=_env("SERVED_MODEL_NAME"),
                    help="the model name clients send (default: the ensemble's) [CHORUS_SERVED_MODEL_NAME]")
     p.add_argument("--trust-request-chat-template", action="store_true",
@@ -158,6 +162,7 @@ def config_from_args(args: argparse.Namespace, vllm_argv: Sequence[str] = ()) ->
         max_model_len=as_int(args.max_model_len),
         dtype=args.dtype,
         api_key=args.api_key,
+        client_keys=load_client_keys(args.client_keys) if args.client_keys else (),
         max_running=as_int(args.max_running),
         max_queue=as_int(args.max_queue),
         request_timeout=(_positive_float_or_none(args.request_timeout)
@@ -209,7 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.exit(2, f"serve: error: {err}\n")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if config.exposed and not config.api_key:
+    if config.exposed and not config.authenticated:
         logging.getLogger("chorus.server").warning(
             "*** listening on %s without an API key: anyone who can reach this port can use the models. "
             "Set --api-key / CHORUS_API_KEY, or bind 127.0.0.1 (README 'Security'). ***", config.host)

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from server.clients import ClientKey
+
 ENGINES = ("vllm", "torch")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 EXECUTOR_BACKENDS = ("mp", "ray")
@@ -31,6 +33,8 @@ class ServerConfig:
             bf16, see `ensemble.vllm_engine.engine_dtype`; float32 for the torch engine),
             ``float32``, ``bfloat16`` or ``float16``.
         api_key: when set, `/v1/*`, `/tokenize` and `/detokenize` need `Authorization: Bearer <key>`.
+        client_keys: more keys, one per client, each with its own `max_running` budget
+            (`server.clients`); any of them, or `api_key`, opens the API.
         max_running: sequences (prompts × n of each request) let into the engine at once; None = the
             engine's `max_num_seqs` when it exposes one, else 256.
         max_queue: requests that may wait for a running slot; more get 429.
@@ -64,6 +68,7 @@ class ServerConfig:
     max_model_len: int | None = None
     dtype: str = "auto"
     api_key: str | None = None
+    client_keys: tuple[ClientKey, ...] = ()
     max_running: int | None = None
     max_queue: int = 64
     request_timeout: float | None = 600.0
@@ -119,6 +124,11 @@ class ServerConfig:
                 raise ConfigError("api_key is empty or only whitespace: give a real key, or none to serve "
                                   "without authentication")
             object.__setattr__(self, "api_key", self.api_key.strip())
+        object.__setattr__(self, "client_keys", tuple(self.client_keys))
+        if not all(isinstance(c, ClientKey) for c in self.client_keys):
+            raise ConfigError("client_keys must be ClientKey entries (server.clients.load_client_keys)")
+        if self.api_key is not None and self.api_key in {c.key for c in self.client_keys}:
+            raise ConfigError("the api_key is also a client's key: give each its own")
         if self.stream_stall_timeout is not None:
             _positive("stream_stall_timeout", self.stream_stall_timeout, " of seconds")
         _positive("max_body_mb", self.max_body_mb)
@@ -151,6 +161,11 @@ class ServerConfig:
     def max_body_bytes(self) -> int:
         """`max_body_mb` in bytes."""
         return int(self.max_body_mb * (1 << 20))
+
+    @property
+    def authenticated(self) -> bool:
+        """Whether requests need a key (the server's own, or a client's)."""
+        return bool(self.api_key or self.client_keys)
 
     @property
     def exposed(self) -> bool:

@@ -56,9 +56,12 @@ class GenerationCall:
         options: SamplingOptions,
         timeout: float | None,
         registry: dict[str, GenerationCall],
+        client_admission: Admission | None = None,
     ) -> None:
         self.engine = engine
         self.admission = admission
+        self.client_admission = client_admission  # the client's own budget, taken first (server.clients)
+        self._client_admitted = False
         self.metrics = metrics
         self.request_id = request_id
         self.prompts = prompts
@@ -95,18 +98,30 @@ class GenerationCall:
             # asyncio.timeout, not wait_for: on Python 3.11 wait_for loses a cancellation (the
             # client's disconnect) that arrives just as the awaited result does.
             async with asyncio.timeout(self.remaining()):
+                if self.client_admission is not None:  # waits in its client's queue, holding up no one else
+                    await self.client_admission.acquire(self.sequences, self.options.priority)
+                    self._client_admitted = True
                 await self.admission.acquire(self.sequences, self.options.priority)
-        except QueueFullError:
-            self.metrics.queue_rejections.inc()
+        except BaseException as err:
+            self._release_client()
+            if isinstance(err, QueueFullError):
+                self.metrics.queue_rejections.inc()
+                raise
+            if isinstance(err, TimeoutError):
+                raise DeadlineExceeded(
+                    f"request timed out after {time.monotonic() - self.arrival:.1f} s waiting in the queue"
+                ) from None
             raise
-        except TimeoutError:
-            raise DeadlineExceeded(
-                f"request timed out after {time.monotonic() - self.arrival:.1f} s waiting in the queue"
-            ) from None
         self._admitted = True
         self._registry[self.request_id] = self
         for i, ids in enumerate(self.prompts):
             self._producers.append(asyncio.create_task(self._produce(i, ids), name=self.engine_ids[i]))
+
+    def _release_client(self) -> None:
+        """Give the client's budget back (once), if this call took it."""
+        if self._client_admitted:
+            self._client_admitted = False
+            self.client_admission.release(self.sequences)  # type: ignore[union-attr]
 
     async def _produce(self, index: int, prompt: list[int]) -> None:
         try:
@@ -230,6 +245,7 @@ class GenerationCall:
                     task.cancel()
             self._registry.pop(self.request_id, None)
             self.admission.release(self.sequences)
+        self._release_client()
 
     def raise_if_stopped(self) -> None:
         """After the outputs end: 503 if the server shut the call down, 504 if it timed out."""

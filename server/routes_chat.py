@@ -27,6 +27,7 @@ from server.routes_common import (
     GENERATION_RESPONSES,
     UsageStream,
     admitted,
+    client_of,
     engine_call,
     first_output,
     refuse_if_full,
@@ -45,7 +46,7 @@ router = APIRouter()
 @router.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=GENERATION_RESPONSES)
 async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     """OpenAI chat completions."""
-    return await run_until_disconnect(request, _chat(body, request.app.state.chorus))
+    return await run_until_disconnect(request, _chat(body, request.app.state.chorus, client_of(request)))
 
 
 async def chat_prompt_ids(ready: Ready, state: ServerState, body) -> list[int]:
@@ -70,11 +71,11 @@ async def chat_prompt_ids(ready: Ready, state: ServerState, body) -> list[int]:
     return ids
 
 
-async def _chat(body: ChatCompletionRequest, state: ServerState):
+async def _chat(body: ChatCompletionRequest, state: ServerState, client: str | None = None):
     ready = state.require_ready()
     member = state.check_model(ready, body.model)
     shape = answer_shape(body, engine_supports=bool(ready.engine.info.get("structured_outputs")))
-    refuse_if_full(ready, body.n or 1, body.priority)  # before rendering and tokenizing
+    refuse_if_full(ready, body.n or 1, body.priority, client)  # before rendering and tokenizing
     prompt = await chat_prompt_ids(ready, state, body)
     asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     max_tokens = int(asked) if asked is not None else max(1, ready.max_model_len - len(prompt))
@@ -82,7 +83,7 @@ async def _chat(body: ChatCompletionRequest, state: ServerState):
     options = build_options(body, max_tokens=max_tokens, vocab_size=ready.vocab_size, members=ready.members,
                             structured=shape.structured, member=member)
     request_id = random_id("chatcmpl")
-    call = engine_call(state, ready, request_id, [prompt], options)
+    call = engine_call(state, ready, request_id, [prompt], options, client)
     async with admitted(call) as outputs:
         if body.stream:
             first = await first_output(outputs, call)

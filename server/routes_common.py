@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager
 from typing import Any, ClassVar
 
 import anyio
+from starlette.requests import Request
 
 from ensemble.protocol import EngineRequestError, RequestOutput, SamplingOptions
 from server.engines import engine_healthy
@@ -51,15 +52,17 @@ GENERATION_RESPONSES: dict[int | str, dict] = {
 }
 
 
-def refuse_if_full(ready: Ready, sequences: int, priority: int = 0) -> None:
+def refuse_if_full(ready: Ready, sequences: int, priority: int = 0, client: str | None = None) -> None:
     """Before any work (tokenizing): 400 for a `priority` the engine cannot honour, 429 when
-    admission would refuse `sequences` anyway."""
+    admission (the `client`'s own, then the server's) would refuse `sequences` anyway."""
     policy = ready.engine.info.get("scheduling_policy")
     if priority and policy != "priority":
         raise bad_request(f"'priority' {priority} needs an engine that schedules by priority (vLLM: "
                           f"--scheduling-policy priority); this one schedules {policy or 'first come, first served'}",
                           param="priority")
     try:
+        if client in ready.client_admissions:
+            ready.client_admissions[client].check(sequences, priority)
         ready.admission.check(sequences, priority)
     except QueueFullError as err:
         ready.metrics.queue_rejections.inc()
@@ -67,10 +70,16 @@ def refuse_if_full(ready: Ready, sequences: int, priority: int = 0) -> None:
 
 
 def engine_call(state: ServerState, ready: Ready, request_id: str, prompts: list[list[int]],
-                options: SamplingOptions) -> GenerationCall:
-    """A new call for `prompts` (not yet admitted)."""
+                options: SamplingOptions, client: str | None = None) -> GenerationCall:
+    """A new call for `prompts` (not yet admitted), for `client` (its budget, if it has one)."""
     return GenerationCall(ready.engine, ready.admission, ready.metrics, request_id, prompts, options,
-                          state.config.request_timeout, state.calls)
+                          state.config.request_timeout, state.calls,
+                          client_admission=ready.client_admissions.get(client) if client else None)
+
+
+def client_of(request: Request) -> str | None:
+    """The client whose key the request carried (`server.auth`); None for the server's own key."""
+    return getattr(request.state, "chorus_client", None)
 
 
 def _as_api_error(err: BaseException) -> APIError:

@@ -26,6 +26,7 @@ from server.routes_common import (
     GENERATION_RESPONSES,
     UsageStream,
     admitted,
+    client_of,
     engine_call,
     first_output,
     refuse_if_full,
@@ -43,10 +44,10 @@ router = APIRouter()
 @router.post("/v1/completions", response_model=CompletionResponse, responses=GENERATION_RESPONSES)
 async def create_completion(body: CompletionRequest, request: Request):
     """OpenAI completions."""
-    return await run_until_disconnect(request, _completion(body, request.app.state.chorus))
+    return await run_until_disconnect(request, _completion(body, request.app.state.chorus, client_of(request)))
 
 
-async def _completion(body: CompletionRequest, state: ServerState):
+async def _completion(body: CompletionRequest, state: ServerState, client: str | None = None):
     ready = state.require_ready()
     member = state.check_model(ready, body.model)
     max_tokens = int(body.max_tokens if body.max_tokens is not None else 16)
@@ -55,7 +56,7 @@ async def _completion(body: CompletionRequest, state: ServerState):
                           "which returns the prompt alone)", param="max_tokens")
     check_sequences(prompt_count(body.prompt), body.n)  # before tokenizing anything
     shape = answer_shape(body, engine_supports=bool(ready.engine.info.get("structured_outputs")))
-    refuse_if_full(ready, prompt_count(body.prompt) * body.n, body.priority)
+    refuse_if_full(ready, prompt_count(body.prompt) * body.n, body.priority, client)
     prompts = await ready.tokenization.completion_prompts(body.prompt, body.add_special_tokens, ready.vocab_size)
     # Echo without generation runs one engine step, as vLLM does, and drops its token.
     engine_tokens = max(max_tokens, 1)
@@ -63,7 +64,7 @@ async def _completion(body: CompletionRequest, state: ServerState):
     options = build_options(body, max_tokens=engine_tokens, vocab_size=ready.vocab_size, members=ready.members,
                             structured=shape.structured, member=member)
     request_id = random_id("cmpl")
-    call = engine_call(state, ready, request_id, [p.token_ids for p in prompts], options)
+    call = engine_call(state, ready, request_id, [p.token_ids for p in prompts], options, client)
     async with admitted(call) as outputs:
         if max_tokens == 0:
             outputs = _prompt_only(outputs)

@@ -34,6 +34,8 @@ class Ready:
     admission: Admission
     metrics: ServerMetrics
     servable_members: list[str] = field(default_factory=list)  # members a request may name as its model
+    # Each client (server.clients) with a max_running budget: its own admission, taken before the server's.
+    client_admissions: dict[str, Admission] = field(default_factory=dict)
     _token_bytes: list[bytes | None] | None = None
 
     def answered_as(self, model: str | None) -> str:
@@ -151,4 +153,6 @@ def build_ready(config: ServerConfig, engine: Engine) -> Ready:
         admission=Admission(max_running, config.max_queue),
         metrics=metrics,
         servable_members=servable,
+        client_admissions={c.name: Admission(c.max_running, config.max_queue)
+                           for c in config.client_keys if c.max_running is not None},
     )

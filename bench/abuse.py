@@ -50,7 +50,8 @@ import psutil
 
 from bench.downstream import served
 
-API_KEY = "sk-abuse-bench"
+API_KEY = "sk-abuse-bench"  # the server's own key: the valid clients' (and, without --abuser-quota, the abusers')
+ABUSER_KEY = "sk-abuse-bench-abusers"  # with --abuser-quota: the abusers' own client key
 HEADERS = {"Authorization": f"Bearer {API_KEY}"}
 
 
@@ -190,12 +191,14 @@ async def peak_memory(pid: int, stop: asyncio.Event) -> float:
 KINDS = ("slow_readers", "disconnect_storm", "huge_bodies", "hostile_json")
 
 
-def _abusers_process(url: str, huge_mb: float, count: int, kinds: tuple[str, ...], nice: int, started: Any,
-                     stop: Any, results: Any) -> None:
+def _abusers_process(url: str, huge_mb: float, count: int, kinds: tuple[str, ...], nice: int, key: str,
+                     started: Any, stop: Any, results: Any) -> None:
     """The abusers, in a process of their own: their client-side work (building and sending big
     bodies, parsing answers) must not hold up the valid client's event loop and so its clock, as
     it would if both shared one loop; an attacker is not inside the victim's client either. Sends
     back their answers, failures and the CPU seconds the process used."""
+    global API_KEY, HEADERS  # this process is the abusers': every request below carries their key
+    API_KEY, HEADERS = key, {"Authorization": f"Bearer {key}"}
     if nice:
         os.nice(nice)
     answers, failures = asyncio.run(_abuse(url, huge_mb, count, kinds, started, stop))
@@ -245,7 +248,9 @@ async def phase(url: str, pid: int, args: argparse.Namespace, kinds: tuple[str, 
     process = None
     if kinds:
         process = ctx.Process(target=_abusers_process, args=(url, args.huge_mb, args.abusers, kinds,
-                                                              args.abuser_nice, started, stop_abuse, queue),
+                                                              args.abuser_nice,
+                                                              ABUSER_KEY if args.abuser_quota else API_KEY,
+                                                              started, stop_abuse, queue),
                               daemon=True)
         process.start()
         await asyncio.get_running_loop().run_in_executor(None, started.wait)
@@ -286,6 +291,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--abuser-nice", type=int, default=0, metavar="N",
                    help="run the abusers' process at this niceness (0: like the server; 19: their own CPU "
                         "work barely competes with the server's, as when attackers are other machines)")
+    p.add_argument("--abuser-quota", type=int, metavar="N",
+                   help="give the abusers a client key of their own with max_running N (serve --client-keys); "
+                        "the valid clients keep the server's key; default: everyone shares that key")
     p.add_argument("--each", action="store_true",
                    help="also run one abuse phase per abuser kind alone (which abuse costs what)")
     p.add_argument("--serve-arg", action="append", default=[], metavar="ARG", help="passed on to serve")
@@ -295,8 +303,12 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.ensemble / "chorus_ensemble.json").is_file():
         p.error(f"{args.ensemble} is not an ensemble folder (no chorus_ensemble.json)")
 
-    os.environ["CHORUS_API_KEY"] = API_KEY
     serve_args = ["--stream-stall-timeout", str(args.stream_stall_timeout), *args.serve_arg]
+    os.environ["CHORUS_API_KEY"] = API_KEY  # the server's own key (no quota): the valid clients'
+    if args.abuser_quota:
+        keys = args.log.with_suffix(".keys.json")
+        keys.write_text(json.dumps([{"name": "abusers", "key": ABUSER_KEY, "max_running": args.abuser_quota}]))
+        serve_args += ["--client-keys", str(keys)]
     with served(args.ensemble, args.engine, args.log, serve_args) as (url, card):
         pid = _server_pid(int(url.rsplit(":", 1)[1]))
         asyncio.run(valid_traffic(url, args.clients, 2, args.max_tokens))  # warm-up, not measured
@@ -308,7 +320,8 @@ def main(argv: list[str] | None = None) -> int:
     record = {"ensemble": str(args.ensemble), "engine": args.engine, "model": card["id"],
               "settings": {k: v for k, v in vars(args).items() if k in ("clients", "requests", "max_tokens",
                                                                            "abusers", "huge_mb",
-                                                                           "stream_stall_timeout", "abuser_nice")},
+                                                                           "stream_stall_timeout", "abuser_nice",
+                                                                           "abuser_quota")},
               "quiet": quiet, "abuse": abuse, "p99_ratio": abuse["p99_s"] / quiet["p99_s"],
               "p50_ratio": abuse["p50_s"] / quiet["p50_s"], "alone": alone, "health_after": health}
     print(render(record))

@@ -38,13 +38,14 @@ class _Waiter:
 class Admission:
     """A weighted semaphore with a bounded queue, served by (priority, arrival)."""
 
-    def __init__(self, max_running: int, max_queue: int) -> None:
+    def __init__(self, max_running: int, max_queue: int, owner: str = "server") -> None:
         if max_running < 1:
             raise ValueError(f"max_running must be >= 1, got {max_running}")
         if max_queue < 0:
             raise ValueError(f"max_queue must be >= 0, got {max_queue}")
         self.max_running = max_running
         self.max_queue = max_queue
+        self.owner = owner  # whose budget this is, in refusals: "server" or "client 'name'"
         self._running = 0
         self._waiters: list[_Waiter] = []  # sorted by `order`
         self._arrivals = itertools.count()
@@ -70,7 +71,7 @@ class Admission:
         weight = self.weight_of(sequences)
         if (self._running + weight > self.max_running or self._ahead(priority)) and self.waiting >= self.max_queue:
             raise QueueFullError(
-                f"server is at capacity: {self._running} of {self.max_running} sequences running and "
+                f"{self.owner} is at capacity: {self._running} of {self.max_running} sequences running and "
                 f"{self.waiting} requests waiting (--max-queue {self.max_queue}); retry later"
             )
 

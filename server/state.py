@@ -153,6 +153,6 @@ def build_ready(config: ServerConfig, engine: Engine) -> Ready:
         admission=Admission(max_running, config.max_queue),
         metrics=metrics,
         servable_members=servable,
-        client_admissions={c.name: Admission(c.max_running, config.max_queue)
+        client_admissions={c.name: Admission(c.max_running, config.max_queue, owner=f"client {c.name!r}")
                            for c in config.client_keys if c.max_running is not None},
     )

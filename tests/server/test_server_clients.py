@@ -58,9 +58,9 @@ def test_the_key_names_its_client(server_ensemble: Path) -> None:
 @pytest.fixture(scope="module")
 def quotas(server_ensemble: Path) -> Iterator[ServerThread]:
     """The reference engine; client 'heavy' may run one sequence at a time, 'light' is bounded only
-    by the server (two)."""
+    by the server (two); one request may wait in each queue."""
     clients = (ClientKey("heavy", HEAVY, max_running=1), ClientKey("light", LIGHT))
-    yield from start_server(server_ensemble, engine="torch", max_running=2, max_queue=4, request_timeout=120.0,
+    yield from start_server(server_ensemble, engine="torch", max_running=2, max_queue=1, request_timeout=120.0,
                             client_keys=clients)
 
 
@@ -85,6 +85,10 @@ def test_a_client_at_its_quota_waits_while_another_runs(quotas: ServerThread) ->
             assert "r" not in waited and ready.client_admissions["heavy"].running == 1
             assert httpx.post(f"{url}/v1/completions", json={"prompt": "Hi", "max_tokens": 1},
                               headers={"Authorization": "Bearer sk-nobody"}).status_code == 401
+            third = heavy.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 1})
+            assert third.status_code == 429  # heavy's own queue (--max-queue 1) is full
+            assert "client 'heavy' is at capacity: 1 of 1 sequences running" in third.json()["error"]["message"]
+
         second.join(60)  # the stream closed: heavy's slot goes to its second request
     assert waited["r"].status_code == 200, waited["r"].text
     quotas.wait_until(lambda: ready.client_admissions["heavy"].running == 0 and ready.admission.running == 0,

@@ -52,7 +52,7 @@ from bench.downstream import served
 
 API_KEY = "sk-abuse-bench"  # the server's own key: the valid clients' (and, without --abuser-quota, the abusers')
 ABUSER_KEY = "sk-abuse-bench-abusers"  # with --abuser-quota: the abusers' own client key
-HEADERS = {"Authorization": f"Bearer {API_KEY}"}
+HEADERS = {"Authorization": f"Bearer {API_KEY}"}  # the valid clients'
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -91,10 +91,15 @@ async def valid_traffic(url: str, clients: int, requests: int, max_tokens: int,
     return latencies, statuses
 
 
-async def _raw_request(port: int, body: bytes, headers: str = "") -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+def _auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+async def _raw_request(port: int, body: bytes, key: str,
+                       headers: str = "") -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: chorus\r\nContent-Type: application/json\r\n"
-                 + f"Authorization: Bearer {API_KEY}\r\n{headers}Content-Length: {len(body)}\r\n\r\n".encode() + body)
+                 + f"Authorization: Bearer {key}\r\n{headers}Content-Length: {len(body)}\r\n\r\n".encode() + body)
     await writer.drain()
     return reader, writer
 
@@ -105,29 +110,29 @@ async def _status(reader: asyncio.StreamReader) -> int:
     return int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
 
 
-async def slow_reader(port: int, statuses: Counter, stop: asyncio.Event) -> None:
+async def slow_reader(port: int, key: str, statuses: Counter, stop: asyncio.Event) -> None:
     """Streaming requests for long answers that are never read, one after another."""
     body = json.dumps({"prompt": "Tell a long story", "max_tokens": 256, "n": 4, "ignore_eos": True,
                        "stream": True, "logprobs": 5}).encode()
     while not stop.is_set():
-        reader, writer = await _raw_request(port, body)
+        reader, writer = await _raw_request(port, body, key)
         statuses["opened"] += 1
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(stop.wait(), 10.0)  # hold it, unread, for a while
         writer.close()
 
 
-async def disconnect_storm(port: int, statuses: Counter, stop: asyncio.Event) -> None:
+async def disconnect_storm(port: int, key: str, statuses: Counter, stop: asyncio.Event) -> None:
     """Streaming requests dropped right after their first bytes."""
     body = json.dumps({"prompt": "Hello", "max_tokens": 64, "stream": True}).encode()
     while not stop.is_set():
-        reader, writer = await _raw_request(port, body)
+        reader, writer = await _raw_request(port, body, key)
         statuses[str(await _status(reader))] += 1
         writer.close()
         await asyncio.sleep(0.05)
 
 
-async def huge_bodies(port: int, url: str, huge_mb: float, statuses: Counter, stop: asyncio.Event) -> None:
+async def huge_bodies(port: int, url: str, key: str, huge_mb: float, statuses: Counter, stop: asyncio.Event) -> None:
     """Bodies over the limit: announced by their Content-Length (the answer must come before the
     body is sent), and chunked (cut off at the limit)."""
     size = int(huge_mb * (1 << 20))
@@ -139,12 +144,12 @@ async def huge_bodies(port: int, url: str, huge_mb: float, statuses: Counter, st
             yield blob
         yield b'"}'
 
-    async with httpx.AsyncClient(headers={**HEADERS, "Content-Type": "application/json"}, timeout=60) as http:
+    async with httpx.AsyncClient(headers={**_auth(key), "Content-Type": "application/json"}, timeout=60) as http:
         while not stop.is_set():
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
             try:
                 writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: chorus\r\nContent-Type: application/json\r\n"
-                             + f"Authorization: Bearer {API_KEY}\r\nContent-Length: {size}\r\n\r\n".encode()
+                             + f"Authorization: Bearer {key}\r\nContent-Length: {size}\r\n\r\n".encode()
                              + blob)
                 await writer.drain()
                 statuses[f"{await _status(reader)}"] += 1  # answered after 1 MiB of the announced size
@@ -160,7 +165,7 @@ async def huge_bodies(port: int, url: str, huge_mb: float, statuses: Counter, st
             await asyncio.sleep(0.2)
 
 
-async def hostile_json(url: str, statuses: Counter, stop: asyncio.Event) -> None:
+async def hostile_json(url: str, key: str, statuses: Counter, stop: asyncio.Event) -> None:
     """Bodies that crashed the server before the hardening."""
     bodies = [
         b'{"prompt": "a\\ud800", "max_tokens": 1}',
@@ -168,7 +173,7 @@ async def hostile_json(url: str, statuses: Counter, stop: asyncio.Event) -> None
         b'{"prompt": "a", "max_tokens": 1, "x": ' + b"[" * 50_000 + b"]" * 50_000 + b"}",
         json.dumps({"prompt": ["a"] * 64, "n": 32, "max_tokens": 1}).encode(),
     ]
-    async with httpx.AsyncClient(headers={**HEADERS, "Content-Type": "application/json"}, timeout=60) as http:
+    async with httpx.AsyncClient(headers={**_auth(key), "Content-Type": "application/json"}, timeout=60) as http:
         while not stop.is_set():
             for body in bodies:
                 r = await http.post(f"{url}/v1/completions", content=body)
@@ -197,23 +202,21 @@ def _abusers_process(url: str, huge_mb: float, count: int, kinds: tuple[str, ...
     bodies, parsing answers) must not hold up the valid client's event loop and so its clock, as
     it would if both shared one loop; an attacker is not inside the victim's client either. Sends
     back their answers, failures and the CPU seconds the process used."""
-    global API_KEY, HEADERS  # this process is the abusers': every request below carries their key
-    API_KEY, HEADERS = key, {"Authorization": f"Bearer {key}"}
     if nice:
         os.nice(nice)
-    answers, failures = asyncio.run(_abuse(url, huge_mb, count, kinds, started, stop))
+    answers, failures = asyncio.run(_abuse(url, key, huge_mb, count, kinds, started, stop))
     results.put((answers, failures, time.process_time()))
 
 
-async def _abuse(url: str, huge_mb: float, count: int, kinds: tuple[str, ...], started: Any,
+async def _abuse(url: str, key: str, huge_mb: float, count: int, kinds: tuple[str, ...], started: Any,
                  stop_flag: Any) -> tuple[dict[str, dict[str, int]], list[str]]:
     port = int(url.rsplit(":", 1)[1])
     stop = asyncio.Event()
     makers: dict[str, Callable[[Counter], Awaitable[None]]] = {
-        "slow_readers": lambda c: slow_reader(port, c, stop),
-        "disconnect_storm": lambda c: disconnect_storm(port, c, stop),
-        "huge_bodies": lambda c: huge_bodies(port, url, huge_mb, c, stop),
-        "hostile_json": lambda c: hostile_json(url, c, stop),
+        "slow_readers": lambda c: slow_reader(port, key, c, stop),
+        "disconnect_storm": lambda c: disconnect_storm(port, key, c, stop),
+        "huge_bodies": lambda c: huge_bodies(port, url, key, huge_mb, c, stop),
+        "hostile_json": lambda c: hostile_json(url, key, c, stop),
     }
     abusers: dict[str, Counter] = {}
     tasks = [asyncio.create_task(makers[name](abusers.setdefault(name, Counter())))

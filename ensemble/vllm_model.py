@@ -237,7 +237,7 @@ class EnsembleForCausalLM(nn.Module):
         """
         parts = torch.split(hidden_states, self.hidden_sizes, dim=-1)
         out: list[torch.Tensor] = []
-        ran = getattr(self, "_ran", None)
+        ran = self._ran
         for k, (plan, member, h) in enumerate(zip(self._plans, self.members(), parts)):
             if ran is not None and k not in ran:
                 out.append(None)  # type: ignore[arg-type] - not run this step: no row needs it
@@ -271,9 +271,10 @@ class EnsembleForCausalLM(nn.Module):
         """Pool the members' `logits` with the manifest's rule and weights, except the rows in
         `asked`, each pooled with its own (`ensemble.vllm_pooling`), or, for a request of a member
         alone, that member's own logits (unnormalised: vLLM's sampler and its reported log-probs
-        normalise each row, so they equal the member's log-softmax, as in plain vLLM). Rows are pooled in groups of one (rule, weights) each,
-        so a row's result does not depend on the rest of its batch. `logits` holds None for members
-        that did not run (only when every row is a member alone)."""
+        normalise each row, so they equal the member's log-softmax, as in plain vLLM). Rows are
+        pooled in groups of one (rule, weights) each, so a row's result does not depend on the rest
+        of its batch. `logits` holds None for members that did not run (only when every row is a
+        member alone)."""
 
         def pool(rows: list[torch.Tensor], spec: RowPooling | None) -> torch.Tensor:
             rule, weights = (self.rule, self.weights) if spec is None else (spec.rule, spec.weights)

@@ -34,8 +34,7 @@ def is_protected(path: str) -> bool:
 
 def key_matches(authorization: str | None, api_key: str) -> bool:
     """Constant-time check of an `Authorization` header value against `api_key`."""
-    token = _bearer(authorization)
-    return token is not None and hmac.compare_digest(token, api_key.encode())
+    return matching_client(authorization, {api_key: None})[0]
 
 
 def _bearer(authorization: str | None) -> bytes | None:

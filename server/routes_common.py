@@ -74,7 +74,7 @@ def engine_call(state: ServerState, ready: Ready, request_id: str, prompts: list
     """A new call for `prompts` (not yet admitted), for `client` (its budget, if it has one)."""
     return GenerationCall(ready.engine, ready.admission, ready.metrics, request_id, prompts, options,
                           state.config.request_timeout, state.calls,
-                          client_admission=ready.client_admissions.get(client) if client else None)
+                          client_admission=ready.client_admissions.get(client))
 
 
 def client_of(request: Request) -> str | None:
@@ -237,8 +237,8 @@ class UsageStream:
     def event(self, choices: list[Any], usage: UsageInfo | None = None) -> bytes:
         """One chunk of `choices`, with the running usage when ``continuous_usage_stats`` asks for it."""
         return sse_data(self.response_type(
-            id=self.call.request_id, created=self.created, model=self.call.options.member or self.ready.model_name, choices=choices,
-            usage=usage or (self.usage() if self.continuous else None),
+            id=self.call.request_id, created=self.created, model=self.ready.answered_as(self.body.model),
+            choices=choices, usage=usage or (self.usage() if self.continuous else None),
         ))
 
     def final(self) -> bytes | None:

@@ -18,6 +18,10 @@ the same valid traffic twice: `--clients` clients each sending `--requests` shor
    - huge bodies: `--huge-mb` MiB posts (refused with 413 from their Content-Length, and chunked
      ones cut off at the limit);
    - hostile JSON: lone surrogates, 100,000-element stop lists, deep nesting (400s).
+   With `--abuser-quota`, the abusers have a client key of their own, and once they have been
+   refused `--max-refusals` times in a minute (serve's default 60) their requests get 429s from
+   their headers, before any body is read (`server.refusals`); sharing the valid clients' key and
+   address, they cannot be told apart, so that run turns the refusal budget off.
 
 The abusers run in a process of their own, so that their client-side work does not delay the
 valid client's event loop (and with it the measured latencies); on a small machine they still
@@ -115,7 +119,12 @@ async def slow_reader(port: int, key: str, statuses: Counter, stop: asyncio.Even
     body = json.dumps({"prompt": "Tell a long story", "max_tokens": 256, "n": 4, "ignore_eos": True,
                        "stream": True, "logprobs": 5}).encode()
     while not stop.is_set():
-        reader, writer = await _raw_request(port, body, key)
+        try:
+            reader, writer = await _raw_request(port, body, key)
+        except ConnectionError:  # throttled (server.refusals): answered 429 and closed before the body was read
+            statuses["closed"] += 1
+            await asyncio.sleep(0.05)
+            continue
         statuses["opened"] += 1
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(stop.wait(), 10.0)  # hold it, unread, for a while
@@ -126,9 +135,12 @@ async def disconnect_storm(port: int, key: str, statuses: Counter, stop: asyncio
     """Streaming requests dropped right after their first bytes."""
     body = json.dumps({"prompt": "Hello", "max_tokens": 64, "stream": True}).encode()
     while not stop.is_set():
-        reader, writer = await _raw_request(port, body, key)
-        statuses[str(await _status(reader))] += 1
-        writer.close()
+        try:
+            reader, writer = await _raw_request(port, body, key)
+            statuses[str(await _status(reader))] += 1
+            writer.close()
+        except ConnectionError:  # throttled and closed before the body was read
+            statuses["closed"] += 1
         await asyncio.sleep(0.05)
 
 
@@ -176,8 +188,11 @@ async def hostile_json(url: str, key: str, statuses: Counter, stop: asyncio.Even
     async with httpx.AsyncClient(headers={**_auth(key), "Content-Type": "application/json"}, timeout=60) as http:
         while not stop.is_set():
             for body in bodies:
-                r = await http.post(f"{url}/v1/completions", content=body)
-                statuses[str(r.status_code)] += 1
+                try:
+                    r = await http.post(f"{url}/v1/completions", content=body)
+                    statuses[str(r.status_code)] += 1
+                except httpx.TransportError:  # throttled: a 429 and a closed connection before the body was read
+                    statuses["closed"] += 1
             await asyncio.sleep(0.05)
 
 
@@ -312,6 +327,10 @@ def main(argv: list[str] | None = None) -> int:
         keys = args.log.with_suffix(".keys.json")
         keys.write_text(json.dumps([{"name": "abusers", "key": ABUSER_KEY, "max_running": args.abuser_quota}]))
         serve_args += ["--client-keys", str(keys)]
+    elif not any(a.startswith("--max-refusals") for a in args.serve_arg):
+        # One key and one address for everyone: throttling the refused client (server.refusals)
+        # would throttle the valid clients with it. The refusal budget needs --abuser-quota's own key.
+        serve_args = ["--max-refusals", "0", *serve_args]
     with served(args.ensemble, args.engine, args.log, serve_args) as (url, card):
         pid = _server_pid(int(url.rsplit(":", 1)[1]))
         asyncio.run(valid_traffic(url, args.clients, 2, args.max_tokens))  # warm-up, not measured

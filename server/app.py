@@ -31,6 +31,7 @@ from server.config import ServerConfig
 from server.engines import engine_healthy, load_engine
 from server.errors import install_error_handlers
 from server.openapi import install_openapi
+from server.refusals import RefusalLimitMiddleware
 from server.routes_chat import router as chat_router
 from server.routes_completions import router as completions_router
 from server.routes_misc import router as misc_router
@@ -150,4 +151,12 @@ def create_app(
     app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes)
     if config.authenticated:
         app.add_middleware(APIKeyMiddleware, api_key=config.api_key, clients=config.client_keys)
+    if config.max_refusals:  # outermost: sees every 4xx (401 and 413 too) and throttles before the key check
+        app.add_middleware(RefusalLimitMiddleware, burst=config.max_refusals, clients=config.client_keys,
+                           on_throttle=lambda: _count_throttled(state))
     return app
+
+
+def _count_throttled(state: ServerState) -> None:
+    if state.ready is not None:
+        state.ready.metrics.refusal_rejections.inc()

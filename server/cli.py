@@ -116,6 +116,9 @@ def _add_http_options(p: argparse.ArgumentParser) -> None:
                    help="accept a chat_template in requests (templates are code) [CHORUS_TRUST_REQUEST_CHAT_TEMPLATE]")
     p.add_argument("--max-body-mb", type=float, default=_env("MAX_BODY_MB", "16"),
                    help="request bodies over this many MiB get a 413 before parsing [CHORUS_MAX_BODY_MB, 16]")
+    p.add_argument("--max-refusals", type=_int, default=_env("MAX_REFUSALS", "60"),
+                   help="refused requests (4xx) a client may get per minute; past them its requests get a "
+                        "429 before their body is read; 0 = no limit [CHORUS_MAX_REFUSALS, 60]")
 
 
 def _add_limit_options(p: argparse.ArgumentParser) -> None:
@@ -173,6 +176,7 @@ def config_from_args(args: argparse.Namespace, vllm_argv: Sequence[str] = ()) ->
         distributed_executor_backend=args.distributed_executor_backend,
         kv_cache_gib=None if args.kv_cache_gib is None else float(args.kv_cache_gib),
         max_body_mb=float(args.max_body_mb),
+        max_refusals=as_int(args.max_refusals),
         tokenizer_workers=as_int(args.tokenizer_workers),
         stream_stall_timeout=(_positive_float_or_none(args.stream_stall_timeout)
                               if isinstance(args.stream_stall_timeout, str) else args.stream_stall_timeout),

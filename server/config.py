@@ -48,6 +48,9 @@ class ServerConfig:
         kv_cache_gib: GiB of KV cache vLLM reserves (its ``kv_cache_memory_bytes``); None = vLLM's
             default (a share of GPU memory; on a CPU, of *all* RAM, which fails on a busy host).
         max_body_mb: request bodies over this many MiB get a 413 before they are parsed.
+        max_refusals: refused requests (4xx but 429) a client may get per minute, in a burst or
+            spread; past them its requests get a 429 before their body is read (`server.refusals`;
+            a client is its client key's name, else its address); 0 = no limit.
         stream_stall_timeout: seconds a stream's client may go without taking an event before the
             stream is cut off and its sequences aborted; None = never.
         tokenizer_workers: threads that tokenize prompts (each with its own tokenizer copy); at
@@ -78,6 +81,7 @@ class ServerConfig:
     distributed_executor_backend: str | None = None
     kv_cache_gib: float | None = None
     max_body_mb: float = 16.0
+    max_refusals: int = 60
     stream_stall_timeout: float | None = 30.0
     tokenizer_workers: int = 2
     engine_args: Mapping[str, Any] = field(default_factory=dict)
@@ -132,6 +136,7 @@ class ServerConfig:
         if self.stream_stall_timeout is not None:
             _positive("stream_stall_timeout", self.stream_stall_timeout, " of seconds")
         _positive("max_body_mb", self.max_body_mb)
+        _int_at_least("max_refusals", self.max_refusals, 0)
         object.__setattr__(self, "engine_args", dict(self.engine_args))
         if self.engine_args and self.engine != "vllm":
             raise ConfigError(f"vLLM engine arguments ({', '.join(self.engine_args)}) need the vllm engine")

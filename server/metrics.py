@@ -9,7 +9,7 @@ vLLM names exported (all measured by the server around the engine):
       at scrape time; "waiting" adds requests queued by the server's admission control),
   vllm:prompt_tokens_total, vllm:generation_tokens_total, vllm:request_success_total{finished_reason},
   vllm:time_to_first_token_seconds, vllm:inter_token_latency_seconds, vllm:e2e_request_latency_seconds,
-  vllm:admission_rejections_total{reason},
+  vllm:admission_rejections_total{reason}  (max_num_queued_reqs; too_many_refusals: server.refusals),
   vllm:prefix_cache_queries_total, vllm:prefix_cache_hits_total  (tokens; from vLLM's scheduler
       stats, exported when the engine reports them: the vllm engine does),
   vllm:spec_decode_num_drafts_total, vllm:spec_decode_num_draft_tokens_total,
@@ -164,6 +164,7 @@ class ServerMetrics:
                              "Number of admission attempts rejected by a queue limit, by reason.",
                              ["model_name", "reason"], registry=reg)
         self.queue_rejections = rejections.labels(model_name, "max_num_queued_reqs")
+        self.refusal_rejections = rejections.labels(model_name, "too_many_refusals")  # server.refusals
         aborted = Counter("chorus:requests_aborted", "Engine requests aborted by the server, by reason.",
                           ["model_name", "reason"], registry=reg)
         self.aborted = {r: aborted.labels(model_name, r) for r in ABORT_REASONS}

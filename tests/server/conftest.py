@@ -64,7 +64,8 @@ def server_ensemble(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def torch_server(server_ensemble: Path) -> Iterator[ServerThread]:
     """The reference engine on the tiny pair, with an API key."""
-    yield from start_server(server_ensemble, engine="torch", api_key=API_KEY, max_queue=8, request_timeout=120.0)
+    yield from start_server(server_ensemble, engine="torch", api_key=API_KEY, max_queue=8, request_timeout=120.0,
+                            max_refusals=0)  # many tests send bad requests on purpose (throttling: test_server_refusals)
 
 
 @pytest.fixture()

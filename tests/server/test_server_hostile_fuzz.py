@@ -109,7 +109,7 @@ def _mutated(path: str, target: str, value: Any) -> dict:
 @pytest.fixture(scope="module")
 def hostile_server(server_ensemble: Path) -> Iterator[ServerThread]:
     yield from start_server(server_ensemble, engine="torch", api_key=API_KEY, max_model_len=32, max_queue=4,
-                            request_timeout=5.0)
+                            request_timeout=5.0, max_refusals=0)  # every hostile body must reach the validators
 
 
 def _encode(body: dict) -> bytes:

@@ -1,0 +1,141 @@
+"""A budget of refused requests per client: past it, a client's requests get a 429 from their headers
+alone, before their body is read or parsed.
+
+A hostile client can send bodies that are cheap to write and costly to refuse (100,000-element
+`stop` lists, deep nesting, lone surrogates, bodies at the size limit): each one is read, parsed and
+validated before its 400. Valid clients rarely get refused, so a client whose requests keep being
+refused is throttled, the way a web server's fail2ban would: every 4xx a client gets (except 429,
+which says the server is full, not that the client is wrong) takes one token from its bucket,
+which holds `burst` tokens and refills at `burst` per minute; while its bucket is empty, each of
+its requests is answered 429 `too_many_refusals` with a `Retry-After`, and the connection closed,
+without reading the body. Successful requests cost nothing.
+
+A client is the name of its key when it sends one of the client keys (`server.clients`), else the
+peer address uvicorn reports (behind a proxy every anonymous client shares the proxy's address,
+unless uvicorn is told to trust its `X-Forwarded-For` with `FORWARDED_ALLOW_IPS`: give such clients
+keys of their own). `/health`, `/metrics` and the API docs are never throttled.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from starlette._utils import get_route_path
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from server.auth import is_protected, matching_client
+from server.clients import ClientKey
+from server.errors import error_body
+
+MAX_TRACKED = 10_000  # clients with an unfilled bucket kept in memory; the least recently refused go first
+
+
+@dataclass
+class _Bucket:
+    tokens: float
+    at: float
+
+
+class RefusalBudget:
+    """Token buckets of refusals, one per client: `burst` tokens, refilled at `burst` per minute."""
+
+    def __init__(self, burst: int, clock: Callable[[], float] = time.monotonic,
+                 max_tracked: int = MAX_TRACKED) -> None:
+        if isinstance(burst, bool) or not isinstance(burst, int) or burst < 1:
+            raise ValueError(f"burst must be a positive integer, got {burst!r}")
+        self.burst = burst
+        self.per_second = burst / 60.0
+        self.clock = clock
+        self.max_tracked = max_tracked
+        self._buckets: OrderedDict[str, _Bucket] = OrderedDict()
+
+    def _tokens(self, client: str, now: float) -> float:
+        bucket = self._buckets.get(client)
+        if bucket is None:
+            return float(self.burst)
+        return min(float(self.burst), bucket.tokens + (now - bucket.at) * self.per_second)
+
+    def retry_after(self, client: str) -> float | None:
+        """Seconds until `client` may be refused once more (None: it is not throttled now)."""
+        now = self.clock()
+        tokens = self._tokens(client, now)
+        if tokens >= 1.0:
+            return None
+        return (1.0 - tokens) / self.per_second
+
+    def charge(self, client: str) -> None:
+        """Record one refusal of `client`."""
+        now = self.clock()
+        tokens = max(0.0, self._tokens(client, now) - 1.0)
+        self._buckets[client] = _Bucket(tokens, now)
+        self._buckets.move_to_end(client)
+        while len(self._buckets) > self.max_tracked:
+            self._buckets.popitem(last=False)
+
+    def tracked(self) -> int:
+        """Clients with a bucket in memory."""
+        return len(self._buckets)
+
+
+def charged(status: int) -> bool:
+    """Whether a response `status` counts against the client: every 4xx but 429 (server full)."""
+    return 400 <= status < 500 and status != 429
+
+
+class RefusalLimitMiddleware:
+    """Throttle clients whose requests keep being refused (see the module docstring)."""
+
+    def __init__(self, app: ASGIApp, burst: int, clients: tuple[ClientKey, ...] = (),
+                 on_throttle: Callable[[], None] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.app = app
+        self.budget = RefusalBudget(burst, clock=clock)
+        self.keys: dict[str, str | None] = {c.key: c.name for c in clients}
+        self.on_throttle = on_throttle
+
+    def client_of(self, scope: Scope) -> str:
+        """The client a request comes from: 'key:NAME' for a client key, else 'addr:HOST'."""
+        if self.keys:
+            for key, value in scope.get("headers", []):
+                if key == b"authorization":
+                    found, name = matching_client(value.decode("latin-1"), self.keys)
+                    if found:
+                        return f"key:{name}"
+                    break
+        peer = scope.get("client")
+        return f"addr:{peer[0] if peer else 'unknown'}"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not is_protected(get_route_path(scope)):
+            await self.app(scope, receive, send)
+            return
+        client = self.client_of(scope)
+        wait = self.budget.retry_after(client)
+        if wait is not None:
+            if self.on_throttle is not None:
+                self.on_throttle()
+            await _send_429(send, wait, self.budget.burst)
+            return
+
+        async def send_and_count(message: Message) -> None:
+            if message["type"] == "http.response.start" and charged(message["status"]):
+                self.budget.charge(client)
+            await send(message)
+
+        await self.app(scope, receive, send_and_count)
+
+
+async def _send_429(send: Send, wait: float, burst: int) -> None:
+    seconds = max(1, math.ceil(wait))
+    body = json.dumps(error_body(
+        429, f"too many refused requests from this client (more than {burst} a minute); "
+             f"retry after {seconds} s (--max-refusals)", code="too_many_refusals")).encode()
+    await send({"type": "http.response.start", "status": 429, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+        (b"retry-after", str(seconds).encode()), (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})

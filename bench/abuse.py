@@ -18,10 +18,12 @@ the same valid traffic twice: `--clients` clients each sending `--requests` shor
    - huge bodies: `--huge-mb` MiB posts (refused with 413 from their Content-Length, and chunked
      ones cut off at the limit);
    - hostile JSON: lone surrogates, 100,000-element stop lists, deep nesting (400s).
-   With `--abuser-quota`, the abusers have a client key of their own, and once they have been
-   refused `--max-refusals` times in a minute (serve's default 60) their requests get 429s from
-   their headers, before any body is read (`server.refusals`); sharing the valid clients' key and
-   address, they cannot be told apart, so that run turns the refusal budget off.
+   The abusers connect from `--abuser-address` (127.0.0.2), the valid clients from 127.0.0.1; once
+   an address (or, with `--abuser-quota`, the abusers' own client key) has been refused
+   `--max-refusals` times in a minute (serve's default 60), its requests get 429s from their
+   headers, before any body is read (`server.refusals`). With `--abuser-address 127.0.0.1` and no
+   quota, abusers and valid clients share one key and one address and cannot be told apart, so
+   that run turns the refusal budget off.
 
 The abusers run in a process of their own, so that their client-side work does not delay the
 valid client's event loop (and with it the measured latencies); on a small machine they still
@@ -99,9 +101,20 @@ def _auth(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
 
-async def _raw_request(port: int, body: bytes, key: str,
+async def _connect(port: int, source: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection to the server on loopback from the address `source` (any of 127.0.0.0/8)."""
+    return await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
+
+
+def _http(key: str, source: str, timeout: float) -> httpx.AsyncClient:
+    """An httpx client with the abusers' key, connecting from `source`."""
+    return httpx.AsyncClient(headers={**_auth(key), "Content-Type": "application/json"}, timeout=timeout,
+                             transport=httpx.AsyncHTTPTransport(local_address=source))
+
+
+async def _raw_request(port: int, body: bytes, key: str, source: str,
                        headers: str = "") -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    reader, writer = await _connect(port, source)
     writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: chorus\r\nContent-Type: application/json\r\n"
                  + f"Authorization: Bearer {key}\r\n{headers}Content-Length: {len(body)}\r\n\r\n".encode() + body)
     await writer.drain()
@@ -114,13 +127,13 @@ async def _status(reader: asyncio.StreamReader) -> int:
     return int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
 
 
-async def slow_reader(port: int, key: str, statuses: Counter, stop: asyncio.Event) -> None:
+async def slow_reader(port: int, key: str, source: str, statuses: Counter, stop: asyncio.Event) -> None:
     """Streaming requests for long answers that are never read, one after another."""
     body = json.dumps({"prompt": "Tell a long story", "max_tokens": 256, "n": 4, "ignore_eos": True,
                        "stream": True, "logprobs": 5}).encode()
     while not stop.is_set():
         try:
-            reader, writer = await _raw_request(port, body, key)
+            reader, writer = await _raw_request(port, body, key, source)
         except ConnectionError:  # throttled (server.refusals): answered 429 and closed before the body was read
             statuses["closed"] += 1
             await asyncio.sleep(0.05)
@@ -131,12 +144,12 @@ async def slow_reader(port: int, key: str, statuses: Counter, stop: asyncio.Even
         writer.close()
 
 
-async def disconnect_storm(port: int, key: str, statuses: Counter, stop: asyncio.Event) -> None:
+async def disconnect_storm(port: int, key: str, source: str, statuses: Counter, stop: asyncio.Event) -> None:
     """Streaming requests dropped right after their first bytes."""
     body = json.dumps({"prompt": "Hello", "max_tokens": 64, "stream": True}).encode()
     while not stop.is_set():
         try:
-            reader, writer = await _raw_request(port, body, key)
+            reader, writer = await _raw_request(port, body, key, source)
             statuses[str(await _status(reader))] += 1
             writer.close()
         except ConnectionError:  # throttled and closed before the body was read
@@ -144,7 +157,7 @@ async def disconnect_storm(port: int, key: str, statuses: Counter, stop: asyncio
         await asyncio.sleep(0.05)
 
 
-async def huge_bodies(port: int, url: str, key: str, huge_mb: float, statuses: Counter, stop: asyncio.Event) -> None:
+async def huge_bodies(port: int, url: str, key: str, source: str, huge_mb: float, statuses: Counter, stop: asyncio.Event) -> None:
     """Bodies over the limit: announced by their Content-Length (the answer must come before the
     body is sent), and chunked (cut off at the limit)."""
     size = int(huge_mb * (1 << 20))
@@ -156,9 +169,9 @@ async def huge_bodies(port: int, url: str, key: str, huge_mb: float, statuses: C
             yield blob
         yield b'"}'
 
-    async with httpx.AsyncClient(headers={**_auth(key), "Content-Type": "application/json"}, timeout=60) as http:
+    async with _http(key, source, 60) as http:
         while not stop.is_set():
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            reader, writer = await _connect(port, source)
             try:
                 writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: chorus\r\nContent-Type: application/json\r\n"
                              + f"Authorization: Bearer {key}\r\nContent-Length: {size}\r\n\r\n".encode()
@@ -177,7 +190,7 @@ async def huge_bodies(port: int, url: str, key: str, huge_mb: float, statuses: C
             await asyncio.sleep(0.2)
 
 
-async def hostile_json(url: str, key: str, statuses: Counter, stop: asyncio.Event) -> None:
+async def hostile_json(url: str, key: str, source: str, statuses: Counter, stop: asyncio.Event) -> None:
     """Bodies that crashed the server before the hardening."""
     bodies = [
         b'{"prompt": "a\\ud800", "max_tokens": 1}',
@@ -185,7 +198,7 @@ async def hostile_json(url: str, key: str, statuses: Counter, stop: asyncio.Even
         b'{"prompt": "a", "max_tokens": 1, "x": ' + b"[" * 50_000 + b"]" * 50_000 + b"}",
         json.dumps({"prompt": ["a"] * 64, "n": 32, "max_tokens": 1}).encode(),
     ]
-    async with httpx.AsyncClient(headers={**_auth(key), "Content-Type": "application/json"}, timeout=60) as http:
+    async with _http(key, source, 60) as http:
         while not stop.is_set():
             for body in bodies:
                 try:
@@ -212,26 +225,26 @@ KINDS = ("slow_readers", "disconnect_storm", "huge_bodies", "hostile_json")
 
 
 def _abusers_process(url: str, huge_mb: float, count: int, kinds: tuple[str, ...], nice: int, key: str,
-                     started: Any, stop: Any, results: Any) -> None:
+                     source: str, started: Any, stop: Any, results: Any) -> None:
     """The abusers, in a process of their own: their client-side work (building and sending big
     bodies, parsing answers) must not hold up the valid client's event loop and so its clock, as
     it would if both shared one loop; an attacker is not inside the victim's client either. Sends
     back their answers, failures and the CPU seconds the process used."""
     if nice:
         os.nice(nice)
-    answers, failures = asyncio.run(_abuse(url, key, huge_mb, count, kinds, started, stop))
+    answers, failures = asyncio.run(_abuse(url, key, source, huge_mb, count, kinds, started, stop))
     results.put((answers, failures, time.process_time()))
 
 
-async def _abuse(url: str, key: str, huge_mb: float, count: int, kinds: tuple[str, ...], started: Any,
+async def _abuse(url: str, key: str, source: str, huge_mb: float, count: int, kinds: tuple[str, ...], started: Any,
                  stop_flag: Any) -> tuple[dict[str, dict[str, int]], list[str]]:
     port = int(url.rsplit(":", 1)[1])
     stop = asyncio.Event()
     makers: dict[str, Callable[[Counter], Awaitable[None]]] = {
-        "slow_readers": lambda c: slow_reader(port, key, c, stop),
-        "disconnect_storm": lambda c: disconnect_storm(port, key, c, stop),
-        "huge_bodies": lambda c: huge_bodies(port, url, key, huge_mb, c, stop),
-        "hostile_json": lambda c: hostile_json(url, key, c, stop),
+        "slow_readers": lambda c: slow_reader(port, key, source, c, stop),
+        "disconnect_storm": lambda c: disconnect_storm(port, key, source, c, stop),
+        "huge_bodies": lambda c: huge_bodies(port, url, key, source, huge_mb, c, stop),
+        "hostile_json": lambda c: hostile_json(url, key, source, c, stop),
     }
     abusers: dict[str, Counter] = {}
     tasks = [asyncio.create_task(makers[name](abusers.setdefault(name, Counter())))
@@ -268,6 +281,7 @@ async def phase(url: str, pid: int, args: argparse.Namespace, kinds: tuple[str, 
         process = ctx.Process(target=_abusers_process, args=(url, args.huge_mb, args.abusers, kinds,
                                                               args.abuser_nice,
                                                               ABUSER_KEY if args.abuser_quota else API_KEY,
+                                                              args.abuser_address,
                                                               started, stop_abuse, queue),
                               daemon=True)
         process.start()
@@ -312,6 +326,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--abuser-quota", type=int, metavar="N",
                    help="give the abusers a client key of their own with max_running N (serve --client-keys); "
                         "the valid clients keep the server's key; default: everyone shares that key")
+    p.add_argument("--abuser-address", default="127.0.0.2",
+                   help="loopback address the abusers connect from (default 127.0.0.2: attackers are not the "
+                        "valid clients' address; 127.0.0.1 shares it, and without --abuser-quota nothing then "
+                        "tells them apart)")
     p.add_argument("--each", action="store_true",
                    help="also run one abuse phase per abuser kind alone (which abuse costs what)")
     p.add_argument("--serve-arg", action="append", default=[], metavar="ARG", help="passed on to serve")
@@ -327,9 +345,9 @@ def main(argv: list[str] | None = None) -> int:
         keys = args.log.with_suffix(".keys.json")
         keys.write_text(json.dumps([{"name": "abusers", "key": ABUSER_KEY, "max_running": args.abuser_quota}]))
         serve_args += ["--client-keys", str(keys)]
-    elif not any(a.startswith("--max-refusals") for a in args.serve_arg):
+    elif args.abuser_address == "127.0.0.1" and not any(a.startswith("--max-refusals") for a in args.serve_arg):
         # One key and one address for everyone: throttling the refused client (server.refusals)
-        # would throttle the valid clients with it. The refusal budget needs --abuser-quota's own key.
+        # would throttle the valid clients with it. The refusal budget needs a key or an address of their own.
         serve_args = ["--max-refusals", "0", *serve_args]
     with served(args.ensemble, args.engine, args.log, serve_args) as (url, card):
         pid = _server_pid(int(url.rsplit(":", 1)[1]))
@@ -343,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
               "settings": {k: v for k, v in vars(args).items() if k in ("clients", "requests", "max_tokens",
                                                                            "abusers", "huge_mb",
                                                                            "stream_stall_timeout", "abuser_nice",
-                                                                           "abuser_quota")},
+                                                                           "abuser_quota", "abuser_address", "serve_arg")},
               "quiet": quiet, "abuse": abuse, "p99_ratio": abuse["p99_s"] / quiet["p99_s"],
               "p50_ratio": abuse["p50_s"] / quiet["p50_s"], "alone": alone, "health_after": health}
     print(render(record))

@@ -126,6 +126,9 @@ def _add_limit_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-running", type=_int, default=_env("MAX_RUNNING"),
                    help="sequences (prompts x n) in the engine at once (default: the engine's max_num_seqs) "
                         "[CHORUS_MAX_RUNNING]")
+    p.add_argument("--max-running-per-client", type=_int, default=_env("MAX_RUNNING_PER_CLIENT"),
+                   help="sequences each client (a client key's name, else an address) may have running, unless "
+                        "its key sets max_running; default: only --max-running [CHORUS_MAX_RUNNING_PER_CLIENT]")
     p.add_argument("--max-queue", type=_int, default=_env("MAX_QUEUE", "64"),
                    help="requests allowed to wait beyond those running; more get 429 [CHORUS_MAX_QUEUE, 64]")
     p.add_argument("--request-timeout", type=_positive_float_or_none, default=_env("REQUEST_TIMEOUT", "600"),
@@ -167,6 +170,7 @@ def config_from_args(args: argparse.Namespace, vllm_argv: Sequence[str] = ()) ->
         api_key=args.api_key,
         client_keys=load_client_keys(args.client_keys) if args.client_keys else (),
         max_running=as_int(args.max_running),
+        max_running_per_client=as_int(args.max_running_per_client),
         max_queue=as_int(args.max_queue),
         request_timeout=(_positive_float_or_none(args.request_timeout)
                          if isinstance(args.request_timeout, str) else args.request_timeout),

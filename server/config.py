@@ -37,6 +37,9 @@ class ServerConfig:
             (`server.clients`); any of them, or `api_key`, opens the API.
         max_running: sequences (prompts × n of each request) let into the engine at once; None = the
             engine's `max_num_seqs` when it exposes one, else 256.
+        max_running_per_client: sequences each client may have running at once, unless its client
+            key sets its own `max_running`; a client is a client key's name, else the request's
+            address (`server.client_budgets`); None = only the server's limit.
         max_queue: requests that may wait for a running slot; more get 429.
         request_timeout: seconds from arrival to the last token (queue wait included); None = none.
         served_model_name: the `model` name clients use; None = the ensemble's name.
@@ -73,6 +76,7 @@ class ServerConfig:
     api_key: str | None = None
     client_keys: tuple[ClientKey, ...] = ()
     max_running: int | None = None
+    max_running_per_client: int | None = None
     max_queue: int = 64
     request_timeout: float | None = 600.0
     served_model_name: str | None = None
@@ -119,6 +123,8 @@ class ServerConfig:
             _int_at_least("max_model_len", self.max_model_len, 2)
         if self.max_running is not None:
             _int_at_least("max_running", self.max_running, 1)
+        if self.max_running_per_client is not None:
+            _int_at_least("max_running_per_client", self.max_running_per_client, 1)
         _int_at_least("max_queue", self.max_queue, 0)
         _int_at_least("tokenizer_workers", self.tokenizer_workers, 1)
         if self.request_timeout is not None:

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Request
 
 from ensemble.protocol import CompletionOutput, RequestOutput
 from server.cancellation import run_until_disconnect
+from server.client_budgets import ClientId
 from server.errors import bad_request
 from server.generation import GenerationCall
 from server.logprobs import chat_logprobs, member_logprobs
@@ -71,7 +72,7 @@ async def chat_prompt_ids(ready: Ready, state: ServerState, body) -> list[int]:
     return ids
 
 
-async def _chat(body: ChatCompletionRequest, state: ServerState, client: str | None = None):
+async def _chat(body: ChatCompletionRequest, state: ServerState, client: ClientId | None = None):
     ready = state.require_ready()
     member = state.check_model(ready, body.model)
     shape = answer_shape(body, engine_supports=bool(ready.engine.info.get("structured_outputs")))

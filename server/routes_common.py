@@ -14,6 +14,7 @@ import anyio
 from starlette.requests import Request
 
 from ensemble.protocol import EngineRequestError, RequestOutput, SamplingOptions
+from server.client_budgets import ClientId
 from server.engines import engine_healthy
 from server.errors import APIError, bad_request, engine_dead_error, internal_error
 from server.generation import DeadlineExceeded, GenerationCall
@@ -52,7 +53,7 @@ GENERATION_RESPONSES: dict[int | str, dict] = {
 }
 
 
-def refuse_if_full(ready: Ready, sequences: int, priority: int = 0, client: str | None = None) -> None:
+def refuse_if_full(ready: Ready, sequences: int, priority: int = 0, client: ClientId | None = None) -> None:
     """Before any work (tokenizing): 400 for a `priority` the engine cannot honour, 429 when
     admission (the `client`'s own, then the server's) would refuse `sequences` anyway."""
     policy = ready.engine.info.get("scheduling_policy")
@@ -61,8 +62,9 @@ def refuse_if_full(ready: Ready, sequences: int, priority: int = 0, client: str 
                           f"--scheduling-policy priority); this one schedules {policy or 'first come, first served'}",
                           param="priority")
     try:
-        if client in ready.client_admissions:
-            ready.client_admissions[client].check(sequences, priority)
+        budget = ready.client_budgets.get(client)
+        if budget is not None:
+            budget.check(sequences, priority)
         ready.admission.check(sequences, priority)
     except QueueFullError as err:
         ready.metrics.queue_rejections.inc()
@@ -70,16 +72,19 @@ def refuse_if_full(ready: Ready, sequences: int, priority: int = 0, client: str 
 
 
 def engine_call(state: ServerState, ready: Ready, request_id: str, prompts: list[list[int]],
-                options: SamplingOptions, client: str | None = None) -> GenerationCall:
+                options: SamplingOptions, client: ClientId | None = None) -> GenerationCall:
     """A new call for `prompts` (not yet admitted), for `client` (its budget, if it has one)."""
     return GenerationCall(ready.engine, ready.admission, ready.metrics, request_id, prompts, options,
                           state.config.request_timeout, state.calls,
-                          client_admission=ready.client_admissions.get(client))
+                          client_admission=ready.client_budgets.get(client))
 
 
-def client_of(request: Request) -> str | None:
-    """The client whose key the request carried (`server.auth`); None for the server's own key."""
-    return getattr(request.state, "chorus_client", None)
+def client_of(request: Request) -> ClientId | None:
+    """Who sent the request: the client whose key it carried (`server.auth`), else its peer address."""
+    name = getattr(request.state, "chorus_client", None)
+    if name is not None:
+        return ClientId("key", name)
+    return ClientId("address", request.client.host) if request.client else None
 
 
 def _as_api_error(err: BaseException) -> APIError:

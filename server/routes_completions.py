@@ -9,6 +9,7 @@ from fastapi import APIRouter, Request
 
 from ensemble.protocol import CompletionOutput, RequestOutput
 from server.cancellation import run_until_disconnect
+from server.client_budgets import ClientId
 from server.errors import bad_request
 from server.generation import GenerationCall
 from server.logprobs import completion_logprobs, member_logprobs
@@ -47,7 +48,7 @@ async def create_completion(body: CompletionRequest, request: Request):
     return await run_until_disconnect(request, _completion(body, request.app.state.chorus, client_of(request)))
 
 
-async def _completion(body: CompletionRequest, state: ServerState, client: str | None = None):
+async def _completion(body: CompletionRequest, state: ServerState, client: ClientId | None = None):
     ready = state.require_ready()
     member = state.check_model(ready, body.model)
     max_tokens = int(body.max_tokens if body.max_tokens is not None else 16)

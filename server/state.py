@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from ensemble.protocol import Engine
+from server.client_budgets import ClientBudgets
 from server.config import ServerConfig
 from server.errors import APIError, engine_dead_error
 from server.limits import Admission
@@ -34,8 +35,8 @@ class Ready:
     admission: Admission
     metrics: ServerMetrics
     servable_members: list[str] = field(default_factory=list)  # members a request may name as its model
-    # Each client (server.clients) with a max_running budget: its own admission, taken before the server's.
-    client_admissions: dict[str, Admission] = field(default_factory=dict)
+    # Each client's own admission, taken before the server's (server.client_budgets).
+    client_budgets: ClientBudgets = field(default_factory=lambda: ClientBudgets((), 0))
     _token_bytes: list[bytes | None] | None = None
 
     def answered_as(self, model: str | None) -> str:
@@ -153,6 +154,5 @@ def build_ready(config: ServerConfig, engine: Engine) -> Ready:
         admission=Admission(max_running, config.max_queue),
         metrics=metrics,
         servable_members=servable,
-        client_admissions={c.name: Admission(c.max_running, config.max_queue, owner=f"client {c.name!r}")
-                           for c in config.client_keys if c.max_running is not None},
+        client_budgets=ClientBudgets(config.client_keys, config.max_queue, config.max_running_per_client),
     )

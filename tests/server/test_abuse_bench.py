@@ -26,9 +26,10 @@ def test_abuse_bench_runs_and_reports(server_ensemble: Path, tmp_path: Path) -> 
     assert record["quiet"]["valid_ok"] == record["abuse"]["valid_ok"] == 8
     abusers = record["abuse"]["abusers"]
     assert abusers["huge_bodies"].get("413", 0) + abusers["huge_bodies"].get("closed", 0) >= 1
-    assert set(abusers["huge_bodies"]) <= {"413", "closed", "chunked 413", "chunked closed"}
+    # 429: the abusers' address ran out of refusals (server.refusals), answered from the headers
+    assert set(abusers["huge_bodies"]) <= {"413", "429", "closed", "chunked 413", "chunked 429", "chunked closed"}
     assert record["abuse"]["abuser_failures"] == []
-    assert set(abusers["hostile_json"]) == {"400"}
+    assert "400" in abusers["hostile_json"] and set(abusers["hostile_json"]) <= {"400", "429", "closed"}
     assert abusers["slow_readers"]["opened"] >= 1
     assert record["health_after"] == 200 and record["p99_ratio"] > 0
 

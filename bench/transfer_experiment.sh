@@ -11,6 +11,8 @@
 # data: 800 samples of 128 tokens at temperature 1, prompted by openings of the training plays and
 # of prose paragraphs that no held-out text uses), so that neither loss can learn more than the
 # teacher knows and the held-out teacher_text is in the training distribution.
+# TARGET=bytes moves the student onto bytes instead of Qwen2's tokenizer (model.tokenizer=bytes; the
+# token budget is then SEQ_LEN bytes per example, default 256, about 60 of the teacher's tokens).
 # Resumable: finished runs and evaluations are kept; a killed run continues with --resume.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,6 +24,12 @@ EVAL_BYTES="${EVAL_BYTES:-20000}"
 METHODS="${METHODS:-alm sft alm_sft alm_latents}"
 DATA="${DATA:-plays}"
 CONFIG=transfer/configs/smollm2_to_qwen2.yaml
+TARGET="${TARGET:-qwen2}"
+case $TARGET in
+  qwen2) TARGET_ARGS=(); NEW_TOKENIZER=zoo:qwen2 ;;
+  bytes) TARGET_ARGS=(model.tokenizer=bytes "data.seq_len=${SEQ_LEN:-256}"); NEW_TOKENIZER=bytes ;;
+  *) echo "[experiment] unknown TARGET $TARGET (qwen2, bytes)" >&2; exit 2 ;;
+esac
 mkdir -p "$OUT"
 
 DATA_ARGS=()
@@ -50,7 +58,7 @@ train() {  # name, extra overrides...
   local resume=()
   [[ -f "$run/config.yaml" ]] && resume=(--resume)
   local t0=$SECONDS
-  "$BIN/transfer" run "$CONFIG" "output.dir=$run" "train.steps=$STEPS" "output.eval_bytes=$EVAL_BYTES" "${DATA_ARGS[@]}" "$@" "${resume[@]}"
+  "$BIN/transfer" run "$CONFIG" "output.dir=$run" "train.steps=$STEPS" "output.eval_bytes=$EVAL_BYTES" "${TARGET_ARGS[@]}" "${DATA_ARGS[@]}" "$@" "${resume[@]}"
   echo "{\"run\": \"$name\", \"wall_s\": $((SECONDS - t0))}" >> "$OUT/timings.jsonl"
 }
 
@@ -69,7 +77,7 @@ for method in $METHODS; do
     *) echo "[experiment] unknown method $method (alm, sft, alm_sft, alm_latents, alm1_sft3, alm_abs, alm_emblr, alm_scaled)" >&2; exit 2 ;;
   esac
 done
-[[ -f "$OUT/fvt/config.json" ]] || "$BIN/transfer" init --model zoo:smollm2 --tokenizer zoo:qwen2 --out "$OUT/fvt"
+[[ -f "$OUT/fvt/config.json" ]] || "$BIN/transfer" init --model zoo:smollm2 --tokenizer "$NEW_TOKENIZER" --out "$OUT/fvt"
 
 # What the teacher itself writes (sampled at temperature 1 from prose openings): how faithfully each
 # student reproduces its teacher.

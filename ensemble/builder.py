@@ -4,7 +4,9 @@
 
 * is a Hugging Face causal-LM folder with its own tokenizer files;
 * shares the regular-token vocabulary with the tokenizer-from member: token byte strings are
-  compared id by id (see `ensemble.vocab`), and the first differing id is named with both tokens;
+  compared id by id (see `ensemble.vocab`), and the first differing id is named with both tokens
+  (special tokens after the reference's last text token may differ: the member abstains on them,
+  which lets byte-level members of different families pool their 256 bytes);
 * has an embedding row for every id of the shared vocabulary (rows beyond it are padding and are
   sliced off; ids a member's tokenizer lacks are masked for that member);
 
@@ -112,29 +114,38 @@ def inspect_member(spec: MemberSpec) -> MemberInfo:
     return MemberInfo(spec, tokenizer, table, rows, positions)
 
 
-def check_shared_vocabulary(reference: MemberInfo, member: MemberInfo, vocab_size: int) -> None:
-    """Raise ManifestError unless `member` spells every shared id like `reference`.
+def check_shared_vocabulary(reference: MemberInfo, member: MemberInfo, vocab_size: int) -> int:
+    """The ids `member` scores (its ids from there up to `vocab_size` are masked: it abstains on
+    them); raise ManifestError unless it spells every text token of `reference` alike.
 
-    Ids below `vocab_size` that both tokenizers have must mean the same bytes. Ids the member's
-    (shorter) tokenizer lacks are allowed only for the reference's special tokens: the member
-    never predicts those (they are masked for it). Ids beyond `vocab_size` do not matter.
+    Ids below `vocab_size` that both tokenizers have must mean the same bytes, up to where the
+    reference has no text tokens left: from there on (its special tokens) the tokenizers may
+    differ, and the member abstains. Byte-level members of different families share the 256 bytes
+    and differ in their special tokens from id 256 on. Ids the member's (shorter) tokenizer lacks
+    are allowed only for the reference's special tokens, likewise masked for it. Ids beyond
+    `vocab_size` do not matter.
     """
     ref, other = reference.table, member.table
+    scored = min(len(other), vocab_size)
     if ref is other:  # byte-identical tokenizer files
-        return
+        return scored
     bad = first_mismatch(ref, other, limit=min(vocab_size, len(ref), len(other)))
     if bad is not None:
-        raise ManifestError(
-            f"member {member.spec.name!r} does not share the vocabulary of {reference.spec.name!r}: "
-            f"first difference at token id {bad}: {reference.spec.name!r} has {describe_token(ref, bad)}, "
-            f"{member.spec.name!r} has {describe_token(other, bad)}"
-        )
+        text_after = next((i for i in range(bad, vocab_size) if ref.is_text_token(i)), None)
+        if text_after is not None:
+            raise ManifestError(
+                f"member {member.spec.name!r} does not share the vocabulary of {reference.spec.name!r}: "
+                f"first difference at token id {bad}: {reference.spec.name!r} has {describe_token(ref, bad)}, "
+                f"{member.spec.name!r} has {describe_token(other, bad)}"
+            )
+        return bad  # only special tokens differ from here on
     missing = next((i for i in range(len(other), vocab_size) if ref.is_text_token(i)), None)
     if missing is not None:
         raise ManifestError(
             f"member {member.spec.name!r} does not share the vocabulary of {reference.spec.name!r}: its tokenizer "
             f"has {len(other)} tokens and lacks token id {missing}: {describe_token(ref, missing)}"
         )
+    return scored
 
 
 def _role_token(tokenizer: Any, role: str) -> str | None:
@@ -182,16 +193,15 @@ def plan_ensemble(
     infos = [inspect_member(m) for m in members]
     reference = _pick(tokenizer_from, infos, "tokenizer_from")
     vocab_size = reference.table.useful_size()
-    for info in infos:
-        if info is not reference:
-            check_shared_vocabulary(reference, info, vocab_size)
+    scored = {info.spec.name: (check_shared_vocabulary(reference, info, vocab_size) if info is not reference
+                               else min(len(info.table), vocab_size)) for info in infos}
     for info in infos:
         if info.embedding_rows < vocab_size:
             raise ManifestError(
                 f"member {info.spec.name!r} has {info.embedding_rows} embedding rows but the shared "
                 f"vocabulary has {vocab_size} tokens"
             )
-    specs = tuple(i.spec.model_copy(update={"vocab_size": min(len(i.table), vocab_size)}) for i in infos)
+    specs = tuple(i.spec.model_copy(update={"vocab_size": scored[i.spec.name]}) for i in infos)
     template_info = _pick(chat_template_from, infos, "chat_template_from") if chat_template_from else None
     if template_info is None:
         template_info = next((i for i in (reference, *infos) if i.tokenizer.chat_template), None)

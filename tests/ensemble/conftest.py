@@ -74,12 +74,12 @@ def _tiny_config(arch: str, tokenizer, vocab_size: int | None = None):
         )
     if arch == "qwen2":
         return Qwen2Config(
-            vocab_size=151_936, num_attention_heads=2, num_key_value_heads=1,
+            vocab_size=vocab_size or 151_936, num_attention_heads=2, num_key_value_heads=1,
             tie_word_embeddings=True, use_sliding_window=False, **{**common, "max_position_embeddings": 1024},
         )
     if arch == "gemma3":
         return Gemma3TextConfig(
-            vocab_size=151_665, num_attention_heads=2, num_key_value_heads=1, head_dim=80,
+            vocab_size=vocab_size or 151_665, num_attention_heads=2, num_key_value_heads=1, head_dim=80,
             query_pre_attn_scalar=80, sliding_window=8, layer_types=["sliding_attention", "full_attention"],
             final_logit_softcapping=30.0, attn_logit_softcapping=None, tie_word_embeddings=True,
             **{**common, "max_position_embeddings": 768},
@@ -91,8 +91,8 @@ def build_tiny_model(arch: str, out: Path, seed: int = 0, tokenizer_dir: Path | 
                      vocab_size: int | None = None) -> Path:
     """Build a tiny random `arch` causal LM sharing the Qwen2 tokenizer and save it at `out`.
 
-    `vocab_size` overrides the Llama's row count (a speculative-decoding draft must have exactly
-    the ensemble's vocabulary size)."""
+    `vocab_size` overrides the row count (a speculative-decoding draft must have exactly the
+    ensemble's vocabulary size; a byte-level member has one row per byte and special token)."""
     from transformers import AutoModelForCausalLM
 
     tok_dir = tokenizer_dir or shared_tokenizer_dir()

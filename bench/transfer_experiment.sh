@@ -11,6 +11,9 @@
 # data: 800 samples of 128 tokens at temperature 1, prompted by openings of the training plays and
 # of prose paragraphs that no held-out text uses), so that neither loss can learn more than the
 # teacher knows and the held-out teacher_text is in the training distribution.
+# TEACHER=zoo:NAME changes the teacher (default zoo:smollm2); STUDENT=zoo:NAME makes it distillation
+# across families: that student keeps its own tokenizer (no FVT; the "fvt" row is the student before
+# training), e.g. TEACHER=zoo:gemma3 STUDENT=zoo:smollm2 DATA=teacher.
 # TARGET=bytes moves the student onto bytes instead of Qwen2's tokenizer (model.tokenizer=bytes; the
 # token budget is then SEQ_LEN bytes per example, default 256, about 60 of the teacher's tokens).
 # Resumable: finished runs and evaluations are kept; a killed run continues with --resume.
@@ -24,12 +27,16 @@ EVAL_BYTES="${EVAL_BYTES:-20000}"
 METHODS="${METHODS:-alm sft alm_sft alm_latents}"
 DATA="${DATA:-plays}"
 CONFIG=transfer/configs/smollm2_to_qwen2.yaml
+TEACHER="${TEACHER:-zoo:smollm2}"
+STUDENT="${STUDENT:-}"
 TARGET="${TARGET:-qwen2}"
 case $TARGET in
   qwen2) TARGET_ARGS=(); NEW_TOKENIZER=zoo:qwen2 ;;
   bytes) TARGET_ARGS=(model.tokenizer=bytes "data.seq_len=${SEQ_LEN:-256}"); NEW_TOKENIZER=bytes ;;
   *) echo "[experiment] unknown TARGET $TARGET (qwen2, bytes)" >&2; exit 2 ;;
 esac
+TARGET_ARGS=("model.teacher=$TEACHER" "${TARGET_ARGS[@]}")
+[[ -n $STUDENT ]] && TARGET_ARGS=("model.teacher=$TEACHER" "model.student=$STUDENT" "model.tokenizer=")
 mkdir -p "$OUT"
 
 DATA_ARGS=()
@@ -40,9 +47,9 @@ case $DATA in
     # openings after the 24 that prompt the held-out teacher_text (the prose evaluation reads the
     # first 18 paragraphs); seeds differ from teacher_text's.
     if [[ ! -f "$OUT/teacher_train.jsonl" ]]; then
-      [[ -f "$OUT/train_plays.jsonl" ]] || "$BIN/python" bench/teacher_text.py "$OUT/train_plays.jsonl" \
+      [[ -f "$OUT/train_plays.jsonl" ]] || "$BIN/python" bench/teacher_text.py "$OUT/train_plays.jsonl" --model "$TEACHER" \
         --prompts zoo:train --spread --samples 600 --new-tokens 128 --seed 1 --batch-size 16
-      [[ -f "$OUT/train_prose.jsonl" ]] || "$BIN/python" bench/teacher_text.py "$OUT/train_prose.jsonl" \
+      [[ -f "$OUT/train_prose.jsonl" ]] || "$BIN/python" bench/teacher_text.py "$OUT/train_prose.jsonl" --model "$TEACHER" \
         --prompts zoo:prose --skip 24 --spread --samples 200 --new-tokens 128 --seed 2 --batch-size 16
       cat "$OUT/train_plays.jsonl" "$OUT/train_prose.jsonl" > "$OUT/teacher_train.jsonl.tmp"
       mv "$OUT/teacher_train.jsonl.tmp" "$OUT/teacher_train.jsonl"
@@ -77,11 +84,11 @@ for method in $METHODS; do
     *) echo "[experiment] unknown method $method (alm, sft, alm_sft, alm_latents, alm1_sft3, alm_abs, alm_emblr, alm_scaled)" >&2; exit 2 ;;
   esac
 done
-[[ -f "$OUT/fvt/config.json" ]] || "$BIN/transfer" init --model zoo:smollm2 --tokenizer "$NEW_TOKENIZER" --out "$OUT/fvt"
+[[ -n $STUDENT || -f "$OUT/fvt/config.json" ]] || "$BIN/transfer" init --model zoo:smollm2 --tokenizer "$NEW_TOKENIZER" --out "$OUT/fvt"
 
 # What the teacher itself writes (sampled at temperature 1 from prose openings): how faithfully each
 # student reproduces its teacher.
-[[ -f "$OUT/teacher_text.txt" ]] || "$BIN/python" bench/teacher_text.py "$OUT/teacher_text.txt"
+[[ -f "$OUT/teacher_text.txt" ]] || "$BIN/python" bench/teacher_text.py "$OUT/teacher_text.txt" --model "$TEACHER"
 
 for text in heldout prose teacher_text; do
   source="zoo:$text"
@@ -90,8 +97,8 @@ for text in heldout prose teacher_text; do
     key="$model $text"
     grep -qF "\"key\": \"$key\"" "$OUT/eval.jsonl" 2>/dev/null && continue
     case $model in
-      teacher) dir=zoo:smollm2 ;;
-      fvt) dir="$OUT/fvt" ;;
+      teacher) dir="$TEACHER" ;;
+      fvt) dir="${STUDENT:-$OUT/fvt}" ;;
       *) dir="$OUT/$model/model" ;;
     esac
     line="$("$BIN/transfer" eval --model "$dir" --text "$source" --max-bytes "$EVAL_BYTES" | tail -1)"

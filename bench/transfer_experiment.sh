@@ -8,7 +8,7 @@
 #   bench/transfer_experiment.sh [OUT_DIR]      (default runs/experiment; STEPS=100, EVAL_BYTES=20000,
 #                                                METHODS="alm sft alm_sft alm_latents", DATA=plays)
 # DATA=teacher trains every run on text the teacher itself wrote instead of the plays (distillation
-# data: 800 samples of 128 tokens at temperature 1, prompted by openings of the training plays and
+# data: TEACHER_SAMPLES (800) samples of 128 tokens at temperature 1, prompted by openings of the training plays and
 # of prose paragraphs that no held-out text uses), so that neither loss can learn more than the
 # teacher knows and the held-out teacher_text is in the training distribution.
 # TEACHER=zoo:NAME changes the teacher (default zoo:smollm2); STUDENT=zoo:NAME makes it distillation
@@ -26,6 +26,7 @@ STEPS="${STEPS:-100}"
 EVAL_BYTES="${EVAL_BYTES:-20000}"
 METHODS="${METHODS:-alm sft alm_sft alm_latents}"
 DATA="${DATA:-plays}"
+TEACHER_SAMPLES="${TEACHER_SAMPLES:-800}"  # DATA=teacher: samples of 128 tokens, 3/4 from plays, 1/4 from prose
 CONFIG=transfer/configs/smollm2_to_qwen2.yaml
 TEACHER="${TEACHER:-zoo:smollm2}"
 STUDENT="${STUDENT:-}"
@@ -48,9 +49,9 @@ case $DATA in
     # first 18 paragraphs); seeds differ from teacher_text's.
     if [[ ! -f "$OUT/teacher_train.jsonl" ]]; then
       [[ -f "$OUT/train_plays.jsonl" ]] || "$BIN/python" bench/teacher_text.py "$OUT/train_plays.jsonl" --model "$TEACHER" \
-        --prompts zoo:train --spread --samples 600 --new-tokens 128 --seed 1 --batch-size 16
+        --prompts zoo:train --spread --samples $((TEACHER_SAMPLES * 3 / 4)) --new-tokens 128 --seed 1 --batch-size 16
       [[ -f "$OUT/train_prose.jsonl" ]] || "$BIN/python" bench/teacher_text.py "$OUT/train_prose.jsonl" --model "$TEACHER" \
-        --prompts zoo:prose --skip 24 --spread --samples 200 --new-tokens 128 --seed 2 --batch-size 16
+        --prompts zoo:prose --skip 24 --spread --samples $((TEACHER_SAMPLES / 4)) --new-tokens 128 --seed 2 --batch-size 16
       cat "$OUT/train_plays.jsonl" "$OUT/train_prose.jsonl" > "$OUT/teacher_train.jsonl.tmp"
       mv "$OUT/teacher_train.jsonl.tmp" "$OUT/teacher_train.jsonl"
     fi

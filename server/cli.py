@@ -114,6 +114,13 @@ def _add_http_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trust-request-chat-template", action="store_true",
                    default=str(_env("TRUST_REQUEST_CHAT_TEMPLATE", "")).lower() in ("1", "true", "yes"),
                    help="accept a chat_template in requests (templates are code) [CHORUS_TRUST_REQUEST_CHAT_TEMPLATE]")
+    p.add_argument("--enable-auto-tool-choice", action="store_true",
+                   default=str(_env("ENABLE_AUTO_TOOL_CHOICE", "")).lower() in ("1", "true", "yes"),
+                   help="serve chat tool_choice 'auto': vLLM's --tool-call-parser finds calls in the answer "
+                        "[CHORUS_ENABLE_AUTO_TOOL_CHOICE]")
+    p.add_argument("--tool-call-parser", default=_env("TOOL_CALL_PARSER"), metavar="NAME",
+                   help="vLLM's tool-call parser for the chat template's call syntax, e.g. hermes "
+                        "[CHORUS_TOOL_CALL_PARSER]")
     p.add_argument("--max-body-mb", type=float, default=_env("MAX_BODY_MB", "16"),
                    help="request bodies over this many MiB get a 413 before parsing [CHORUS_MAX_BODY_MB, 16]")
     p.add_argument("--max-refusals", type=_int, default=_env("MAX_REFUSALS", "60"),
@@ -187,6 +194,8 @@ def config_from_args(args: argparse.Namespace, vllm_argv: Sequence[str] = ()) ->
         engine_args=engine_args,
         draft_member=args.draft_member or None,
         draft_tokens=as_int(args.draft_tokens),
+        enable_auto_tool_choice=bool(args.enable_auto_tool_choice),
+        tool_call_parser=args.tool_call_parser or None,
     )
 
 

@@ -64,6 +64,9 @@ class ServerConfig:
             tokens per step and the whole ensemble verifies them, so the output distribution is
             the ensemble's (`ensemble.speculative`); None = off.
         draft_tokens: tokens the draft member proposes per step.
+        enable_auto_tool_choice: serve chat `tool_choice` "auto" (needs `tool_call_parser`).
+        tool_call_parser: the vLLM tool-call parser that finds calls in free answers
+            (`server.tool_parsing`; e.g. ``hermes``).
     """
 
     ensemble: str
@@ -91,6 +94,8 @@ class ServerConfig:
     engine_args: Mapping[str, Any] = field(default_factory=dict)
     draft_member: str | None = None
     draft_tokens: int = 3
+    enable_auto_tool_choice: bool = False
+    tool_call_parser: str | None = None
 
     def __post_init__(self) -> None:
         folder = Path(self.ensemble).expanduser()
@@ -147,6 +152,7 @@ class ServerConfig:
         if self.engine_args and self.engine != "vllm":
             raise ConfigError(f"vLLM engine arguments ({', '.join(self.engine_args)}) need the vllm engine")
         self._check_speculative()
+        self._check_tool_parser()
         if not (math.isfinite(self.shutdown_timeout) and self.shutdown_timeout >= 0):
             raise ConfigError(f"shutdown_timeout must be >= 0, got {self.shutdown_timeout!r}")
 
@@ -167,6 +173,21 @@ class ServerConfig:
                 draft_member_config(EnsembleManifest.load(self.ensemble), self.draft_member, self.draft_tokens)
         except (SpeculativeError, ManifestError) as err:
             raise ConfigError(str(err)) from None
+
+    def _check_tool_parser(self) -> None:
+        if self.enable_auto_tool_choice and not self.tool_call_parser:
+            raise ConfigError("--enable-auto-tool-choice needs --tool-call-parser NAME (as vllm serve does)")
+        if self.tool_call_parser:
+            if not self.enable_auto_tool_choice:
+                raise ConfigError("--tool-call-parser is used only with --enable-auto-tool-choice")
+            from server.tool_parsing import check_tool_parser
+
+            try:
+                check_tool_parser(self.tool_call_parser)
+            except ImportError:
+                raise ConfigError("--tool-call-parser needs vLLM's tool parsers (pip install vllm)") from None
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
 
     @property
     def max_body_bytes(self) -> int:

@@ -40,6 +40,7 @@ from server.sampling import build_options, check_context
 from server.state import Ready, ServerState
 from server.structured import AnswerShape, answer_shape
 from server.tool_calls import ToolCallStream, tool_calls_from_text, tool_finish_reason
+from server.tool_parsing import AutoToolParser
 
 router = APIRouter()
 
@@ -75,7 +76,8 @@ async def chat_prompt_ids(ready: Ready, state: ServerState, body) -> list[int]:
 async def _chat(body: ChatCompletionRequest, state: ServerState, client: ClientId | None = None):
     ready = state.require_ready()
     member = state.check_model(ready, body.model)
-    shape = answer_shape(body, engine_supports=bool(ready.engine.info.get("structured_outputs")))
+    shape = answer_shape(body, engine_supports=bool(ready.engine.info.get("structured_outputs")),
+                         tool_parser=state.config.tool_call_parser if state.config.enable_auto_tool_choice else None)
     refuse_if_full(ready, body.n or 1, body.priority, client)  # before rendering and tokenizing
     prompt = await chat_prompt_ids(ready, state, body)
     asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
@@ -119,18 +121,33 @@ def _response(body: ChatCompletionRequest, ready: Ready, out: RequestOutput, req
         logprobs = None
         if body.logprobs:
             logprobs = chat_logprobs(c.logprobs or [], c.token_ids, namer, body.top_logprobs or 0)
-        calls = tool_calls_from_text(c.text, shape.tools) if shape.tools is not None else None
-        message = (ChatMessage(role="assistant", content=None, tool_calls=calls) if calls
-                   else ChatMessage(role="assistant", content=echo + c.text))
+        message, reason = _message(c, shape, echo, ready, body)
         choices.append(ChatCompletionResponseChoice(
             index=c.index, message=message, logprobs=logprobs,
-            finish_reason=tool_finish_reason(shape.tools, calls, c.finish_reason), stop_reason=c.stop_reason,
+            finish_reason=reason, stop_reason=c.stop_reason,
             member_logprobs=member_logprobs(c.logprobs) if body.return_member_logprobs else None,
         ))
     prompt_tokens = len(out.prompt_token_ids)
     completion_tokens = sum(len(c.token_ids) for c in out.outputs)
     return ChatCompletionResponse(id=request_id, model=ready.answered_as(body.model), choices=choices,
                                   usage=usage_info(prompt_tokens, completion_tokens))
+
+
+def _message(c: CompletionOutput, shape: AnswerShape, echo: str, ready: Ready,
+             body: ChatCompletionRequest) -> tuple[ChatMessage, str | None]:
+    """One finished choice's message and finish reason: its text, or the tool calls read from it."""
+    if shape.tools is None:
+        return ChatMessage(role="assistant", content=echo + c.text), c.finish_reason
+    if shape.tools.mode == "auto":
+        parser = AutoToolParser(str(shape.tools.parser), ready.tokenization.tokenizer, body)
+        content, calls = parser.extract(c.text)
+        text = echo + (content or "")
+        return (ChatMessage(role="assistant", content=(text or None) if calls else text, tool_calls=calls),
+                parser.finish_reason(c.finish_reason))
+    calls = tool_calls_from_text(c.text, shape.tools)
+    message = (ChatMessage(role="assistant", content=None, tool_calls=calls) if calls
+               else ChatMessage(role="assistant", content=echo + c.text))
+    return message, tool_finish_reason(shape.tools, calls, c.finish_reason)
 
 
 class _ChatStream(UsageStream):
@@ -141,7 +158,12 @@ class _ChatStream(UsageStream):
     def __init__(self, body: ChatCompletionRequest, ready: Ready, call: GenerationCall, shape: AnswerShape) -> None:
         super().__init__(body, ready, call, len(call.prompts[0]))
         n = call.options.n
-        self.tool_streams = [ToolCallStream(shape.tools) for _ in range(n)] if shape.tools is not None else None
+        self.tool_streams: list[ToolCallStream | AutoToolParser] | None = None
+        if shape.tools is not None and shape.tools.mode == "auto":
+            self.tool_streams = [AutoToolParser(str(shape.tools.parser), ready.tokenization.tokenizer, body)
+                                 for _ in range(n)]
+        elif shape.tools is not None:
+            self.tool_streams = [ToolCallStream(shape.tools) for _ in range(n)]
         self.sent_text, self.sent_tokens, self.finished = [0] * n, [0] * n, [False] * n
 
     def completion_tokens(self) -> int:
@@ -153,7 +175,7 @@ class _ChatStream(UsageStream):
         n = self.call.options.n
         role = DeltaMessage(role="assistant", content="")
         events = [self.event([ChatCompletionResponseStreamChoice(index=i, delta=role)]) for i in range(n)]
-        echo = echoed_text(self.body) if self.tool_streams is None else ""
+        echo = echoed_text(self.body) if self.tool_streams is None else ""  # (tool answers: no echo)
         if echo:
             events += [self.event([ChatCompletionResponseStreamChoice(index=i, delta=DeltaMessage(content=echo))])
                        for i in range(n)]
@@ -182,7 +204,7 @@ class _ChatStream(UsageStream):
         self.sent_text[i], self.sent_tokens[i], self.finished[i] = len(c.text), len(c.token_ids), finishing
         reason = c.finish_reason if finishing else None
         if self.tool_streams is not None:
-            message = self.tool_streams[i].delta(delta, c.text, finishing)
+            message = self.tool_streams[i].delta(delta, c.text, finishing, c.token_ids)
             reason = self.tool_streams[i].finish_reason(reason)
         else:
             message = DeltaMessage(content=delta) if (delta or not finishing) else DeltaMessage()

@@ -15,8 +15,10 @@ At most one source constrains an answer:
   back as `message.tool_calls`.
 
 ``tool_choice: "none"`` renders the tools into the chat template and constrains nothing.
-``"auto"`` (also OpenAI's default when `tools` are given) needs a tool-call parser for the model
-family's own call syntax, which chorus does not run: a 400 that names the values that work.
+``"auto"`` (also OpenAI's default when `tools` are given) constrains nothing either: with
+``serve --enable-auto-tool-choice --tool-call-parser NAME`` vLLM's parser for the model family's
+own call syntax reads the calls out of the free answer (`server.tool_parsing`); without it, a 400
+that names the values that work.
 
 The constraint is `ensemble.protocol.StructuredOutput`; only an engine whose `info` has
 ``structured_outputs`` (the vLLM engine) enforces it, and on any other the request is refused
@@ -44,10 +46,12 @@ WORKING_TOOL_CHOICES = ("'none' (the tools are shown to the model, which answers
 
 @dataclass(frozen=True)
 class ForcedTools:
-    """A `tool_choice` that forces tool calls: the answer is read back as `message.tool_calls`."""
+    """A `tool_choice` whose answer is read back as `message.tool_calls`: forced ("named",
+    "required") or found by a vLLM tool parser in free text ("auto", `parser` names it)."""
 
-    mode: Literal["named", "required"]
+    mode: Literal["named", "required", "auto"]
     name: str | None = None  # the named function
+    parser: str | None = None  # "auto": vLLM's tool-call parser
 
 
 @dataclass(frozen=True)
@@ -105,7 +109,8 @@ def required_calls_schema(tools: list[ChatTool], parallel_tool_calls: bool | Non
     return schema
 
 
-def _forced_tools(body: ChatCompletionRequest) -> tuple[ForcedTools | None, StructuredOutput | None]:
+def _forced_tools(body: ChatCompletionRequest,
+                  tool_parser: str | None = None) -> tuple[ForcedTools | None, StructuredOutput | None]:
     """The tools' forced calls and their constraint; 400s for a `tool_choice` that cannot apply."""
     for legacy, modern in (("functions", "tools"), ("function_call", "tool_choice")):
         if (body.model_extra or {}).get(legacy) is not None:
@@ -124,9 +129,12 @@ def _forced_tools(body: ChatCompletionRequest) -> tuple[ForcedTools | None, Stru
     if choice == "none":
         return None, None
     if choice in (None, "auto"):
+        if tool_parser is not None:
+            return ForcedTools("auto", parser=tool_parser), None
         implicit = " (the default when 'tools' are given)" if choice is None else ""
-        raise bad_request(f"tool_choice 'auto'{implicit} is not supported: chorus runs no tool-call parser to find "
-                          f"calls in free text; use {WORKING_TOOL_CHOICES}", param="tool_choice")
+        raise bad_request(f"tool_choice 'auto'{implicit} needs a tool-call parser, and this server was started "
+                          f"without one (serve --enable-auto-tool-choice --tool-call-parser NAME); use "
+                          f"{WORKING_TOOL_CHOICES}", param="tool_choice")
     if isinstance(choice, NamedToolChoice):
         name = choice.function.name
         if name not in names:
@@ -174,16 +182,19 @@ def _from_structured_outputs(body: ChatCompletionRequest | CompletionRequest) ->
     return StructuredOutput("grammar", asked.grammar)
 
 
-def answer_shape(body: ChatCompletionRequest | CompletionRequest, *, engine_supports: bool) -> AnswerShape:
+def answer_shape(body: ChatCompletionRequest | CompletionRequest, *, engine_supports: bool,
+                 tool_parser: str | None = None) -> AnswerShape:
     """What `body` asks of its answer (400 for a contradiction, an invalid schema, a `tool_choice`
-    chorus cannot serve, or a constraint on an engine without a grammar backend)."""
-    forced, tools_constraint = _forced_tools(body) if isinstance(body, ChatCompletionRequest) else (None, None)
+    chorus cannot serve, or a constraint on an engine without a grammar backend); `tool_parser`:
+    the vLLM tool-call parser that serves `tool_choice` "auto" (None: it is refused)."""
+    forced, tools_constraint = (_forced_tools(body, tool_parser) if isinstance(body, ChatCompletionRequest)
+                                else (None, None))
     from_format = _from_response_format(body)
     from_extra = _from_structured_outputs(body)
     if from_format is not None and from_extra is not None:
         raise bad_request("give one of 'response_format' and 'structured_outputs', not both: each sets the "
                           "answer's grammar", param="structured_outputs")
-    if forced is not None and (from_format is not None or from_extra is not None):
+    if tools_constraint is not None and (from_format is not None or from_extra is not None):
         other = "response_format" if from_format is not None else "structured_outputs"
         raise bad_request(f"a forced tool call fixes the answer's format itself: send '{other}' or a tool_choice "
                           "of 'required' or a named function, not both", param="tool_choice")

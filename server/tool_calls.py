@@ -20,6 +20,7 @@ finishes the choice, since an array's items are only known once it parses.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 
 from server.protocol import DeltaMessage
 from server.protocol_base import random_id
@@ -64,8 +65,9 @@ class ToolCallStream:
         self.named_started = False
         self.calls: list[ToolCall] | None = None  # "required": the calls, once the choice finished
 
-    def delta(self, text_delta: str, text: str, finishing: bool) -> DeltaMessage:
-        """The delta message for `text_delta` (`text`: the whole answer so far)."""
+    def delta(self, text_delta: str, text: str, finishing: bool, token_ids: Sequence[int] = ()) -> DeltaMessage:
+        """The delta message for `text_delta` (`text`: the whole answer so far; `token_ids` unused,
+        as for `server.tool_parsing.AutoToolParser.delta`)."""
         if self.forced.mode == "named":
             if not text_delta:
                 return DeltaMessage()

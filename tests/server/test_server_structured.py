@@ -43,7 +43,8 @@ ASK = [{"role": "user", "content": "Is the sky blue? Answer in JSON."}]
 @pytest.fixture(scope="module")
 def vllm_server(server_ensemble: Path) -> Iterator[ServerThread]:
     yield from start_server(server_ensemble, engine="vllm", max_model_len=512, request_timeout=120.0,
-                            api_key=API_KEY, engine_args=parse_vllm_args(VLLM_FLAGS))
+                            api_key=API_KEY, engine_args=parse_vllm_args(VLLM_FLAGS),
+                            enable_auto_tool_choice=True, tool_call_parser="hermes")
 
 
 @pytest.fixture()
@@ -147,6 +148,34 @@ def test_streams_carry_structured_content_and_tool_call_deltas(vclient: openai.O
     assert chunks[-1].choices[0].finish_reason == "stop"
 
 
+# What a Qwen2.5 model writes to call a tool (its chat template's Hermes syntax), after a sentence:
+# forced here by a regex, since the random members would never write it.
+HERMES_CALL = 'On it. <tool_call>\n{"name": "set_light", "arguments": {"on": true, "room": "hall"}}\n</tool_call>'
+FORCE_CALL = {"structured_outputs": {"regex": re.escape(HERMES_CALL)}}
+
+
+@pytest.mark.vllm
+def test_auto_tool_choice_finds_the_call_in_the_answer(vclient: openai.OpenAI) -> None:
+    """tool_choice "auto" (implicit with tools) on a server with vLLM's hermes parser: the call the
+    model wrote comes back as a tool call, the sentence before it as content, whole and streamed."""
+    light = [{"role": "user", "content": "Light the hall"}]
+    out = vclient.chat.completions.create(model="pair", messages=light, max_tokens=MAX_TOKENS, temperature=0,
+                                          tools=TOOLS, extra_body=FORCE_CALL)
+    choice = out.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content == "On it. "
+    (call,) = choice.message.tool_calls
+    assert call.function.name == "set_light" and json.loads(call.function.arguments) == {"on": True, "room": "hall"}
+    chunks = list(vclient.chat.completions.create(model="pair", messages=light, max_tokens=MAX_TOKENS, temperature=0,
+                                                  tools=TOOLS, tool_choice="auto", stream=True, extra_body=FORCE_CALL))
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    deltas = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
+    assert content == "On it. " and deltas[0].id and deltas[0].function.name == "set_light"
+    assert json.loads("".join(d.function.arguments or "" for d in deltas if d.function)) == {"on": True, "room": "hall"}
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    free = vclient.chat.completions.create(model="pair", messages=light, max_tokens=4, temperature=0, tools=TOOLS)
+    assert free.choices[0].message.tool_calls is None and free.choices[0].finish_reason == "length"  # noise, no call
+
+
 @pytest.mark.vllm
 def test_constraints_vllm_cannot_compile_are_400s(vclient: openai.OpenAI) -> None:
     """Checked at the edge (a malformed schema, an unknown tool) or by vLLM when the request is
@@ -156,7 +185,6 @@ def test_constraints_vllm_cannot_compile_are_400s(vclient: openai.OpenAI) -> Non
         ({"response_format": json_schema_format({"type": "string", "pattern": "(?<=a)b"})}, "Lookbehind"),
         ({"extra_body": {"structured_outputs": {"grammar": "root ::= ("}}}, "grammar"),
         ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "fly"}}}, "not among the tools"),
-        ({"tools": TOOLS}, "tool_choice 'auto'"),
     ]:
         with pytest.raises(openai.BadRequestError, match=words):
             vclient.chat.completions.create(model="pair", messages=ASK, max_tokens=4, **kwargs)
@@ -180,6 +208,8 @@ def test_reference_engine_answers_400_naming_the_field(client: openai.OpenAI) ->
     with pytest.raises(openai.BadRequestError, match="needs the vLLM engine"):
         client.completions.create(model="pair", prompt="x", max_tokens=4,
                                   extra_body={"response_format": {"type": "json_object"}})
+    with pytest.raises(openai.BadRequestError, match="tool_choice 'auto'.*needs a tool-call parser"):
+        client.chat.completions.create(model="pair", messages=ASK, max_tokens=4, tools=TOOLS)  # auto, no parser
     plain = client.chat.completions.create(model="pair", messages=ASK, max_tokens=3, temperature=0, tools=TOOLS,
                                            tool_choice="none")
     assert plain.choices[0].message.tool_calls is None and plain.usage.completion_tokens >= 1

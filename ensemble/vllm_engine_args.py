@@ -142,11 +142,25 @@ def build_engine_args(config: VLLMEngineConfig, manifest: EnsembleManifest, serv
     )
 
 
+def check_executor_backend(backend: str | None) -> None:
+    """Raise ValueError when this machine's vLLM platform cannot run `backend`'s workers: vLLM
+    0.32 runs Ray workers only on platforms with a Ray device key (GPUs), and on a CPU it fails
+    deep inside the engine core's start ("current platform cpu does not support ray")."""
+    if backend != "ray":
+        return
+    from vllm.platforms import current_platform
+
+    if not current_platform.ray_device_key:
+        raise ValueError(f"distributed_executor_backend 'ray' needs a platform vLLM runs Ray workers on (GPUs); "
+                         f"vLLM's {current_platform.device_name} platform has none: use 'mp' on one host")
+
+
 def _chosen_engine_args(config: VLLMEngineConfig, manifest: EnsembleManifest, max_model_len: int,
                         on_cpu: bool) -> dict[str, Any]:
     """`config.engine_args` with what chorus adds: whole prefills on a CPU, the draft member's
     speculative config, and one KV-cache group for a draft model."""
     engine_args = dict(config.engine_args)
+    check_executor_backend(engine_args.get("distributed_executor_backend"))
     if on_cpu:
         from vllm.config import SchedulerConfig
 

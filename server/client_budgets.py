@@ -4,7 +4,9 @@ A client is named by its key when it sends one of the client keys (`server.clien
 the server's own key, or with no key on an open server, comes from its peer address. A client key
 with `max_running` has a budget of that size. `--max-running-per-client N` gives every other client
 (keys without their own `max_running`, and each address) a budget of N, created when it first asks
-and dropped when it is idle again, so that anonymous callers cannot take the whole engine either.
+(idle ones are dropped once more than `PRUNE_ABOVE` exist), so that anonymous callers cannot take
+the whole engine either. The requests waiting in all those budgets' queues together are at most
+`max_queue` (`check_waiting`): many addresses cannot queue more than the server would.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from server.clients import ClientKey
-from server.limits import Admission
+from server.limits import Admission, QueueFullError
 
 PRUNE_ABOVE = 1024  # budgets kept before idle ones (nothing running, nothing waiting) are dropped
 
@@ -52,6 +54,19 @@ class ClientBudgets:
                 self._prune()
             budget = self._made[client] = Admission(self.per_client, self.max_queue, owner=str(client))
         return budget
+
+    def check_waiting(self, budget: Admission, sequences: int = 1) -> None:
+        """Raise QueueFullError when a request that must wait in `budget`, one of the budgets made
+        per client, would take the made budgets' queued requests past `max_queue` together."""
+        if budget not in self._made.values():
+            return
+        weight = budget.weight_of(sequences)
+        must_wait = budget.running + weight > budget.max_running or budget.waiting > 0
+        queued = sum(b.waiting for b in self._made.values())
+        if must_wait and queued >= self.max_queue:
+            raise QueueFullError(f"{budget.owner} is at capacity: {budget.running} of {budget.max_running} "
+                                 f"sequences running, and {queued} requests of all clients wait "
+                                 f"(--max-queue {self.max_queue}); retry later")
 
     def _prune(self) -> None:
         for client, budget in list(self._made.items()):

@@ -51,6 +51,9 @@ class ServerConfig:
         kv_cache_gib: GiB of KV cache vLLM reserves (its ``kv_cache_memory_bytes``); None = vLLM's
             default (a share of GPU memory; on a CPU, of *all* RAM, which fails on a busy host).
         max_body_mb: request bodies over this many MiB get a 413 before they are parsed.
+        forwarded_allow_ips: proxies (comma-separated addresses or networks, uvicorn's
+            ``forwarded_allow_ips``) whose ``X-Forwarded-For`` names the client's address; None =
+            no proxy is trusted and a client's address is the connection's.
         max_refusals: refused requests (4xx but 429) a client may get per minute, in a burst or
             spread; past them its requests get a 429 before their body is read (`server.refusals`;
             a client is its client key's name, else its address); 0 = no limit.
@@ -88,6 +91,7 @@ class ServerConfig:
     distributed_executor_backend: str | None = None
     kv_cache_gib: float | None = None
     max_body_mb: float = 16.0
+    forwarded_allow_ips: str | None = None
     max_refusals: int = 60
     stream_stall_timeout: float | None = 30.0
     tokenizer_workers: int = 2

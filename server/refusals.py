@@ -8,12 +8,15 @@ refused is throttled, the way a web server's fail2ban would: every 4xx a client 
 which says the server is full, not that the client is wrong) takes one token from its bucket,
 which holds `burst` tokens and refills at `burst` per minute; while its bucket is empty, each of
 its requests is answered 429 `too_many_refusals` with a `Retry-After`, and the connection closed,
-without reading the body. Successful requests cost nothing.
+without reading the body. Successful requests cost nothing. A client refused within the last
+minute (it has a bucket) also reserves a token for each request in flight, so that requests sent
+side by side cannot all pass on one token; overspent tokens go negative (down to `-burst`),
+lengthening the throttle. A full bucket with nothing in flight is forgotten.
 
 A client is the name of its key when it sends one of the client keys (`server.clients`), else the
 peer address uvicorn reports (behind a proxy every anonymous client shares the proxy's address,
-unless uvicorn is told to trust its `X-Forwarded-For` with `FORWARDED_ALLOW_IPS`: give such clients
-keys of their own). `/health`, `/metrics` and the API docs are never throttled.
+unless serve trusts its `X-Forwarded-For` with `--forwarded-allow-ips`: give such clients keys of
+their own). `/health`, `/metrics` and the API docs are never throttled.
 """
 
 from __future__ import annotations
@@ -32,13 +35,14 @@ from server.auth import is_protected, matching_client
 from server.clients import ClientKey
 from server.errors import error_body
 
-MAX_TRACKED = 10_000  # clients with an unfilled bucket kept in memory; the least recently refused go first
+MAX_TRACKED = 10_000  # buckets kept in memory; the least recently refused go first
 
 
 @dataclass
 class _Bucket:
     tokens: float
     at: float
+    pending: int = 0  # requests in flight that reserved a token
 
 
 class RefusalBudget:
@@ -61,18 +65,40 @@ class RefusalBudget:
         return min(float(self.burst), bucket.tokens + (now - bucket.at) * self.per_second)
 
     def retry_after(self, client: str) -> float | None:
-        """Seconds until `client` may be refused once more (None: it is not throttled now)."""
+        """Seconds until `client` may send a request that could be refused (None: not throttled)."""
         now = self.clock()
+        bucket = self._buckets.get(client)
         tokens = self._tokens(client, now)
-        if tokens >= 1.0:
+        if bucket is not None and bucket.pending == 0 and tokens >= self.burst:
+            del self._buckets[client]  # refilled and idle: forgotten
             return None
-        return (1.0 - tokens) / self.per_second
+        free = tokens - (bucket.pending if bucket is not None else 0)
+        if free >= 1.0:
+            return None
+        return (1.0 - free) / self.per_second
+
+    def reserve(self, client: str) -> bool:
+        """Hold a token for a request of `client` in flight, if it has a bucket (True: held)."""
+        bucket = self._buckets.get(client)
+        if bucket is None:
+            return False
+        bucket.pending += 1
+        return True
+
+    def settle(self, client: str, reserved: bool, refused: bool) -> None:
+        """A request of `client` ended: give back its reservation, and charge it if it was refused."""
+        bucket = self._buckets.get(client)
+        if reserved and bucket is not None:
+            bucket.pending = max(0, bucket.pending - 1)
+        if refused:
+            self.charge(client)
 
     def charge(self, client: str) -> None:
         """Record one refusal of `client`."""
         now = self.clock()
-        tokens = max(0.0, self._tokens(client, now) - 1.0)
-        self._buckets[client] = _Bucket(tokens, now)
+        old = self._buckets.get(client)
+        tokens = max(-float(self.burst), self._tokens(client, now) - 1.0)
+        self._buckets[client] = _Bucket(tokens, now, old.pending if old is not None else 0)
         self._buckets.move_to_end(client)
         while len(self._buckets) > self.max_tracked:
             self._buckets.popitem(last=False)
@@ -101,12 +127,11 @@ class RefusalLimitMiddleware:
     def client_of(self, scope: Scope) -> str:
         """The client a request comes from: 'key:NAME' for a client key, else 'addr:HOST'."""
         if self.keys:
-            for key, value in scope.get("headers", []):
-                if key == b"authorization":
-                    found, name = matching_client(value.decode("latin-1"), self.keys)
-                    if found:
-                        return f"key:{name}"
-                    break
+            # The header as server.auth reads it (the last one wins), so both name the same client.
+            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+            found, name = matching_client(headers.get("authorization"), self.keys)
+            if found:
+                return f"key:{name}"
         peer = scope.get("client")
         return f"addr:{peer[0] if peer else 'unknown'}"
 
@@ -121,13 +146,19 @@ class RefusalLimitMiddleware:
                 self.on_throttle()
             await _send_429(send, wait, self.budget.burst)
             return
+        reserved = self.budget.reserve(client)
+        refused = False
 
         async def send_and_count(message: Message) -> None:
+            nonlocal refused
             if message["type"] == "http.response.start" and charged(message["status"]):
-                self.budget.charge(client)
+                refused = True
             await send(message)
 
-        await self.app(scope, receive, send_and_count)
+        try:
+            await self.app(scope, receive, send_and_count)
+        finally:
+            self.budget.settle(client, reserved, refused)
 
 
 async def _send_429(send: Send, wait: float, burst: int) -> None:

@@ -29,6 +29,11 @@ class ChorusServer(uvicorn.Server):
             # A backstop: ChorusServer aborts in-flight requests after shutdown_timeout itself.
             timeout_graceful_shutdown=int(config.shutdown_timeout) + 3,
             timeout_keep_alive=5,
+            # A client's address (the refusal budget's and --max-running-per-client's key) comes from
+            # X-Forwarded-For only when it is sent by a proxy named in --forwarded-allow-ips; uvicorn's
+            # own default trusts any local client, which could then pose as any address.
+            proxy_headers=config.forwarded_allow_ips is not None,
+            forwarded_allow_ips=config.forwarded_allow_ips or "",
         ))
         self.chorus_state: ServerState = app.state.chorus
         self.grace = config.shutdown_timeout

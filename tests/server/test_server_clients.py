@@ -142,6 +142,18 @@ def test_an_address_at_its_budget_waits_while_another_address_runs(per_address: 
     elsewhere = httpx.HTTPTransport(local_address="127.0.0.2")
     with httpx.Client(base_url=url, timeout=60, headers=auth, transport=elsewhere) as there:
         assert there.post("/v1/completions", json=short).status_code == 200  # another address runs at once
+        there_budget = ready.client_budgets.get(ClientId("address", "127.0.0.2"))
+
+        async def hold_there() -> None:
+            await there_budget.acquire(1)
+
+        async def free_there() -> None:
+            there_budget.release(1)
+
+        per_address.run(hold_there())  # 127.0.0.2 is busy too: its request would wait, beside 127.0.0.1's
+        full = there.post("/v1/completions", json=short)
+        assert full.status_code == 429 and "1 requests of all clients wait (--max-queue 1)" in full.json()["error"]["message"]
+        per_address.run(free_there())
     assert "r" not in waited
     third = httpx.post(f"{url}/v1/completions", json=short, headers=auth, timeout=60)
     assert third.status_code == 429  # 127.0.0.1's own queue (--max-queue 1) is full

@@ -15,7 +15,7 @@ from server.clients import ClientKey
 from server.config import ConfigError, ServerConfig
 from server.refusals import RefusalBudget, charged
 
-HEAVY, LIGHT = "sk-refused-heavy", "sk-refused-light"
+HEAVY, LIGHT, SPRAY = "sk-refused-heavy", "sk-refused-light", "sk-refused-spray"
 BURST = 3  # refills one refusal every 20 s: the test's requests all fall inside one refill
 
 
@@ -47,6 +47,23 @@ def test_the_bucket_empties_with_refusals_and_refills_over_a_minute() -> None:
     assert budget.retry_after("a") is not None
 
 
+def test_a_refused_client_reserves_a_token_per_request_in_flight() -> None:
+    clock = Clock()
+    budget = RefusalBudget(3, clock=clock)
+    assert budget.reserve("a") is False  # never refused: nothing to reserve, nothing held
+    budget.charge("a")  # 2 tokens left
+    assert budget.reserve("a") and budget.reserve("a")
+    assert budget.retry_after("a") == pytest.approx(20.0)  # both tokens held by requests in flight
+    budget.settle("a", reserved=True, refused=False)  # one ended well: its token is free again
+    assert budget.retry_after("a") is None
+    budget.settle("a", reserved=True, refused=True)
+    for _ in range(5):
+        budget.charge("a")  # overspending goes below zero, down to -burst
+    assert budget.retry_after("a") == pytest.approx(80.0)  # from -3 back to 1 at 3 a minute
+    clock.now += 3600
+    assert budget.retry_after("a") is None and budget.tracked() == 0  # refilled and idle: forgotten
+
+
 def test_memory_holds_a_bounded_number_of_clients() -> None:
     budget = RefusalBudget(1, clock=Clock(), max_tracked=2)
     for client in ("a", "b", "c"):
@@ -70,7 +87,7 @@ def test_the_setting_is_checked(server_ensemble: Path) -> None:
 
 @pytest.fixture(scope="module")
 def strict(server_ensemble: Path) -> Iterator[ServerThread]:
-    clients = (ClientKey("heavy", HEAVY), ClientKey("light", LIGHT))
+    clients = (ClientKey("heavy", HEAVY), ClientKey("light", LIGHT), ClientKey("spray", SPRAY))
     yield from start_server(server_ensemble, engine="torch", api_key=API_KEY, client_keys=clients,
                             max_refusals=BURST, request_timeout=120.0)
 
@@ -133,3 +150,27 @@ def test_an_address_guessing_keys_is_throttled_but_not_the_clients_with_keys(str
         # The server's own key names no client: its requests from this address share the address's budget.
         assert anyone.get("/v1/models", headers={"Authorization": f"Bearer {API_KEY}"}).status_code == 429
         assert anyone.get("/v1/models", headers={"Authorization": f"Bearer {LIGHT}"}).status_code == 200
+
+
+def test_hostile_bodies_sent_side_by_side_share_the_budget(strict: ServerThread) -> None:
+    """Once refused, a client's requests in flight each hold a token: ten hostile bodies sent at
+    once get at most the two refusals its bucket has left, and 429s for the rest."""
+    import threading
+
+    hostile = {"prompt": "Hello", "max_tokens": 2, "stop": ["x"] * 100_000}
+    auth = {"Authorization": f"Bearer {SPRAY}"}
+    assert httpx.post(f"{strict.url}/v1/completions", json=hostile, headers=auth, timeout=60).status_code == 400
+    statuses: list[int] = []
+    barrier = threading.Barrier(10)
+
+    def send() -> None:
+        barrier.wait()
+        statuses.append(httpx.post(f"{strict.url}/v1/completions", json=hostile, headers=auth, timeout=60).status_code)
+
+    threads = [threading.Thread(target=send) for _ in range(10)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(statuses) == 10 and set(statuses) <= {400, 429}
+    assert statuses.count(400) <= BURST - 1, statuses

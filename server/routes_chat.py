@@ -140,9 +140,8 @@ def _message(c: CompletionOutput, shape: AnswerShape, echo: str, ready: Ready,
         return ChatMessage(role="assistant", content=echo + c.text), c.finish_reason
     if shape.tools.mode == "auto":
         parser = AutoToolParser(str(shape.tools.parser), ready.tokenization.tokenizer, body)
-        content, calls = parser.extract(c.text)
-        text = echo + (content or "")
-        return (ChatMessage(role="assistant", content=(text or None) if calls else text, tool_calls=calls),
+        content, calls = parser.extract(c.text)  # (no echo: as streamed, a tool answer has none)
+        return (ChatMessage(role="assistant", content=(content or None) if calls else content, tool_calls=calls),
                 parser.finish_reason(c.finish_reason))
     calls = tool_calls_from_text(c.text, shape.tools)
     message = (ChatMessage(role="assistant", content=None, tool_calls=calls) if calls

@@ -130,6 +130,10 @@ def build_ready(config: ServerConfig, engine: Engine) -> Ready:
         if config.max_model_len > max_model_len:
             raise ValueError(f"--max-model-len {config.max_model_len} exceeds the engine's {max_model_len}")
         max_model_len = config.max_model_len
+    if config.enable_auto_tool_choice and config.tool_call_parser:
+        from server.tool_parsing import check_parser
+
+        check_parser(config.tool_call_parser, tokenizer)  # a parser that cannot work fails the start, not each request
     members = member_names(engine.info)
     name = config.served_model_name or engine.model_name
     vocab_size = int(engine.info.get("vocab_size") or len(tokenizer))

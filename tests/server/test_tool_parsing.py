@@ -11,7 +11,7 @@ from transformers import AutoTokenizer
 
 from server.config import ConfigError, ServerConfig
 from server.protocol import ChatCompletionRequest
-from server.tool_parsing import AutoToolParser, tool_parser_names
+from server.tool_parsing import AutoToolParser, check_parser, tool_parser_names
 
 TOOLS = [{"type": "function", "function": {"name": "set_light", "parameters": {
     "type": "object", "properties": {"on": {"type": "boolean"}, "room": {"type": "string"}}}}}]
@@ -36,7 +36,7 @@ def test_a_finished_answer_gives_its_content_and_calls(tokenizer) -> None:
     content, calls = parser.extract(ANSWER)
     assert content == "On it. " and len(calls) == 1
     assert calls[0].function.name == "set_light" and json.loads(calls[0].function.arguments) == CALL["arguments"]
-    assert parser.finish_reason("stop") == "tool_calls"
+    assert parser.finish_reason("stop") == "tool_calls" and parser.finish_reason("length") == "length"
     plain = AutoToolParser("hermes", tokenizer, _body())
     assert plain.extract("No tools needed.") == ("No tools needed.", None)
     assert plain.finish_reason("stop") == "stop"
@@ -69,3 +69,30 @@ def test_the_parser_is_checked_at_start_up(tmp_path: Path) -> None:
                             ({"enable_auto_tool_choice": True, "tool_call_parser": "nope"}, "not one of vLLM's parsers")]:
         with pytest.raises(ConfigError, match=message):
             ServerConfig(ensemble=str(tmp_path), **kwargs)
+
+
+def test_parallel_tool_calls_false_keeps_the_first_call(tokenizer) -> None:
+    second = {"name": "set_light", "arguments": {"on": False, "room": "attic"}}
+    both = f"{ANSWER}\n<tool_call>\n{json.dumps(second)}\n</tool_call>"
+    body = _body().model_copy(update={"parallel_tool_calls": False})
+    _, calls = AutoToolParser("hermes", tokenizer, body).extract(both)
+    assert [json.loads(c.function.arguments) for c in calls] == [CALL["arguments"]]
+    _, calls = AutoToolParser("hermes", tokenizer, _body()).extract(both)
+    assert len(calls) == 2
+
+
+def test_a_parser_that_cannot_see_its_marker_is_refused(tokenizer) -> None:
+    check_parser("hermes", tokenizer)  # Qwen2's <tool_call> is an added token, not a special one
+    special = AutoTokenizer.from_pretrained(tokenizer.name_or_path)
+    special.add_special_tokens({"additional_special_tokens": ["<tool_call>", "</tool_call>"]})
+    with pytest.raises(ValueError, match="special token of this ensemble's tokenizer"):
+        check_parser("hermes", special)
+    with pytest.raises(ValueError, match="does not work with this ensemble's tokenizer"):
+        check_parser("llama3_json", _NoVocab())
+
+
+class _NoVocab:
+    """A tokenizer without the tokens a parser looks up (vLLM's parsers raise on it)."""
+
+    def get_vocab(self) -> dict[str, int]:
+        return {}

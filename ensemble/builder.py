@@ -121,7 +121,9 @@ def check_shared_vocabulary(reference: MemberInfo, member: MemberInfo, vocab_siz
     Ids below `vocab_size` that both tokenizers have must mean the same bytes, up to where the
     reference has no text tokens left: from there on (its special tokens) the tokenizers may
     differ, and the member abstains. Byte-level members of different families share the 256 bytes
-    and differ in their special tokens from id 256 on. Ids the member's (shorter) tokenizer lacks
+    and differ in their special tokens from id 256 on. Such a member still reads the reference's
+    special ids in a prompt (a chat template's turn markers) as its own special tokens of the same
+    ids: plain text is the same for every member, chat markers are not. Ids the member's (shorter) tokenizer lacks
     are allowed only for the reference's special tokens, likewise masked for it. Ids beyond
     `vocab_size` do not matter.
     """

@@ -128,6 +128,9 @@ class ServerConfig:
 
             try:
                 check_executor_backend(self.distributed_executor_backend)
+            except ImportError:
+                raise ConfigError("distributed_executor_backend needs vLLM installed (pip install -e '.[cpu]' "
+                                  "or '.[gpu]')") from None
             except ValueError as err:
                 raise ConfigError(str(err)) from None
         if self.kv_cache_gib is not None:

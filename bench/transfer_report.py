@@ -14,8 +14,8 @@ import sys
 from pathlib import Path
 
 LABELS = {
-    "teacher": "teacher: SmolLM2-135M, its own tokenizer",
-    "fvt": "student, FVT initialisation only",
+    "teacher": "teacher, its own tokenizer",
+    "fvt": "student before training (FVT initialisation on a new tokenizer)",
     "alm": "student after ALM",
     "sft": "student after SFT only (baseline)",
     "alm_sft": "student after ALM + SFT (balanced)",

@@ -118,21 +118,7 @@ class ServerConfig:
         _int_at_least("tensor_parallel_size", self.tensor_parallel_size, 1)
         if self.engine == "torch" and self.tensor_parallel_size != 1:
             raise ConfigError("tensor_parallel_size > 1 needs the vllm engine")
-        if self.distributed_executor_backend is not None:
-            if self.distributed_executor_backend not in EXECUTOR_BACKENDS:
-                raise ConfigError(f"distributed_executor_backend must be one of {', '.join(EXECUTOR_BACKENDS)}, "
-                                  f"got {self.distributed_executor_backend!r}")
-            if self.engine == "torch":
-                raise ConfigError("distributed_executor_backend needs the vllm engine")
-            from ensemble.vllm_engine_args import check_executor_backend
-
-            try:
-                check_executor_backend(self.distributed_executor_backend)
-            except ImportError:
-                raise ConfigError("distributed_executor_backend needs vLLM installed (pip install -e '.[cpu]' "
-                                  "or '.[gpu]')") from None
-            except ValueError as err:
-                raise ConfigError(str(err)) from None
+        self._check_executor_backend()
         if self.kv_cache_gib is not None:
             _positive("kv_cache_gib", self.kv_cache_gib)
             if self.engine == "torch":
@@ -185,6 +171,24 @@ class ServerConfig:
                     raise ConfigError("--draft-member (speculative decoding) needs the vllm engine")
                 draft_member_config(EnsembleManifest.load(self.ensemble), self.draft_member, self.draft_tokens)
         except (SpeculativeError, ManifestError) as err:
+            raise ConfigError(str(err)) from None
+
+    def _check_executor_backend(self) -> None:
+        if self.distributed_executor_backend is None:
+            return
+        if self.distributed_executor_backend not in EXECUTOR_BACKENDS:
+            raise ConfigError(f"distributed_executor_backend must be one of {', '.join(EXECUTOR_BACKENDS)}, "
+                              f"got {self.distributed_executor_backend!r}")
+        if self.engine == "torch":
+            raise ConfigError("distributed_executor_backend needs the vllm engine")
+        try:
+            from ensemble.vllm_engine_args import check_executor_backend
+
+            check_executor_backend(self.distributed_executor_backend)
+        except ImportError:
+            raise ConfigError("distributed_executor_backend needs vLLM installed (pip install -e '.[cpu]' "
+                              "or '.[gpu]')") from None
+        except ValueError as err:
             raise ConfigError(str(err)) from None
 
     def _check_tool_parser(self) -> None:

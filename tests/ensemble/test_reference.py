@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import replace
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -12,9 +12,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from ensemble.manifest import EnsembleManifest
-from ensemble.pooling import fit_vocab, pool_logprobs
+from ensemble.pooling import fit_vocab
 from ensemble.protocol import Engine, EngineRequestError, RequestOutput, SamplingOptions, StructuredOutput
 from ensemble.reference import ReferenceEngine
+from full_forward import pooled_full_forward, worst_gap_to_pooled
 from vllm_harness import counter_deltas
 
 VOCAB = 151_665
@@ -111,13 +112,6 @@ def test_model_ensembled_with_itself_equals_hf_generate(self_engine: ReferenceEn
     assert worst < 1e-5, worst
 
 
-def _pooled_full_forward(manifest: EnsembleManifest, models: Sequence, sequence: list[int], rule: str,
-                         weights: Sequence[float]) -> torch.Tensor:
-    with torch.no_grad():
-        logits = [fit_vocab(m(torch.tensor([sequence])).logits[0].float(), manifest.vocab_size) for m in models]
-    return pool_logprobs(logits, list(weights), rule)  # type: ignore[arg-type]
-
-
 @pytest.mark.parametrize(("rule", "weights"), [("prob_mean", None), ("logprob_mean", (1.5, -0.25, 0.5))])
 def test_trio_matches_full_forward_pooling(trio_engine: ReferenceEngine, tiny_ensemble: Path, rule: str,
                                            weights) -> None:
@@ -131,14 +125,8 @@ def test_trio_matches_full_forward_pooling(trio_engine: ReferenceEngine, tiny_en
                               weights=weights, ignore_eos=True)
     out = _final(trio_engine, prompt, options)
     tokens = out.outputs[0].token_ids
-    pooled = _pooled_full_forward(manifest, models, prompt + tokens, rule, weights or manifest.weights)
-    worst = 0.0
-    for step, entry in enumerate(out.outputs[0].logprobs):
-        row = pooled[len(prompt) - 1 + step]
-        assert float(row[entry.token_id]) >= float(row.max()) - 1e-4  # greedy: the argmax
-        worst = max(worst, abs(entry.logprob - float(row[entry.token_id])))
-    for pos, entry in enumerate(out.prompt_logprobs[1:]):
-        worst = max(worst, abs(entry.logprob - float(pooled[pos, entry.token_id])))
+    pooled = pooled_full_forward(manifest, models, prompt + tokens, rule, weights or manifest.weights)
+    worst = worst_gap_to_pooled(out, pooled)
     assert worst < 1e-4, worst
 
 
@@ -167,8 +155,8 @@ def test_prompt_logprobs_are_scored_in_bounded_chunks(trio_engine: ReferenceEngi
     assert len(prompt) > 12
     options = SamplingOptions(max_tokens=2, temperature=0.0, logprobs=1, prompt_logprobs=2, ignore_eos=True)
     out = _final(trio_engine, prompt, options)
-    pooled = _pooled_full_forward(manifest, models, prompt + out.outputs[0].token_ids, manifest.rule,
-                                  manifest.weights)
+    pooled = pooled_full_forward(manifest, models, prompt + out.outputs[0].token_ids, manifest.rule,
+                                 manifest.weights)
     assert len(out.prompt_logprobs) == len(prompt) and out.prompt_logprobs[0] is None
     worst = max(abs(e.logprob - float(pooled[pos, e.token_id])) for pos, e in enumerate(out.prompt_logprobs[1:]))
     assert worst < 1e-4, worst

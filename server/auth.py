@@ -16,13 +16,12 @@ the client whose key matched (None for the server's own key) is left in the requ
 from __future__ import annotations
 
 import hmac
-import json
 
 from starlette._utils import get_route_path
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from server.clients import ClientKey
-from server.errors import error_body
+from server.errors import send_error
 
 OPEN_PATHS = frozenset({"/health", "/metrics", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
 
@@ -37,10 +36,19 @@ def key_matches(authorization: str | None, api_key: str) -> bool:
     return matching_client(authorization, {api_key: None})[0]
 
 
-def _bearer(authorization: str | None) -> bytes | None:
-    if not authorization:
+def authorization_header(scope: Scope) -> str | None:
+    """The request's `Authorization` header (the last one, if it has several)."""
+    value = None
+    for key, raw in scope.get("headers", []):
+        if key.lower() == b"authorization":
+            value = raw.decode("latin-1")
+    return value
+
+
+def _bearer(header: str | None) -> bytes | None:
+    if not header:
         return None
-    scheme, _, token = authorization.partition(" ")
+    scheme, _, token = header.partition(" ")
     return token.strip().encode() if scheme.lower() == "bearer" else None
 
 
@@ -72,23 +80,10 @@ class APIKeyMiddleware:
         if scope["type"] != "http" or scope.get("method") == "OPTIONS" or not is_protected(get_route_path(scope)):
             await self.app(scope, receive, send)
             return
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        found, client = matching_client(headers.get("authorization"), self.keys)
+        found, client = matching_client(authorization_header(scope), self.keys)
         if found:
             scope.setdefault("state", {})["chorus_client"] = client
             await self.app(scope, receive, send)
             return
-        body = json.dumps(
-            error_body(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'.",
-                       code="invalid_api_key")
-        ).encode()
-        await send({
-            "type": "http.response.start",
-            "status": 401,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                (b"www-authenticate", b"Bearer"),
-            ],
-        })
-        await send({"type": "http.response.body", "body": body})
+        await send_error(send, 401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'.",
+                         code="invalid_api_key", headers=[(b"www-authenticate", b"Bearer")])

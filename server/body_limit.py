@@ -9,23 +9,17 @@ pass straight through.
 
 from __future__ import annotations
 
-import json
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.errors import error_body
+from server.errors import send_error
 
 _NO_BODY = frozenset({"GET", "HEAD", "OPTIONS", "DELETE"})
 
 
 async def _send_413(send: Send, max_bytes: int) -> None:
-    body = json.dumps(error_body(
-        413, f"request body is larger than the server's limit of {max_bytes} bytes (--max-body-mb)",
-        code="request_too_large")).encode()
-    await send({"type": "http.response.start", "status": 413, "headers": [
-        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-        (b"connection", b"close")]})
-    await send({"type": "http.response.body", "body": body})
+    await send_error(send, 413, f"request body is larger than the server's limit of {max_bytes} bytes (--max-body-mb)",
+                     code="request_too_large", headers=[(b"connection", b"close")])
 
 
 class BodyLimitMiddleware:

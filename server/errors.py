@@ -8,8 +8,10 @@ Anything else is a bug in chorus and becomes a 500 with the same shape.
 
 from __future__ import annotations
 
+import json
 import logging
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -69,6 +71,16 @@ def error_body(status: int, message: str, *, param: str | None = None, code: str
     """OpenAI's error object for `status`."""
     info = ErrorInfo(message=message, type=_TYPES.get(status, "invalid_request_error"), param=param, code=code)
     return ErrorResponse(error=info).model_dump()
+
+
+async def send_error(send: Any, status: int, message: str, *, code: str,
+                     headers: Sequence[tuple[bytes, bytes]] = ()) -> None:
+    """Answer OpenAI's error JSON straight from an ASGI middleware (before any route runs), with
+    `headers` beside the content type and length."""
+    body = json.dumps(error_body(status, message, code=code)).encode()
+    await send({"type": "http.response.start", "status": status, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers]})
+    await send({"type": "http.response.body", "body": body})
 
 
 def internal_error(what: str, exc: BaseException) -> APIError:

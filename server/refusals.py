@@ -21,7 +21,6 @@ their own). `/health`, `/metrics` and the API docs are never throttled.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections import OrderedDict
@@ -31,9 +30,9 @@ from dataclasses import dataclass
 from starlette._utils import get_route_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.auth import is_protected, matching_client
+from server.auth import authorization_header, is_protected, matching_client
 from server.clients import ClientKey
-from server.errors import error_body
+from server.errors import send_error
 
 MAX_TRACKED = 10_000  # buckets kept in memory; the least recently refused go first
 
@@ -127,9 +126,7 @@ class RefusalLimitMiddleware:
     def client_of(self, scope: Scope) -> str:
         """The client a request comes from: 'key:NAME' for a client key, else 'addr:HOST'."""
         if self.keys:
-            # The header as server.auth reads it (the last one wins), so both name the same client.
-            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-            found, name = matching_client(headers.get("authorization"), self.keys)
+            found, name = matching_client(authorization_header(scope), self.keys)  # as server.auth reads it
             if found:
                 return f"key:{name}"
         peer = scope.get("client")
@@ -163,10 +160,6 @@ class RefusalLimitMiddleware:
 
 async def _send_429(send: Send, wait: float, burst: int) -> None:
     seconds = max(1, math.ceil(wait))
-    body = json.dumps(error_body(
-        429, f"too many refused requests from this client (more than {burst} a minute); "
-             f"retry after {seconds} s (--max-refusals)", code="too_many_refusals")).encode()
-    await send({"type": "http.response.start", "status": 429, "headers": [
-        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-        (b"retry-after", str(seconds).encode()), (b"connection", b"close")]})
-    await send({"type": "http.response.body", "body": body})
+    await send_error(send, 429, f"too many refused requests from this client (more than {burst} a minute); "
+                                f"retry after {seconds} s (--max-refusals)", code="too_many_refusals",
+                     headers=[(b"retry-after", str(seconds).encode()), (b"connection", b"close")])

@@ -55,15 +55,16 @@ class ClientBudgets:
             budget = self._made[client] = Admission(self.per_client, self.max_queue, owner=str(client))
         return budget
 
-    def check_waiting(self, budget: Admission, sequences: int = 1) -> None:
-        """Raise QueueFullError when a request that must wait in `budget`, one of the budgets made
-        per client, would take the made budgets' queued requests past `max_queue` together."""
-        if budget not in self._made.values():
+    def check_waiting(self, client: ClientId | None, sequences: int = 1) -> None:
+        """Raise QueueFullError when a request of `client` must wait in a budget made per client
+        and the made budgets' queued requests together are already `max_queue`."""
+        budget = self._made.get(client) if client is not None else None
+        if budget is None:
             return
-        weight = budget.weight_of(sequences)
-        must_wait = budget.running + weight > budget.max_running or budget.waiting > 0
+        if budget.running + budget.weight_of(sequences) <= budget.max_running and budget.waiting == 0:
+            return  # it runs at once
         queued = sum(b.waiting for b in self._made.values())
-        if must_wait and queued >= self.max_queue:
+        if queued >= self.max_queue:
             raise QueueFullError(f"{budget.owner} is at capacity: {budget.running} of {budget.max_running} "
                                  f"sequences running, and {queued} requests of all clients wait "
                                  f"(--max-queue {self.max_queue}); retry later")

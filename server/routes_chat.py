@@ -77,7 +77,7 @@ async def _chat(body: ChatCompletionRequest, state: ServerState, client: ClientI
     ready = state.require_ready()
     member = state.check_model(ready, body.model)
     shape = answer_shape(body, engine_supports=bool(ready.engine.info.get("structured_outputs")),
-                         tool_parser=state.config.tool_call_parser if state.config.enable_auto_tool_choice else None)
+                         tool_parser=state.config.tool_call_parser)  # set only with --enable-auto-tool-choice
     refuse_if_full(ready, body.n or 1, body.priority, client)  # before rendering and tokenizing
     prompt = await chat_prompt_ids(ready, state, body)
     asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens

@@ -65,7 +65,7 @@ def refuse_if_full(ready: Ready, sequences: int, priority: int = 0, client: Clie
         budget = ready.client_budgets.get(client)
         if budget is not None:
             budget.check(sequences, priority)
-            ready.client_budgets.check_waiting(budget, sequences)
+            ready.client_budgets.check_waiting(client, sequences)
         ready.admission.check(sequences, priority)
     except QueueFullError as err:
         ready.metrics.queue_rejections.inc()

@@ -130,7 +130,7 @@ def build_ready(config: ServerConfig, engine: Engine) -> Ready:
         if config.max_model_len > max_model_len:
             raise ValueError(f"--max-model-len {config.max_model_len} exceeds the engine's {max_model_len}")
         max_model_len = config.max_model_len
-    if config.enable_auto_tool_choice and config.tool_call_parser:
+    if config.tool_call_parser:  # (ServerConfig allows it only with enable_auto_tool_choice)
         from server.tool_parsing import check_parser
 
         check_parser(config.tool_call_parser, tokenizer)  # a parser that cannot work fails the start, not each request

@@ -194,8 +194,9 @@ def pool_logprobs(
             ``logprob_mean`` to the rows whose weights are all non-negative (ignored for
             ``prob_mean`` and for contrastive rows; with per-row weights each row is gated or not
             on its own weights, whatever the other rows hold).
-        scratch: a `Scratch` the geometric pool sums the members' logits into (its caller's,
-            reused call after call) instead of a fresh ``[N, V]`` tensor.
+        scratch: a `Scratch` the geometric pool sums the members' logits and writes its result
+            into (its caller's, reused call after call) instead of fresh ``[N, V]`` tensors; the
+            result is then valid until the next call with this scratch.
 
     Returns:
         ``[N, V]`` float32 normalised log-probabilities on the members' device.
@@ -293,14 +294,14 @@ def _geometric_pool(member_logits: Sequence[Tensor], c: Tensor, scratch: Scratch
     sum_k (w_k / T_k) x_k by a constant per row (the members' log-normalisers), which the final
     log_softmax removes: one multiply-add per member and one softmax instead of K softmaxes, a
     stacked copy and `_pool_rows`' masks. At a 262k vocabulary and 64 rows on one CPU core that
-    halved the pooling time (bench/RESULTS.md). A sum is finite exactly when every element is
-    (logits are far from float32's range), and costs no buffer.
+    halved the pooling time (bench/RESULTS.md). Abstentions are found with one sum over the
+    weighted sum: it is finite exactly when every weighted member's logits are (a weight is
+    positive, ``-inf`` stays ``-inf``, ``-inf`` beside ``+inf`` or times 0 is NaN, and logits are far
+    from float32's range), one pass over the rows instead of one per member.
     """
     per_row = c.dim() == 2
     weighted = (c != 0).any(dim=0) if per_row else c != 0
     terms = [(x, c[:, k:k + 1] if per_row else float(c[k])) for k, x in enumerate(member_logits) if weighted[k]]
-    if not all(bool(torch.isfinite(x.sum())) for x, _ in terms):
-        return None
     (x0, c0), *rest = terms
     out = None if scratch is None else scratch.take(x0.shape, x0.device)
     scores = torch.mul(x0.to(torch.float32), c0, out=out)
@@ -309,28 +310,35 @@ def _geometric_pool(member_logits: Sequence[Tensor], c: Tensor, scratch: Scratch
             scores.addcmul_(x.to(torch.float32), ck)
         else:
             scores.add_(x.to(torch.float32), alpha=ck)
-    return torch.log_softmax(scores, dim=-1)
+    if not bool(torch.isfinite(scores.sum())):
+        return None
+    pooled = None if scratch is None else scratch.take(x0.shape, x0.device, "pooled")
+    return torch.log_softmax(scores, dim=-1, out=pooled)
 
 
 class Scratch:
-    """A float32 work buffer that one caller reuses across `pool_logprobs` calls (one thread).
+    """Float32 work buffers that one caller reuses across `pool_logprobs` calls (one thread).
 
     On a CPU a fresh ``[rows, V]`` float32 tensor per decoding step is a fresh mapping of pages
     (tens of MB at a 262k vocabulary), and faulting them in cost more than the arithmetic: the
     geometric pool of 2 members took 1.09 / 13.2 / 58.6 ms for 1 / 16 / 64 rows with fresh
-    tensors and 0.30 / 3.7 / 35.6 ms summing into a reused one (2 cores, bench/RESULTS.md). What
-    `pool_logprobs` returns is never the scratch: it stays valid after the next call.
+    tensors and 0.30 / 3.7 / 35.6 ms summing into a reused one (2 cores, bench/RESULTS.md). The
+    geometric pool sums into the ``"sum"`` buffer and writes its result into the ``"pooled"`` one,
+    so what `pool_logprobs` returns with a scratch is valid until its next call with that scratch
+    (the vLLM model's logits are consumed within the step that made them).
     """
 
     def __init__(self) -> None:
-        self._flat: Tensor | None = None
+        self._flat: dict[str, Tensor] = {}
 
-    def take(self, shape: tuple[int, ...] | torch.Size, device: torch.device | str) -> Tensor:
-        """A float32 view of `shape` on `device` (contents undefined), grown when needed."""
+    def take(self, shape: tuple[int, ...] | torch.Size, device: torch.device | str, name: str = "sum") -> Tensor:
+        """A float32 view of `shape` on `device` of the buffer `name` (contents undefined),
+        grown when needed."""
         n = math.prod(shape)
-        if self._flat is None or self._flat.numel() < n or self._flat.device != torch.device(device):
-            self._flat = torch.empty(n, dtype=torch.float32, device=device)
-        return self._flat[:n].view(tuple(shape))
+        flat = self._flat.get(name)
+        if flat is None or flat.numel() < n or flat.device != torch.device(device):
+            flat = self._flat[name] = torch.empty(n, dtype=torch.float32, device=device)
+        return flat[:n].view(tuple(shape))
 
 
 def _gated_pool(member_logits: Sequence[Tensor], w: Tensor, temps: Sequence[float], gate: EntropyGate,

@@ -392,15 +392,19 @@ def test_entropy_gate_validation() -> None:
         pool_logprobs([_logits(2, 5), _logits(2, 5)], [1, 1], "logprob_mean", gate=EntropyGate((1.0,), ((0.5,),)))
 
 
-def test_a_reused_scratch_changes_nothing_and_is_never_returned() -> None:
+def test_a_reused_scratch_changes_nothing_and_its_result_lasts_until_the_next_call() -> None:
     from ensemble.pooling import Scratch
 
     scratch = Scratch()
     xs = [_logits(3, 40, seed=5), _logits(3, 40, seed=6)]
     first = pool_logprobs(xs, [0.6, 0.4], "logprob_mean", [1.1, 0.9], scratch=scratch)
-    kept = first.clone()
     torch.testing.assert_close(first, pool_logprobs(xs, [0.6, 0.4], "logprob_mean", [1.1, 0.9]), rtol=0, atol=0)
-    # A larger and a smaller call reuse (and grow) the buffer; the first result is untouched.
-    pool_logprobs([_logits(5, 40, seed=7), _logits(5, 40, seed=8)], [1, 1], "logprob_mean", scratch=scratch)
-    pool_logprobs([_logits(1, 40, seed=9), _logits(1, 40, seed=10)], [1, 1], "logprob_mean", scratch=scratch)
-    assert torch.equal(first, kept)
+    # A larger and a smaller call reuse (and grow) the buffers, each result equal to a fresh pool's.
+    for rows, seed in ((5, 7), (1, 9)):
+        ys = [_logits(rows, 40, seed=seed), _logits(rows, 40, seed=seed + 1)]
+        torch.testing.assert_close(pool_logprobs(ys, [1, 1], "logprob_mean", scratch=scratch),
+                                   pool_logprobs(ys, [1, 1], "logprob_mean"), rtol=0, atol=0)
+    # The result is the scratch's own buffer (no fresh [N, V] tensor per call), not its sum buffer.
+    again = pool_logprobs(xs, [0.6, 0.4], "logprob_mean", [1.1, 0.9], scratch=scratch)
+    assert again.data_ptr() == scratch.take((3, 40), "cpu", "pooled").data_ptr()
+    assert again.data_ptr() != scratch.take((3, 40), "cpu").data_ptr()

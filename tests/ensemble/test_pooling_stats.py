@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ensemble.pooling import pool_logprobs
-from ensemble.pooling_stats import PoolingCounters, driver_snapshot
+from ensemble.pooling_stats import PoolingCounters, driver_snapshot, row_argmax
 
 
 def _logits(rows: list[list[float]]) -> torch.Tensor:
@@ -29,6 +29,25 @@ def test_agreement_is_with_the_pooled_top_token() -> None:
         "pooling_seconds": 0.75,
         "pooling_steps": 2,
     }
+
+
+@pytest.mark.parametrize("vocab", [5, 2048, 3000, 152064])
+def test_row_argmax_is_torch_argmax(vocab: int) -> None:
+    """Whole blocks, a tail, too few ids for blocks; ties (the first maximum), infinities, NaN."""
+    g = torch.Generator().manual_seed(vocab)
+    for x in (torch.randn(6, vocab, generator=g), torch.randint(0, 3, (6, vocab), generator=g).float(),
+              torch.zeros(0, vocab)):
+        assert torch.equal(row_argmax(x), x.argmax(dim=-1))
+    x = torch.randn(5, vocab, generator=g)
+    x[0, vocab - 1] = float("nan")  # NaN in the tail (or the last block)
+    x[1, 1] = float("nan")
+    x[1, vocab - 1] = float("nan")  # NaN in a block and in the tail: the first
+    x[2] = float("-inf")
+    x[3, vocab // 2] = float("inf")
+    x[4, vocab - 1] = x[4].max() + 1  # the maximum in the tail
+    assert torch.equal(row_argmax(x), x.argmax(dim=-1))
+    with pytest.raises(ValueError, match="2-D"):
+        row_argmax(torch.zeros(3))
 
 
 def test_timed_pool_returns_the_pool_and_measures_it() -> None:

@@ -1,6 +1,6 @@
 """Serving speed, side by side in one run: the ensemble against each member served alone by plain
 vLLM, the sum-of-members bound, the naive transformers ensemble, the ensemble drafting with a
-member (speculative decoding) and, on a small CPU, the ensemble with vLLM's default of one core
+member or with vLLM's n-gram proposer (speculative decoding) and, on a small CPU, the ensemble with vLLM's default of one core
 reserved for its scheduler (chorus reserves none there: `ensemble.vllm_engine.reserved_cpu_cores`),
 and each member asked for by name on the ensemble's server against that member in plain vLLM.
 
@@ -37,6 +37,7 @@ from typing import Any
 from bench.downstream import _free_port, launched
 
 CONCURRENCIES = (1, 4, 16, 64)
+DRAFTING = ("drafted", "ngram")  # the systems that decode speculatively
 METRICS = ("output_throughput", "median_ttft_ms", "p99_ttft_ms", "median_tpot_ms", "p99_tpot_ms")
 
 
@@ -73,8 +74,9 @@ def bound_row(member_rows: Sequence[dict[str, float]]) -> dict[str, float]:
 
 def ratios(results: dict[str, dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
     """The issue's ratios per concurrency, where both sides were measured: ensemble / bound and
-    ensemble / naive throughput, drafted / bound and drafted / ensemble median time per token,
-    and the share of the run's wall time the ensemble spent pooling."""
+    ensemble / naive throughput, each drafting system's median time per token over the bound's and
+    the ensemble's, its share of draft tokens accepted, and the share of the run's wall time the
+    ensemble spent pooling."""
     out: dict[str, dict[str, float]] = {}
     ens, bound = results.get("ensemble", {}), results.get("bound", {})
     for c, row in ens.items():
@@ -86,18 +88,21 @@ def ratios(results: dict[str, dict[str, dict[str, float]]]) -> dict[str, dict[st
         if c in results.get("one core reserved", {}):
             r["ensemble / one core reserved tok/s"] = (row["output_throughput"]
                                                        / results["one core reserved"][c]["output_throughput"])
-        drafted = results.get("drafted", {}).get(c)
-        if drafted and c in bound:
-            r["drafted / bound TPOT"] = drafted["median_tpot_ms"] / bound[c]["median_tpot_ms"]
-            r["drafted / ensemble TPOT"] = drafted["median_tpot_ms"] / row["median_tpot_ms"]
+        for drafting in DRAFTING:
+            drafted = results.get(drafting, {}).get(c)
+            if drafted and c in bound:
+                r[f"{drafting} / bound TPOT"] = drafted["median_tpot_ms"] / bound[c]["median_tpot_ms"]
+                r[f"{drafting} / ensemble TPOT"] = drafted["median_tpot_ms"] / row["median_tpot_ms"]
         for name in results:
             if name.endswith(" by name") and c in results[name] and c in results.get(f"{name[:-8]} alone", {}):
                 r[f"{name} / alone tok/s"] = (results[name][c]["output_throughput"]
                                               / results[f"{name[:-8]} alone"][c]["output_throughput"])
         if "pooling_share" in row:
             r["pooling share of wall time"] = row["pooling_share"]
-        if drafted and "acceptance" in drafted:
-            r["draft tokens accepted"] = drafted["acceptance"]
+        for drafting in DRAFTING:
+            drafted = results.get(drafting, {}).get(c)
+            if drafted and "acceptance" in drafted:
+                r[f"{drafting}: draft tokens accepted"] = drafted["acceptance"]
         out[c] = r
     return out
 
@@ -202,6 +207,7 @@ def plot(record: dict[str, Any], out_dir: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for metric, label, name in (("output_throughput", "output tokens/s", "serving_throughput.png"),
                                 ("median_tpot_ms", "median time per output token (ms)", "serving_tpot.png")):
@@ -255,6 +261,10 @@ def systems(folder: Path, args: argparse.Namespace, on_cpu: bool) -> tuple[list[
     out += [System(f"{m.name} by name", model=m.name) for m in served]
     if args.draft_member:
         out.append(System("drafted", args=("--draft-member", args.draft_member, "--draft-tokens", str(args.draft_tokens))))
+    if args.ngram_tokens:  # vLLM's n-gram proposer: drafts looked up in the tokens so far, no draft model
+        ngram = {"method": "ngram", "num_speculative_tokens": args.ngram_tokens,
+                 "prompt_lookup_min": args.ngram_min, "prompt_lookup_max": args.ngram_max}
+        out.append(System("ngram", args=("--speculative-config", json.dumps(ngram))))
     if reserved is not None:  # what chorus's choice gains over vLLM's default of one reserved core
         out.append(System("one core reserved", env={"VLLM_CPU_NUM_OF_RESERVED_CPU": "1"}))
     out.append(System("naive", engine="torch", max_concurrency=args.naive_max_concurrency))
@@ -270,6 +280,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--min-prompts", type=int, default=16, help="requests per concurrency: max(this, 2 x concurrency)")
     p.add_argument("--draft-member", help="also measure the ensemble drafting with this member")
     p.add_argument("--draft-tokens", type=int, default=3)
+    p.add_argument("--ngram-tokens", type=int, default=4,
+                   help="also measure the ensemble drafting this many tokens with vLLM's n-gram proposer (0: not)")
+    p.add_argument("--ngram-min", type=int, default=2, help="the n-gram proposer's shortest match (prompt_lookup_min)")
+    p.add_argument("--ngram-max", type=int, default=4, help="the n-gram proposer's longest match (prompt_lookup_max)")
     p.add_argument("--naive-max-concurrency", type=int, default=16, help="the naive ensemble up to here only")
     p.add_argument("--only", nargs="+", help="measure only these systems (names as in the table)")
     p.add_argument("--out", type=Path, default=Path("serving.json"))

@@ -285,6 +285,42 @@ def _pool_chunks(member_logits: Sequence[Tensor], w: Tensor, rule: str, temps: l
     return out
 
 
+def geometric_logits(member_logits: Sequence[Tensor], weights: Sequence[float], temperatures: Sequence[float] | None = None,
+                     scratch: Scratch | None = None) -> Tensor:
+    """The geometric pool's logits: ``sum_k (w_k / T_k) x_k`` ``[N, V]`` float32, unnormalised.
+
+    Its ``log_softmax`` is ``pool_logprobs(member_logits, weights, "logprob_mean", temperatures)``
+    on rows where no weighted member abstains (has a non-finite logit), without the final
+    normalisation pass (see `_geometric_pool`). For a consumer that normalises itself, such as
+    vLLM's sampler; with `scratch` the result is its ``"sum"`` buffer, valid until its next use.
+    Weights are relative and must be non-negative.
+    """
+    first = _check_logits(member_logits, 1)
+    w = normalise_weights(weights, len(member_logits), "logprob_mean").to(first.device)
+    if bool((w < 0).any()):
+        raise ValueError(f"geometric_logits takes non-negative weights, got {list(weights)}; contrastive "
+                         "(negative) weights need pool_logprobs and its plausibility mask")
+    c = w / torch.tensor(_check_temperatures(temperatures, len(member_logits)), dtype=torch.float32, device=w.device)
+    return _weighted_sum(member_logits, c, scratch)
+
+
+def _weighted_sum(member_logits: Sequence[Tensor], c: Tensor, scratch: Scratch | None) -> Tensor:
+    """``sum_k c_k x_k`` over the members with a non-zero ``c_k`` (``[K]``, or ``[R, K]`` per row),
+    into `scratch`'s ``"sum"`` buffer when given."""
+    per_row = c.dim() == 2
+    weighted = (c != 0).any(dim=0) if per_row else c != 0
+    terms = [(x, c[:, k:k + 1] if per_row else float(c[k])) for k, x in enumerate(member_logits) if weighted[k]]
+    (x0, c0), *rest = terms
+    out = None if scratch is None else scratch.take(x0.shape, x0.device)
+    scores = torch.mul(x0.to(torch.float32), c0, out=out)
+    for x, ck in rest:
+        if per_row:
+            scores.addcmul_(x.to(torch.float32), ck)
+        else:
+            scores.add_(x.to(torch.float32), alpha=ck)
+    return scores
+
+
 def _geometric_pool(member_logits: Sequence[Tensor], c: Tensor, scratch: Scratch | None = None) -> Tensor | None:
     """``log_softmax(sum_k c_k x_k)``: the geometric pool of rows no weighted member abstains on,
     with ``c`` the members' ``w_k / T_k`` (``[K]``, or ``[R, K]`` per row); None when some weighted
@@ -299,20 +335,10 @@ def _geometric_pool(member_logits: Sequence[Tensor], c: Tensor, scratch: Scratch
     positive, ``-inf`` stays ``-inf``, ``-inf`` beside ``+inf`` or times 0 is NaN, and logits are far
     from float32's range), one pass over the rows instead of one per member.
     """
-    per_row = c.dim() == 2
-    weighted = (c != 0).any(dim=0) if per_row else c != 0
-    terms = [(x, c[:, k:k + 1] if per_row else float(c[k])) for k, x in enumerate(member_logits) if weighted[k]]
-    (x0, c0), *rest = terms
-    out = None if scratch is None else scratch.take(x0.shape, x0.device)
-    scores = torch.mul(x0.to(torch.float32), c0, out=out)
-    for x, ck in rest:
-        if per_row:
-            scores.addcmul_(x.to(torch.float32), ck)
-        else:
-            scores.add_(x.to(torch.float32), alpha=ck)
+    scores = _weighted_sum(member_logits, c, scratch)
     if not bool(torch.isfinite(scores.sum())):
         return None
-    pooled = None if scratch is None else scratch.take(x0.shape, x0.device, "pooled")
+    pooled = None if scratch is None else scratch.take(scores.shape, scores.device, "pooled")
     return torch.log_softmax(scores, dim=-1, out=pooled)
 
 

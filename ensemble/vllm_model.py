@@ -11,6 +11,15 @@ log-probabilities are returned as the logits: vLLM's sampler takes ``log_softmax
 which leaves normalised log-probabilities unchanged, so vLLM's sampling, its reported logprobs
 and prompt logprobs are the pooled ones.
 
+Raw geometric logits: when the manifest pools geometrically (``logprob_mean``, no negative
+weight, no entropy gate) and no member can abstain (every member scores the whole shared
+vocabulary), the rows pooled by the manifest are returned as the geometric pool's logits
+``sum_k (w_k / T_k) x_k`` (`ensemble.pooling.geometric_logits`), whose ``log_softmax`` is the pooled
+distribution, and the normalisation pass is left to vLLM's sampler. Every operation chorus asks
+of vLLM's sampler is invariant to adding a constant to a row: log-probs, temperature, top-k/p,
+min-p, logit bias, presence and frequency penalties, grammars. vLLM's repetition penalty (which
+scales a logit by its sign) is not, and chorus never sets it (`ensemble.vllm_translate`).
+
 The ensemble's hidden state is the members' final hidden states side by side (the ensemble
 ``config.json`` sets ``hidden_size`` to their sum), so vLLM's buffers and index arithmetic on
 hidden states keep working unchanged.
@@ -42,7 +51,7 @@ import torch
 from torch import nn
 
 from ensemble.manifest import EnsembleManifest, MemberSpec
-from ensemble.pooling import Scratch, fit_vocab, pool_logprobs
+from ensemble.pooling import Scratch, fit_vocab, geometric_logits, pool_logprobs
 from ensemble.pooling_stats import PoolingCounters
 from ensemble.vllm_pooling import RowPooling, active_tracker
 
@@ -118,6 +127,16 @@ def _chorus_manifest(hf_config, folder: str) -> EnsembleManifest:
     return EnsembleManifest.from_dict(chorus).resolved(folder)
 
 
+def raw_geometric_ok(manifest: EnsembleManifest) -> bool:
+    """Whether the manifest's own pooling can be returned to vLLM as raw geometric logits (module
+    docstring): geometric pooling without negative weights or an entropy gate, and every member
+    scoring the whole shared vocabulary (so none abstains on an id)."""
+    gate = manifest.entropy_gate
+    return (manifest.rule == "logprob_mean" and all(w >= 0 for w in manifest.weights)
+            and (gate is None or gate.is_off)
+            and all(m.vocab_size is None or m.vocab_size >= manifest.vocab_size for m in manifest.members))
+
+
 class EnsembleForCausalLM(nn.Module):
     """K member causal LMs decoding as one: per-step pooled next-token distributions."""
 
@@ -145,7 +164,8 @@ class EnsembleForCausalLM(nn.Module):
         self.pool_chunk_rows = pool_chunk_rows(len(self._plans), vocab_size)
         # Read (and reset after start-up's dummy runs) by `ensemble.vllm_worker`, via collective_rpc.
         self.pooling_counters = PoolingCounters([p.spec.name for p in self._plans])
-        self.scratch = Scratch()  # the pool's work buffer, reused step after step
+        self.scratch = Scratch()  # the pool's work buffers, reused step after step
+        self.raw_geometric = raw_geometric_ok(self.manifest)  # the manifest's rows as raw geometric logits
         self._ran: frozenset[int] | None = None  # the members the last forward ran (None: all)
 
     def _member_hf_configs(self, trust_remote_code: bool) -> list:
@@ -254,7 +274,8 @@ class EnsembleForCausalLM(nn.Module):
         return out
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
-        """Pooled next-token log-probabilities ``[rows, vocab]`` (float32), used as logits."""
+        """Pooled next-token log-probabilities ``[rows, vocab]`` (float32), used as logits; or, where
+        `raw_geometric_ok`, the geometric pool's logits (same ``log_softmax``: module docstring)."""
         logits = self.member_logits(hidden_states)
         if logits is None:
             return None
@@ -277,6 +298,8 @@ class EnsembleForCausalLM(nn.Module):
         member alone)."""
 
         def pool(rows: list[torch.Tensor], spec: RowPooling | None) -> torch.Tensor:
+            if spec is None and self.raw_geometric:
+                return geometric_logits(rows, self.weights, self.temperatures, scratch=self.scratch)
             rule, weights = (self.rule, self.weights) if spec is None else (spec.rule, spec.weights)
             return pool_logprobs(rows, weights, rule, self.temperatures, chunk_size=self.pool_chunk_rows,
                                  alpha=self.manifest.contrastive_alpha, gate=self.manifest.entropy_gate,

@@ -1,5 +1,5 @@
 """bench/serving.py's arithmetic and choices, without servers (the full run is documented in
-bench/RESULTS.md; a tiny ensemble run of it is in test_serving_smoke below, marked slow)."""
+bench/RESULTS.md; a tiny ensemble run of it is tests/server/test_serving_bench.py, marked slow)."""
 
 from __future__ import annotations
 
@@ -33,13 +33,15 @@ def test_ratios_are_taken_only_where_both_sides_were_measured() -> None:
         "bound": {"1": _row(4.0, 250.0), "64": _row(20.0, 600.0)},
         "naive": {"1": _row(2.0, 400.0)},
         "drafted": {"1": _row(12.0, 60.0)},
+        "ngram": {"1": {**_row(16.0, 50.0), "acceptance": 0.75}},
         "one core reserved": {"64": _row(32.0, 350.0)},
         "a alone": {"64": _row(30.0, 100.0)},
         "a by name": {"64": _row(27.0, 110.0)},
     }
     r = ratios(results)
     assert r["1"] == {"ensemble / bound tok/s": 2.0, "ensemble / naive tok/s": 4.0, "drafted / bound TPOT": 0.24,
-                      "drafted / ensemble TPOT": 0.5, "pooling share of wall time": 0.02}
+                      "drafted / ensemble TPOT": 0.5, "ngram / bound TPOT": 0.2, "ngram / ensemble TPOT": 50 / 120,
+                      "pooling share of wall time": 0.02, "ngram: draft tokens accepted": 0.75}
     assert r["64"] == {"ensemble / bound tok/s": 2.0, "ensemble / one core reserved tok/s": 1.25,
                        "a by name / alone tok/s": 0.9}
     text = markdown({"results": results, "ratios": r})
@@ -68,15 +70,18 @@ def test_systems_measure_only_the_members_the_ensemble_runs(tmp_path: Path, monk
     ens.mkdir()
     (ens / "chorus_ensemble.json").write_text(json.dumps({"name": "e", "vocab_size": 10, "max_model_len": 64,
                                                           "rule": "prob_mean", "format_version": 1, "members": members}))
-    args = argparse.Namespace(draft_member="a", draft_tokens=2, naive_max_concurrency=16)
+    args = argparse.Namespace(draft_member="a", draft_tokens=2, naive_max_concurrency=16, ngram_tokens=4,
+                              ngram_min=2, ngram_max=3)
     todo, bound_of = systems(ens, args, on_cpu=True)
     assert [s.name for s in todo] == ["ensemble", "a alone", "b alone", "a by name", "b by name", "drafted",
-                                      "one core reserved", "naive"]
+                                      "ngram", "one core reserved", "naive"]
     assert bound_of == ["a alone", "b alone"]
     assert (todo[3].model, todo[3].member_path) == ("a", None)  # the ensemble's server, asked for member a
     assert todo[5].args == ("--draft-member", "a", "--draft-tokens", "2")
     assert todo[1].env == {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}  # the members get the ensemble's cores
-    assert todo[6].env == {"VLLM_CPU_NUM_OF_RESERVED_CPU": "1"} and todo[7].max_concurrency == 16
-    args.draft_member = None
+    assert json.loads(todo[6].args[1]) == {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2,
+                                           "prompt_lookup_max": 3} and todo[6].args[0] == "--speculative-config"
+    assert todo[7].env == {"VLLM_CPU_NUM_OF_RESERVED_CPU": "1"} and todo[8].max_concurrency == 16
+    args.draft_member, args.ngram_tokens = None, 0
     assert [s.name for s in systems(ens, args, on_cpu=False)[0]] == ["ensemble", "a alone", "b alone", "a by name",
                                                                       "b by name", "naive"]

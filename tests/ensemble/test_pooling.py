@@ -408,3 +408,23 @@ def test_a_reused_scratch_changes_nothing_and_its_result_lasts_until_the_next_ca
     again = pool_logprobs(xs, [0.6, 0.4], "logprob_mean", [1.1, 0.9], scratch=scratch)
     assert again.data_ptr() == scratch.take((3, 40), "cpu", "pooled").data_ptr()
     assert again.data_ptr() != scratch.take((3, 40), "cpu").data_ptr()
+
+def test_geometric_logits_normalise_to_the_geometric_pool() -> None:
+    """Unnormalised, their log_softmax is the geometric pool; with a scratch they are its sum buffer."""
+    from ensemble.pooling import Scratch, geometric_logits
+
+    xs = [_logits(4, 50, seed=21), _logits(4, 50, seed=22), _logits(4, 50, seed=23)]
+    weights, temps = [0.5, 0.2, 0.3], [1.1, 0.9, 1.0]
+    scratch = Scratch()
+    raw = geometric_logits(xs, weights, temps, scratch=scratch)
+    expected = pool_logprobs(xs, weights, "logprob_mean", temps)
+    torch.testing.assert_close(torch.log_softmax(raw, dim=-1), expected, rtol=0, atol=1e-5)
+    assert raw.data_ptr() == scratch.take((4, 50), "cpu").data_ptr()
+    assert not torch.allclose(torch.logsumexp(raw, dim=-1), torch.zeros(4))  # not normalised
+    # A weight of 0 drops its member (even one that abstains); negative weights are refused.
+    holed = xs[2].clone()
+    holed[:, 7] = float("-inf")
+    torch.testing.assert_close(torch.log_softmax(geometric_logits([xs[0], xs[1], holed], [1, 1, 0]), dim=-1),
+                               pool_logprobs(xs[:2], [1, 1], "logprob_mean"), rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="non-negative weights"):
+        geometric_logits(xs[:2], [1.5, -0.5])

@@ -286,12 +286,35 @@ def self_runs(tiny_models, make_ensemble, prompts) -> tuple[EngineRun, list[Requ
     return ensemble, run_plain_vllm(tiny_models["gemma3"], prompts)
 
 
+@pytest.fixture(scope="module")
+def geometric_run(tiny_models, tiny_model_builder, tokenizer_dir, make_ensemble, prompts,
+                  tmp_path_factory) -> EngineRun:
+    """Two different Gemma3 members (heads of exactly the shared vocabulary, so neither abstains)
+    pooled logprob_mean 0.7 : 0.3: the manifest's rows reach vLLM's sampler as raw geometric logits
+    (`ensemble.vllm_model.raw_geometric_ok`), which vLLM normalises itself."""
+    from ensemble.manifest import EnsembleManifest
+    from ensemble.vllm_model import raw_geometric_ok
+
+    other = tiny_model_builder("gemma3", tmp_path_factory.mktemp("gemma_b") / "gemma3", seed=7,
+                               tokenizer_dir=tokenizer_dir)
+    folder = make_ensemble([("first", tiny_models["gemma3"], 0.7), ("second", other, 0.3)], rule="logprob_mean")
+    assert raw_geometric_ok(EnsembleManifest.load(folder))
+    return run_engine(folder, prompts)
+
+
 # ---------------------------------------------------------------------------- parity
 
 
 def test_pair_matches_reference(pair_run: EngineRun, prompts) -> None:
     worst = compare(pair_run.outputs, run_reference(pair_run.folder, prompts))
     print(f"llama+qwen2: max |logprob diff| {worst:.2e}, vLLM start-up {pair_run.startup_s:.1f} s")
+
+
+def test_raw_geometric_logits_match_reference(geometric_run: EngineRun, prompts) -> None:
+    """Greedy tokens and the reported log-probs (vLLM's log_softmax of the raw logits) equal the
+    reference engine's normalised geometric pool."""
+    worst = compare(geometric_run.outputs, run_reference(geometric_run.folder, prompts))
+    print(f"gemma3+gemma3 logprob_mean, raw logits: max |logprob diff| {worst:.2e}")
 
 
 def test_idle_members_are_not_served(pair_run: EngineRun) -> None:

@@ -51,6 +51,9 @@ def test_sampling_params_carry_every_option() -> None:
     assert p.stop == ["\n\n"] and p.stop_token_ids == [3, 4] and p.ignore_eos
     assert (p.logprobs, p.prompt_logprobs) == (2, 1)
     assert p.output_kind == RequestOutputKind.DELTA  # the translator adds the pieces up
+    # The vLLM model may hand the sampler raw geometric logits (ensemble.vllm_model): sound only
+    # while no request sets vLLM's repetition penalty, which scales each logit by its sign.
+    assert p.repetition_penalty == 1.0
 
 
 def test_structured_outputs_become_vllms_params() -> None:
@@ -186,16 +189,42 @@ def test_model_pools_each_row_by_its_own_request() -> None:
     gen = torch.Generator().manual_seed(0)
     logits = [torch.randn(5, 40, generator=gen) * 3 for _ in range(2)]
     model = SimpleNamespace(rule="logprob_mean", weights=(0.7, 0.3), temperatures=(1.0, 1.3), pool_chunk_rows=2,
-                            manifest=SimpleNamespace(contrastive_alpha=0.1, entropy_gate=None), scratch=Scratch())
+                            manifest=SimpleNamespace(contrastive_alpha=0.1, entropy_gate=None), scratch=Scratch(),
+                            raw_geometric=False)
     asked = {1: RowPooling("prob_mean", (1.0, 3.0)), 3: RowPooling("logprob_mean", (1.5, -0.5)),
              4: RowPooling("prob_mean", (1.0, 3.0))}
-    pooled = EnsembleForCausalLM.pool(model, logits, asked)
-    for row in range(5):
-        spec = asked.get(row, RowPooling("logprob_mean", (0.7, 0.3)))
-        alone = pool_logprobs([x[row:row + 1] for x in logits], spec.weights, spec.rule, (1.0, 1.3))
-        torch.testing.assert_close(pooled[row:row + 1], alone, rtol=0, atol=1e-6)
+    for raw in (False, True):  # the manifest's rows as log-probs, or as raw geometric logits
+        model.raw_geometric = raw
+        pooled = EnsembleForCausalLM.pool(model, logits, asked)
+        for row in range(5):
+            spec = asked.get(row, RowPooling("logprob_mean", (0.7, 0.3)))
+            alone = pool_logprobs([x[row:row + 1] for x in logits], spec.weights, spec.rule, (1.0, 1.3))
+            got = pooled[row:row + 1]
+            torch.testing.assert_close(torch.log_softmax(got, -1) if raw and row not in asked else got, alone,
+                                       rtol=0, atol=1e-5)
+    model.raw_geometric = False
     assert torch.equal(EnsembleForCausalLM.pool(model, logits, None),
                        pool_logprobs(logits, (0.7, 0.3), "logprob_mean", (1.0, 1.3), chunk_size=2))
+
+
+def test_raw_geometric_logits_only_where_a_row_shift_changes_nothing() -> None:
+    """The manifest's rows go to vLLM unnormalised only for a geometric pool without negative
+    weights or a gate, over members that all score the whole vocabulary."""
+    from types import SimpleNamespace
+
+    from ensemble.pooling import EntropyGate
+    from ensemble.vllm_model import raw_geometric_ok
+
+    def manifest(rule="logprob_mean", weights=(0.7, 0.3), gate=None, sizes=(None, 100)):
+        return SimpleNamespace(rule=rule, weights=weights, entropy_gate=gate, vocab_size=100,
+                               members=[SimpleNamespace(vocab_size=v) for v in sizes])
+
+    assert raw_geometric_ok(manifest())
+    assert raw_geometric_ok(manifest(gate=EntropyGate((1.0, 1.0), ((0.0, 0.0), (0.0, 0.0)))))  # a gate that is off
+    assert not raw_geometric_ok(manifest(rule="prob_mean"))
+    assert not raw_geometric_ok(manifest(weights=(1.5, -0.5)))
+    assert not raw_geometric_ok(manifest(gate=EntropyGate((1.0, 1.0), ((0.5, 0.0), (0.0, 0.5)))))
+    assert not raw_geometric_ok(manifest(sizes=(None, 90)))  # a member abstains on ids 90-99
 
 
 def test_token_logprob_keeps_ranks_up_to_k_best_first() -> None:
@@ -397,7 +426,8 @@ def test_model_answers_a_member_alone_with_its_own_log_probs() -> None:
     gen = torch.Generator().manual_seed(1)
     logits = [torch.randn(4, 30, generator=gen) * 3 for _ in range(2)]
     model = SimpleNamespace(rule="logprob_mean", weights=(0.7, 0.3), temperatures=(1.2, 1.3), pool_chunk_rows=8,
-                            manifest=SimpleNamespace(contrastive_alpha=0.1, entropy_gate=None), scratch=Scratch())
+                            manifest=SimpleNamespace(contrastive_alpha=0.1, entropy_gate=None), scratch=Scratch(),
+                            raw_geometric=False)
     asked = {0: RowPooling(ALONE, (), alone=1), 2: RowPooling(ALONE, (), alone=0)}
     pooled = EnsembleForCausalLM.pool(model, logits, asked)
     assert torch.equal(pooled[0], logits[1][0]) and torch.equal(pooled[2], logits[0][2])  # raw: vLLM normalises

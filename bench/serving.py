@@ -9,7 +9,8 @@ Load comes from vLLM's own generator (`vllm.benchmarks.serve`, called through it
 prompts of `--input-len` tokens, `--output-len` output tokens with EOS ignored, greedy (drafting on
 a CPU serves greedy requests only: docs/architecture.md), every request at once up to
 `--max-concurrency`. Each system gets its own server, started once and driven at every
-concurrency in turn.
+concurrency in turn; with `--rounds N` every system is measured N times, round after round (so a
+slow spell of a shared machine hits every system), and each metric is the median of its rounds.
 
     python -m bench.serving ~/.cache/chorus/default/ensemble-gemma3 --draft-member smollm \\
         --out bench/results/serving.json --plots bench/results
@@ -70,6 +71,19 @@ def bound_row(member_rows: Sequence[dict[str, float]]) -> dict[str, float]:
         "median_ttft_ms": sum(r["median_ttft_ms"] for r in member_rows),
         "p99_ttft_ms": sum(r["p99_ttft_ms"] for r in member_rows),
     }
+
+
+def median_rows(rounds: Sequence[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
+    """One system's rows over repeated rounds (``[{concurrency: row}, ...]``): per concurrency, the
+    median of each metric over the rounds that measured it."""
+    import statistics
+
+    out: dict[str, dict[str, float]] = {}
+    for c in sorted({c for rows in rounds for c in rows}, key=int):
+        measured = [rows[c] for rows in rounds if c in rows]
+        out[c] = {k: statistics.median(row[k] for row in measured if k in row)
+                  for k in sorted({k for row in measured for k in row})}
+    return out
 
 
 def ratios(results: dict[str, dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
@@ -289,6 +303,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("serving.json"))
     p.add_argument("--plots", type=Path, help="folder for the PNGs (default: beside --out)")
     p.add_argument("--logs", type=Path, default=Path("."), help="folder for the servers' logs")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="measure every system this many times, interleaved, and report the median of each metric")
     p.add_argument("--resume", action="store_true",
                    help="keep the systems already in --out (written after each system) and measure the rest")
     args = p.parse_args(argv)
@@ -309,11 +325,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.resume and args.out.is_file():
         record["results"] = {k: v for k, v in json.loads(args.out.read_text())["results"].items() if k != "bound"}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    for system in todo:
-        if (args.only and system.name not in args.only) or system.name in record["results"]:
-            continue
-        record["results"][system.name] = measure(system, folder, args, dtype, on_cpu, max_model_len)
-        args.out.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")  # a crash keeps what ran
+    todo = [s for s in todo if not (args.only and s.name not in args.only) and s.name not in record["results"]]
+    rounds: dict[str, list[dict[str, dict[str, float]]]] = {}
+    for _ in range(args.rounds):  # every system once per round: a slow spell of the machine hits all of them
+        for system in todo:
+            rounds.setdefault(system.name, []).append(measure(system, folder, args, dtype, on_cpu, max_model_len))
+            record["results"][system.name] = median_rows(rounds[system.name])
+            if args.rounds > 1:
+                record.setdefault("rounds", {})[system.name] = rounds[system.name]
+            args.out.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")  # a crash keeps what ran
     alone = [record["results"][m] for m in members if m in record["results"]]
     if len(alone) == len(members):
         record["results"]["bound"] = {c: bound_row([rows[c] for rows in alone]) for c in alone[0]}

@@ -165,7 +165,9 @@ class EnsembleForCausalLM(nn.Module):
         # Read (and reset after start-up's dummy runs) by `ensemble.vllm_worker`, via collective_rpc.
         self.pooling_counters = PoolingCounters([p.spec.name for p in self._plans])
         self.scratch = Scratch()  # the pool's work buffers, reused step after step
-        self.raw_geometric = raw_geometric_ok(self.manifest)  # the manifest's rows as raw geometric logits
+        # The manifest's rows as raw geometric logits, unless vLLM is asked to report logits themselves.
+        self.raw_geometric = raw_geometric_ok(self.manifest) and str(
+            getattr(model_config, "logprobs_mode", "raw_logprobs")).endswith("logprobs")
         self._ran: frozenset[int] | None = None  # the members the last forward ran (None: all)
 
     def _member_hf_configs(self, trust_remote_code: bool) -> list:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.serving import bound_row, markdown, plot, prompts_for, ratios, systems
+from bench.serving import bound_row, markdown, median_rows, plot, prompts_for, ratios, systems
 
 
 def _row(tok_s: float, tpot: float, ttft: float = 10.0) -> dict[str, float]:
@@ -25,6 +25,17 @@ def test_bound_runs_the_members_one_after_another() -> None:
     bound = bound_row([_row(20.0, 50.0), _row(5.0, 200.0)])
     assert bound["output_throughput"] == pytest.approx(4.0)  # 1 / (1/20 + 1/5)
     assert bound["median_tpot_ms"] == 250.0 and bound["p99_tpot_ms"] == 500.0 and bound["median_ttft_ms"] == 20.0
+
+
+def test_rounds_report_the_median_of_each_metric() -> None:
+    rounds = [{"1": {**_row(8.0, 120.0), "pooling_share": 0.02}, "16": _row(40.0, 300.0)},
+              {"1": {**_row(10.0, 100.0), "pooling_share": 0.04}, "16": _row(50.0, 200.0)},
+              {"1": _row(9.0, 90.0)}]  # a round that stopped before 16, and measured no pooling
+    rows = median_rows(rounds)
+    assert list(rows) == ["1", "16"]
+    assert rows["1"]["output_throughput"] == 9.0 and rows["1"]["median_tpot_ms"] == 100.0
+    assert rows["1"]["pooling_share"] == pytest.approx(0.03)
+    assert rows["16"]["output_throughput"] == 45.0 and rows["16"]["median_tpot_ms"] == 250.0
 
 
 def test_ratios_are_taken_only_where_both_sides_were_measured() -> None:

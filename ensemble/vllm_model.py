@@ -300,8 +300,9 @@ class EnsembleForCausalLM(nn.Module):
         member alone)."""
 
         def pool(rows: list[torch.Tensor], spec: RowPooling | None) -> torch.Tensor:
-            if spec is None and self.raw_geometric:
-                return geometric_logits(rows, self.weights, self.temperatures, scratch=self.scratch)
+            if spec is None and self.raw_geometric:  # the kept buffer only up to a chunk (prompt log-probs
+                small = rows[0].shape[0] <= self.pool_chunk_rows  # score thousands of rows: a fresh tensor)
+                return geometric_logits(rows, self.weights, self.temperatures, scratch=self.scratch if small else None)
             rule, weights = (self.rule, self.weights) if spec is None else (spec.rule, spec.weights)
             return pool_logprobs(rows, weights, rule, self.temperatures, chunk_size=self.pool_chunk_rows,
                                  alpha=self.manifest.contrastive_alpha, gate=self.manifest.entropy_gate,

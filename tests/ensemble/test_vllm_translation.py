@@ -202,6 +202,12 @@ def test_model_pools_each_row_by_its_own_request() -> None:
             got = pooled[row:row + 1]
             torch.testing.assert_close(torch.log_softmax(got, -1) if raw and row not in asked else got, alone,
                                        rtol=0, atol=1e-5)
+    # Raw rows use the kept buffer up to a chunk of rows only (here 2): more get a fresh tensor.
+    model.scratch = Scratch()
+    raw_all = EnsembleForCausalLM.pool(model, logits, None)
+    assert raw_all.data_ptr() != model.scratch.take((5, 40), "cpu").data_ptr()
+    assert EnsembleForCausalLM.pool(model, [x[:2] for x in logits], None).data_ptr() == \
+        model.scratch.take((2, 40), "cpu").data_ptr()
     model.raw_geometric = False
     assert torch.equal(EnsembleForCausalLM.pool(model, logits, None),
                        pool_logprobs(logits, (0.7, 0.3), "logprob_mean", (1.0, 1.3), chunk_size=2))

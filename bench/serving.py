@@ -107,16 +107,14 @@ def ratios(results: dict[str, dict[str, dict[str, float]]]) -> dict[str, dict[st
             if drafted and c in bound:
                 r[f"{drafting} / bound TPOT"] = drafted["median_tpot_ms"] / bound[c]["median_tpot_ms"]
                 r[f"{drafting} / ensemble TPOT"] = drafted["median_tpot_ms"] / row["median_tpot_ms"]
+            if drafted and "acceptance" in drafted:
+                r[f"{drafting}: draft tokens accepted"] = drafted["acceptance"]
         for name in results:
             if name.endswith(" by name") and c in results[name] and c in results.get(f"{name[:-8]} alone", {}):
                 r[f"{name} / alone tok/s"] = (results[name][c]["output_throughput"]
                                               / results[f"{name[:-8]} alone"][c]["output_throughput"])
         if "pooling_share" in row:
             r["pooling share of wall time"] = row["pooling_share"]
-        for drafting in DRAFTING:
-            drafted = results.get(drafting, {}).get(c)
-            if drafted and "acceptance" in drafted:
-                r[f"{drafting}: draft tokens accepted"] = drafted["acceptance"]
         out[c] = r
     return out
 

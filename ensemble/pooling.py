@@ -202,7 +202,9 @@ def pool_logprobs(
         ``[N, V]`` float32 normalised log-probabilities on the members' device.
     """
     check_rule(rule)
-    first = _check_logits(member_logits, chunk_size)
+    first = _check_logits(member_logits)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     k = len(member_logits)
     w = normalise_weights(weights, k, rule, num_rows=first.shape[0]).to(first.device)
     temps = _check_temperatures(temperatures, k)
@@ -214,9 +216,9 @@ def pool_logprobs(
     return _pool_chunks(member_logits, w, rule, temps, chunk_size, alpha, scratch)
 
 
-def _check_logits(member_logits: Sequence[Tensor], chunk_size: int) -> Tensor:
-    """The first member's logits, once all K are ``[N, V]`` floating-point tensors of one shape
-    (and `chunk_size` is >= 1); ValueError otherwise."""
+def _check_logits(member_logits: Sequence[Tensor]) -> Tensor:
+    """The first member's logits, once all K are ``[N, V]`` floating-point tensors of one shape;
+    ValueError otherwise."""
     if len(member_logits) == 0:
         raise ValueError("pool_logprobs needs at least one member's logits")
     first = member_logits[0]
@@ -230,8 +232,6 @@ def _check_logits(member_logits: Sequence[Tensor], chunk_size: int) -> Tensor:
             )
         if not x.is_floating_point():
             raise ValueError(f"member {i} logits must be floating point, got {x.dtype}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     return first
 
 
@@ -264,7 +264,7 @@ def _pool_chunks(member_logits: Sequence[Tensor], w: Tensor, rule: str, temps: l
     first = member_logits[0]
     n, v = first.shape
     geometric = rule == "logprob_mean" and w.dim() == 1 and bool((w >= 0).all())
-    coefficients = w / torch.tensor(temps, dtype=torch.float32, device=w.device) if geometric else None
+    coefficients = _coefficients(w, temps) if geometric else None
     if geometric and n <= chunk_size:
         pooled = _geometric_pool(member_logits, coefficients, scratch)
         if pooled is not None:
@@ -295,13 +295,17 @@ def geometric_logits(member_logits: Sequence[Tensor], weights: Sequence[float], 
     vLLM's sampler; with `scratch` the result is its ``"sum"`` buffer, valid until its next use.
     Weights are relative and must be non-negative.
     """
-    first = _check_logits(member_logits, 1)
+    first = _check_logits(member_logits)
     w = normalise_weights(weights, len(member_logits), "logprob_mean").to(first.device)
     if bool((w < 0).any()):
         raise ValueError(f"geometric_logits takes non-negative weights, got {list(weights)}; contrastive "
                          "(negative) weights need pool_logprobs and its plausibility mask")
-    c = w / torch.tensor(_check_temperatures(temperatures, len(member_logits)), dtype=torch.float32, device=w.device)
-    return _weighted_sum(member_logits, c, scratch)
+    return _weighted_sum(member_logits, _coefficients(w, _check_temperatures(temperatures, len(member_logits))), scratch)
+
+
+def _coefficients(w: Tensor, temps: Sequence[float]) -> Tensor:
+    """The geometric pool's per-member coefficients ``w_k / T_k``."""
+    return w / torch.tensor(temps, dtype=torch.float32, device=w.device)
 
 
 def _weighted_sum(member_logits: Sequence[Tensor], c: Tensor, scratch: Scratch | None) -> Tensor:
@@ -351,16 +355,21 @@ class Scratch:
     tensors and 0.30 / 3.7 / 35.6 ms summing into a reused one (2 cores, bench/RESULTS.md). The
     geometric pool sums into the ``"sum"`` buffer and writes its result into the ``"pooled"`` one,
     so what `pool_logprobs` returns with a scratch is valid until its next call with that scratch
-    (the vLLM model's logits are consumed within the step that made them).
+    (the vLLM model's logits are consumed within the step that made them). A buffer never grows
+    past `limit` elements: a larger request (prompt log-probs score thousands of rows) gets a fresh
+    tensor, so one such call does not keep gigabytes for the rest of the process.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int | None = None) -> None:
+        self.limit = limit
         self._flat: dict[str, Tensor] = {}
 
     def take(self, shape: tuple[int, ...] | torch.Size, device: torch.device | str, name: str = "sum") -> Tensor:
         """A float32 view of `shape` on `device` of the buffer `name` (contents undefined),
-        grown when needed."""
+        grown when needed; a fresh tensor when `shape` has more than `limit` elements."""
         n = math.prod(shape)
+        if self.limit is not None and n > self.limit:
+            return torch.empty(tuple(shape), dtype=torch.float32, device=device)
         flat = self._flat.get(name)
         if flat is None or flat.numel() < n or flat.device != torch.device(device):
             flat = self._flat[name] = torch.empty(n, dtype=torch.float32, device=device)

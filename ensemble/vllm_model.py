@@ -164,7 +164,8 @@ class EnsembleForCausalLM(nn.Module):
         self.pool_chunk_rows = pool_chunk_rows(len(self._plans), vocab_size)
         # Read (and reset after start-up's dummy runs) by `ensemble.vllm_worker`, via collective_rpc.
         self.pooling_counters = PoolingCounters([p.spec.name for p in self._plans])
-        self.scratch = Scratch()  # the pool's work buffers, reused step after step
+        # The pool's work buffers, reused step after step, each at most one chunk of rows.
+        self.scratch = Scratch(limit=self.pool_chunk_rows * vocab_size)
         # The manifest's rows as raw geometric logits, unless vLLM is asked to report logits themselves.
         self.raw_geometric = raw_geometric_ok(self.manifest) and str(
             getattr(model_config, "logprobs_mode", "raw_logprobs")).endswith("logprobs")
@@ -300,9 +301,8 @@ class EnsembleForCausalLM(nn.Module):
         member alone)."""
 
         def pool(rows: list[torch.Tensor], spec: RowPooling | None) -> torch.Tensor:
-            if spec is None and self.raw_geometric:  # the kept buffer only up to a chunk (prompt log-probs
-                small = rows[0].shape[0] <= self.pool_chunk_rows  # score thousands of rows: a fresh tensor)
-                return geometric_logits(rows, self.weights, self.temperatures, scratch=self.scratch if small else None)
+            if spec is None and self.raw_geometric:
+                return geometric_logits(rows, self.weights, self.temperatures, scratch=self.scratch)
             rule, weights = (self.rule, self.weights) if spec is None else (spec.rule, spec.weights)
             return pool_logprobs(rows, weights, rule, self.temperatures, chunk_size=self.pool_chunk_rows,
                                  alpha=self.manifest.contrastive_alpha, gate=self.manifest.entropy_gate,

@@ -9,7 +9,6 @@ pass straight through.
 
 from __future__ import annotations
 
-
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.errors import send_error

@@ -408,6 +408,12 @@ def test_a_reused_scratch_changes_nothing_and_its_result_lasts_until_the_next_ca
     again = pool_logprobs(xs, [0.6, 0.4], "logprob_mean", [1.1, 0.9], scratch=scratch)
     assert again.data_ptr() == scratch.take((3, 40), "cpu", "pooled").data_ptr()
     assert again.data_ptr() != scratch.take((3, 40), "cpu").data_ptr()
+    # Past its limit a scratch hands out fresh tensors and keeps its buffers as they were.
+    bounded = Scratch(limit=3 * 40)
+    kept = bounded.take((3, 40), "cpu")
+    assert bounded.take((3, 40), "cpu").data_ptr() == kept.data_ptr()
+    assert bounded.take((4, 40), "cpu").data_ptr() != kept.data_ptr()
+    assert bounded.take((2, 40), "cpu").data_ptr() == kept.data_ptr()
 
 def test_geometric_logits_normalise_to_the_geometric_pool() -> None:
     """Unnormalised, their log_softmax is the geometric pool; with a scratch they are its sum buffer."""

@@ -203,7 +203,7 @@ def test_model_pools_each_row_by_its_own_request() -> None:
             torch.testing.assert_close(torch.log_softmax(got, -1) if raw and row not in asked else got, alone,
                                        rtol=0, atol=1e-5)
     # Raw rows use the kept buffer up to a chunk of rows only (here 2): more get a fresh tensor.
-    model.scratch = Scratch()
+    model.scratch = Scratch(limit=2 * 40)
     raw_all = EnsembleForCausalLM.pool(model, logits, None)
     assert raw_all.data_ptr() != model.scratch.take((5, 40), "cpu").data_ptr()
     assert EnsembleForCausalLM.pool(model, [x[:2] for x in logits], None).data_ptr() == \

@@ -296,11 +296,20 @@ def geometric_logits(member_logits: Sequence[Tensor], weights: Sequence[float], 
     Weights are relative and must be non-negative.
     """
     first = _check_logits(member_logits)
-    w = normalise_weights(weights, len(member_logits), "logprob_mean").to(first.device)
+    c = torch.tensor(geometric_coefficients(weights, temperatures, len(member_logits)), device=first.device)
+    return _weighted_sum(member_logits, c, scratch)
+
+
+def geometric_coefficients(weights: Sequence[float], temperatures: Sequence[float] | None = None,
+                           num_members: int | None = None) -> list[float]:
+    """The geometric pool's coefficients ``w_k / T_k`` (weights normalised to sum 1), checked:
+    weights must be non-negative (`geometric_logits`' scores are a plain weighted sum)."""
+    k = len(weights) if num_members is None else num_members
+    w = normalise_weights(weights, k, "logprob_mean")
     if bool((w < 0).any()):
         raise ValueError(f"geometric_logits takes non-negative weights, got {list(weights)}; contrastive "
                          "(negative) weights need pool_logprobs and its plausibility mask")
-    return _weighted_sum(member_logits, _coefficients(w, _check_temperatures(temperatures, len(member_logits))), scratch)
+    return _coefficients(w, _check_temperatures(temperatures, k)).tolist()
 
 
 def _coefficients(w: Tensor, temps: Sequence[float]) -> Tensor:

@@ -71,18 +71,21 @@ class PoolingCounters:
         self._events: list[tuple[Any, Any]] = []  # (start, end) device events not yet folded
 
     def timed_pool(self, member_logits: Sequence[Tensor], pool: Callable[[], Tensor]) -> Tensor:
-        """Run `pool()` (which pools `member_logits`), time it, record it, return its result."""
+        """Run `pool()` (which pools `member_logits`), time it, record it, return its result. The
+        members' argmaxes are taken before the pool runs, so the pool may write over their logits
+        (the vLLM model's raw geometric sum adds into the first member's)."""
+        tops = self._member_tops(member_logits)
         device = member_logits[0].device
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             pooled = pool()
             end.record()
-            self.record(member_logits, pooled, events=(start, end))
+            self._count(tops, pooled, events=(start, end))
         else:
             began = time.perf_counter()
             pooled = pool()
-            self.record(member_logits, pooled, seconds=time.perf_counter() - began)
+            self._count(tops, pooled, seconds=time.perf_counter() - began)
         return pooled
 
     def record(
@@ -90,14 +93,24 @@ class PoolingCounters:
         events: tuple[Any, Any] | None = None,
     ) -> None:
         """Count one pooling call: ``pooled`` [N, V], ``member_logits`` K tensors [N, V]."""
+        self._count(self._member_tops(member_logits), pooled, seconds, events)
+
+    def _member_tops(self, member_logits: Sequence[Tensor]) -> list[Tensor]:
+        """Each member's most likely id per row."""
         if len(member_logits) != len(self.member_names):
             raise ValueError(f"expected {len(self.member_names)} members' logits, got {len(member_logits)}")
+        with torch.no_grad():
+            return [row_argmax(m) for m in member_logits]
+
+    def _count(self, member_tops: Sequence[Tensor], pooled: Tensor, seconds: float = 0.0,
+               events: tuple[Any, Any] | None = None) -> None:
+        """Count one pooling call from the members' argmaxes and the pooled rows."""
         rows = int(pooled.shape[0])
         if rows == 0:
             return
         with torch.no_grad():
             top = row_argmax(pooled)
-            agree = torch.stack([(row_argmax(m) == top).sum() for m in member_logits]).to(torch.int64)
+            agree = torch.stack([(t == top).sum() for t in member_tops]).to(torch.int64)
         with self._lock:
             self._rows += rows
             self._agree = agree if self._agree is None else self._agree + agree.to(self._agree.device)

@@ -15,7 +15,9 @@ Raw geometric logits: when the manifest pools geometrically (``logprob_mean``, n
 weight, no entropy gate) and no member can abstain (every member scores the whole shared
 vocabulary), the rows pooled by the manifest are returned as the geometric pool's logits
 ``sum_k (w_k / T_k) x_k`` (`ensemble.pooling.geometric_logits`), whose ``log_softmax`` is the pooled
-distribution, and the normalisation pass is left to vLLM's sampler. Every operation chorus asks
+distribution, and the normalisation pass is left to vLLM's sampler. Where every member's head is
+linear (`linear_head`) and the engine runs in float32, ``w_k / T_k`` scales member k's hidden state
+before its head and the members' logits are summed in place (`logits_form`: ``"scaled_heads"``). Every operation chorus asks
 of vLLM's sampler is invariant to adding a constant to a row: log-probs, temperature, top-k/p,
 min-p, logit bias, presence and frequency penalties, grammars. vLLM's repetition penalty (which
 scales a logit by its sign) is not, and chorus never sets it (`ensemble.vllm_translate`).
@@ -51,7 +53,7 @@ import torch
 from torch import nn
 
 from ensemble.manifest import EnsembleManifest, MemberSpec
-from ensemble.pooling import Scratch, fit_vocab, geometric_logits, pool_logprobs
+from ensemble.pooling import Scratch, fit_vocab, geometric_coefficients, geometric_logits, pool_logprobs
 from ensemble.pooling_stats import PoolingCounters
 from ensemble.vllm_pooling import RowPooling, active_tracker
 
@@ -137,6 +139,18 @@ def raw_geometric_ok(manifest: EnsembleManifest) -> bool:
             and all(m.vocab_size is None or m.vocab_size >= manifest.vocab_size for m in manifest.members))
 
 
+def linear_head(member: nn.Module) -> bool:
+    """Whether the member's ``compute_logits`` is its head's matrix product alone, so that
+    ``compute_logits(c * h) == c * compute_logits(h)``: vLLM's ``LogitsProcessor`` without
+    soft-capping (a constant logit scale is linear) over an ``lm_head`` without bias."""
+    from vllm.model_executor.layers.logits_processor import LogitsProcessor
+
+    processor = getattr(member, "logits_processor", None)
+    head = getattr(member, "lm_head", None)
+    return (isinstance(processor, LogitsProcessor) and processor.soft_cap is None
+            and not processor.logits_as_input and head is not None and getattr(head, "bias", None) is None)
+
+
 class EnsembleForCausalLM(nn.Module):
     """K member causal LMs decoding as one: per-step pooled next-token distributions."""
 
@@ -169,7 +183,21 @@ class EnsembleForCausalLM(nn.Module):
         # The manifest's rows as raw geometric logits, unless vLLM is asked to report logits themselves.
         self.raw_geometric = raw_geometric_ok(self.manifest) and str(
             getattr(model_config, "logprobs_mode", "raw_logprobs")).endswith("logprobs")
+        # Float32 raw rows with linear member heads: each member's w_k / T_k scales its hidden state
+        # before its head, and the members' logits are summed in place (`_scaled_head_logits`).
+        self.head_scales = (tuple(geometric_coefficients(self.weights, self.temperatures))
+                            if self.raw_geometric and model_config.dtype == torch.float32
+                            and all(linear_head(m) for m in self.members()) else None)
         self._ran: frozenset[int] | None = None  # the members the last forward ran (None: all)
+
+    @property
+    def logits_form(self) -> str:
+        """How the manifest's rows reach vLLM: ``"scaled_heads"`` (raw geometric logits, each
+        member's head applied to its scaled hidden state), ``"raw_geometric"`` (raw geometric
+        logits, the members' logits scaled and summed) or ``"log_probs"`` (the normalised pool)."""
+        if self.head_scales is not None:
+            return "scaled_heads"
+        return "raw_geometric" if self.raw_geometric else "log_probs"
 
     def _member_hf_configs(self, trust_remote_code: bool) -> list:
         """Every member's Hugging Face config, read and checked before anything is built."""
@@ -279,17 +307,42 @@ class EnsembleForCausalLM(nn.Module):
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
         """Pooled next-token log-probabilities ``[rows, vocab]`` (float32), used as logits; or, where
         `raw_geometric_ok`, the geometric pool's logits (same ``log_softmax``: module docstring)."""
+        tracker = active_tracker()
+        asked = tracker.rows_to_pool(hidden_states.shape[0]) if tracker is not None else None
+        if not asked and self._ran is None and self.head_scales is not None:
+            return self._scaled_head_logits(hidden_states)
         logits = self.member_logits(hidden_states)
         if logits is None:
             return None
-        tracker = active_tracker()
-        asked = tracker.rows_to_pool(hidden_states.shape[0]) if tracker is not None else None
         if asked and len(asked) == hidden_states.shape[0] and all(s.alone is not None for s in asked.values()):
             alone = {s.alone for s in asked.values()}
             if len(alone) == 1:  # one member alone: its logits are the step's, as in plain vLLM
                 return logits[alone.pop()].float()
             return self.pool(logits, asked)  # members alone: nothing is pooled, nothing counted
         return self.pooling_counters.timed_pool(logits, lambda: self.pool(logits, asked))
+
+    def _scaled_head_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        """The manifest's raw geometric logits ``sum_k c_k x_k`` (``c_k = w_k / T_k``) as
+        ``sum_k head_k(c_k h_k)``: the coefficients scale the members' hidden states (a few hundred
+        numbers per row) instead of their logits (262,144 per row at Gemma's vocabulary), and the
+        sum adds into the first member's fresh logits, one pass per further member, no buffer.
+        Members with ``c_k = 0`` are scored unscaled, for the agreement counters only."""
+        parts = torch.split(hidden_states, self.hidden_sizes, dim=-1)
+        logits: list[torch.Tensor] = []
+        for member, h, c in zip(self.members(), parts, self.head_scales):
+            x = member.compute_logits(h * c if c > 0 else h)
+            if x is None:
+                return None
+            logits.append(fit_vocab(x, self.vocab_size))
+        terms = [x for x, c in zip(logits, self.head_scales) if c > 0]
+
+        def pool() -> torch.Tensor:
+            out = terms[0]
+            for x in terms[1:]:
+                out.add_(x)
+            return out
+
+        return self.pooling_counters.timed_pool(logits, pool)
 
     def pool(self, logits: list[torch.Tensor], asked: dict[int, RowPooling] | None = None) -> torch.Tensor:
         """Pool the members' `logits` with the manifest's rule and weights, except the rows in

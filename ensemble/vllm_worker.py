@@ -20,3 +20,8 @@ class EnsembleWorkerExtension:
         none; `reset` zeroes them (used once, after start-up's dummy runs)."""
         counters = getattr(self.get_model(), "pooling_counters", None)  # type: ignore[attr-defined]
         return None if counters is None else counters.snapshot(reset=reset)
+
+    def chorus_logits_form(self) -> str | None:
+        """How the worker's ensemble hands its pooled rows to vLLM
+        (`ensemble.vllm_model.EnsembleForCausalLM.logits_form`), None if its model is no ensemble."""
+        return getattr(self.get_model(), "logits_form", None)  # type: ignore[attr-defined]

@@ -88,16 +88,21 @@ def _tiny_config(arch: str, tokenizer, vocab_size: int | None = None):
 
 
 def build_tiny_model(arch: str, out: Path, seed: int = 0, tokenizer_dir: Path | None = None,
-                     vocab_size: int | None = None) -> Path:
+                     vocab_size: int | None = None, **overrides: object) -> Path:
     """Build a tiny random `arch` causal LM sharing the Qwen2 tokenizer and save it at `out`.
 
     `vocab_size` overrides the row count (a speculative-decoding draft must have exactly the
-    ensemble's vocabulary size; a byte-level member has one row per byte and special token)."""
+    ensemble's vocabulary size; a byte-level member has one row per byte and special token);
+    `overrides` set further config fields (``final_logit_softcapping=None``: a linear Gemma3 head)."""
     from transformers import AutoModelForCausalLM
 
     tok_dir = tokenizer_dir or shared_tokenizer_dir()
     tokenizer = _load_tokenizer(str(tok_dir))
     config = _tiny_config(arch, tokenizer, vocab_size)
+    for key, value in overrides.items():
+        if not hasattr(config, key):
+            raise ValueError(f"tiny {arch} config has no field {key!r}")
+        setattr(config, key, value)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():

@@ -434,3 +434,15 @@ def test_geometric_logits_normalise_to_the_geometric_pool() -> None:
                                pool_logprobs(xs[:2], [1, 1], "logprob_mean"), rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="non-negative weights"):
         geometric_logits(xs[:2], [1.5, -0.5])
+
+
+def test_geometric_coefficients_are_normalised_weights_over_temperatures() -> None:
+    """What the vLLM model's scaled heads multiply each member's hidden state by."""
+    from ensemble.pooling import geometric_coefficients
+
+    assert geometric_coefficients([3.0, 1.0], [1.5, 0.5]) == pytest.approx([0.5, 0.5])
+    assert geometric_coefficients([1.0, 1.0, 0.0]) == pytest.approx([0.5, 0.5, 0.0])
+    with pytest.raises(ValueError, match="non-negative weights"):
+        geometric_coefficients([1.5, -0.5])
+    with pytest.raises(ValueError, match="temperatures"):
+        geometric_coefficients([1.0, 1.0], [1.0, 0.0])

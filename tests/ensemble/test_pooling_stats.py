@@ -50,6 +50,17 @@ def test_row_argmax_is_torch_argmax(vocab: int) -> None:
         row_argmax(torch.zeros(3))
 
 
+def test_timed_pool_counts_the_members_before_the_pool_writes_over_them() -> None:
+    """The vLLM model's scaled heads sum the members' logits into the first member's tensor."""
+    a, b = torch.zeros(3, 6), torch.zeros(3, 6)
+    a[:, 1] = 5.0  # member a: id 1 everywhere
+    b[:, 4] = 9.0  # member b: id 4 everywhere, and the sum's top
+    counters = PoolingCounters(["a", "b"])
+    pooled = counters.timed_pool([a, b], lambda: a.add_(b))
+    assert pooled.data_ptr() == a.data_ptr()
+    assert counters.snapshot()["member_agreement"] == {"a": 0, "b": 3}
+
+
 def test_timed_pool_returns_the_pool_and_measures_it() -> None:
     a, b = torch.randn(5, 7), torch.randn(5, 7)
     counters = PoolingCounters(["a", "b"])

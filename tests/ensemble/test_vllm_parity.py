@@ -286,20 +286,31 @@ def self_runs(tiny_models, make_ensemble, prompts) -> tuple[EngineRun, list[Requ
     return ensemble, run_plain_vllm(tiny_models["gemma3"], prompts)
 
 
-@pytest.fixture(scope="module")
-def geometric_run(tiny_models, tiny_model_builder, tokenizer_dir, make_ensemble, prompts,
+@pytest.fixture(scope="module", params=["scaled_heads", "raw_geometric"])
+def geometric_run(request, tiny_models, tiny_model_builder, tokenizer_dir, make_ensemble, prompts,
                   tmp_path_factory) -> EngineRun:
     """Two different Gemma3 members (heads of exactly the shared vocabulary, so neither abstains)
     pooled logprob_mean 0.7 : 0.3: the manifest's rows reach vLLM's sampler as raw geometric logits
-    (`ensemble.vllm_model.raw_geometric_ok`), which vLLM normalises itself."""
+    (`ensemble.vllm_model.raw_geometric_ok`), which vLLM normalises itself. Without soft-capping
+    both heads are linear and score the members' scaled hidden states ("scaled_heads"); the tiny
+    Gemma3's soft-capped head makes the model scale and sum the members' logits ("raw_geometric").
+    The run's ``probes["logits_form"]`` is what the worker's model reports."""
     from ensemble.manifest import EnsembleManifest
     from ensemble.vllm_model import raw_geometric_ok
 
-    other = tiny_model_builder("gemma3", tmp_path_factory.mktemp("gemma_b") / "gemma3", seed=7,
-                               tokenizer_dir=tokenizer_dir)
-    folder = make_ensemble([("first", tiny_models["gemma3"], 0.7), ("second", other, 0.3)], rule="logprob_mean")
+    linear = request.param == "scaled_heads"
+    root = tmp_path_factory.mktemp(f"gemma_{request.param}")
+    first = (tiny_model_builder("gemma3", root / "first", seed=2, tokenizer_dir=tokenizer_dir,
+                                final_logit_softcapping=None) if linear else tiny_models["gemma3"])
+    other = tiny_model_builder("gemma3", root / "second", seed=7, tokenizer_dir=tokenizer_dir,
+                               **({"final_logit_softcapping": None} if linear else {}))
+    folder = make_ensemble([("first", first, 0.7), ("second", other, 0.3)], rule="logprob_mean")
     assert raw_geometric_ok(EnsembleManifest.load(folder))
-    return run_engine(folder, prompts)
+
+    async def logits_form(engine, _prompts) -> dict[str, object]:
+        return {"logits_form": await engine._llm.collective_rpc("chorus_logits_form")}
+
+    return run_engine(folder, prompts, probe=logits_form)
 
 
 # ---------------------------------------------------------------------------- parity
@@ -310,11 +321,13 @@ def test_pair_matches_reference(pair_run: EngineRun, prompts) -> None:
     print(f"llama+qwen2: max |logprob diff| {worst:.2e}, vLLM start-up {pair_run.startup_s:.1f} s")
 
 
-def test_raw_geometric_logits_match_reference(geometric_run: EngineRun, prompts) -> None:
+def test_raw_geometric_logits_match_reference(geometric_run: EngineRun, prompts, request) -> None:
     """Greedy tokens and the reported log-probs (vLLM's log_softmax of the raw logits) equal the
     reference engine's normalised geometric pool."""
+    form = request.node.callspec.params["geometric_run"]
+    assert geometric_run.probes["logits_form"] == [form]
     worst = compare(geometric_run.outputs, run_reference(geometric_run.folder, prompts))
-    print(f"gemma3+gemma3 logprob_mean, raw logits: max |logprob diff| {worst:.2e}")
+    print(f"gemma3+gemma3 logprob_mean, raw logits ({form}): max |logprob diff| {worst:.2e}")
 
 
 def test_idle_members_are_not_served(pair_run: EngineRun) -> None:

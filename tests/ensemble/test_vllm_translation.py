@@ -233,6 +233,27 @@ def test_raw_geometric_logits_only_where_a_row_shift_changes_nothing() -> None:
     assert not raw_geometric_ok(manifest(sizes=(None, 90)))  # a member abstains on ids 90-99
 
 
+def test_linear_head_only_without_soft_cap_or_bias() -> None:
+    """Where a member's head is linear, the raw rows scale its hidden state instead of its logits."""
+    from types import SimpleNamespace
+
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.model_executor.layers.logits_processor import LogitsProcessor
+
+    from ensemble.vllm_model import linear_head
+
+    with set_current_vllm_config(VllmConfig()):  # vLLM's layers read the config being built
+        plain, scaled, capped, as_input = (LogitsProcessor(10), LogitsProcessor(10, scale=0.5),
+                                           LogitsProcessor(10, soft_cap=30.0), LogitsProcessor(10, logits_as_input=True))
+    head = torch.nn.Linear(4, 10, bias=False)
+    assert linear_head(SimpleNamespace(logits_processor=plain, lm_head=head))
+    assert linear_head(SimpleNamespace(logits_processor=scaled, lm_head=head))
+    assert not linear_head(SimpleNamespace(logits_processor=capped, lm_head=head))
+    assert not linear_head(SimpleNamespace(logits_processor=plain, lm_head=torch.nn.Linear(4, 10)))
+    assert not linear_head(SimpleNamespace(logits_processor=as_input, lm_head=head))
+    assert not linear_head(SimpleNamespace(lm_head=head))  # not vLLM's logits processor: unknown
+
+
 def test_token_logprob_keeps_ranks_up_to_k_best_first() -> None:
     position = {7: Logprob(-3.0, rank=5), 1: Logprob(-0.5, rank=1), 2: Logprob(-1.5, rank=2)}
     lp = token_logprob(7, position, top=2)

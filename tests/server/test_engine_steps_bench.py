@@ -1,0 +1,27 @@
+"""bench/engine_steps.py end to end on the tiny pair: the ensemble and each member in plain vLLM,
+offline engines in this process, one round; the medians, the bound and the ratio it writes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench import engine_steps
+
+pytestmark = [pytest.mark.slow, pytest.mark.vllm]
+
+
+def test_engine_steps_bench_measures_the_ensemble_and_its_members(server_ensemble: Path, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    out = tmp_path / "engine_steps.json"
+    code = engine_steps.main([str(server_ensemble), "--rounds", "1", "--concurrency", "1", "2", "--waves", "1",
+                              "--input-len", "8", "--output-len", "4", "--out", str(out)])
+    assert code == 0
+    med = json.loads(out.read_text())["median_tok_s"]
+    assert set(med) == {"ensemble", "alpha alone", "beta alone", "bound", "ensemble / bound"}
+    for c in ("1", "2"):
+        assert all(med[name][c] > 0 for name in med)
+        assert med["bound"][c] == pytest.approx(1 / (1 / med["alpha alone"][c] + 1 / med["beta alone"][c]))

@@ -5,8 +5,12 @@ system there differ by 7-14% (servers, load generator and engine share the cores
 the servers away: vLLM's offline ``LLM`` in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, so
 no engine-core process spins beside the worker), the ensemble started with the engine arguments
 chorus's server gives it (`ensemble.vllm_engine_args.build_engine_args`) and each served member
-started as plain vLLM with its defaults, as `bench/serving.py` starts them. All of them stay
-loaded, and every round measures every system at every concurrency in turn.
+started as plain vLLM with its defaults, as `bench/serving.py` starts them (so on a CPU the
+ensemble runs whole prefills, chorus's choice there, and the members vLLM's chunked prefill). All
+of them stay loaded (on a GPU each gets an equal share of its memory), and every round measures
+every system at every concurrency in turn, starting one system later each round. The record names
+the form in which the ensemble hands its rows to vLLM's sampler
+(`ensemble.vllm_model.EnsembleForCausalLM.logits_form`).
 
 At concurrency c a round generates `--waves` batches of c random-token prompts (`--input-len`
 tokens, `--output-len` greedy tokens, EOS ignored), one batch after the other; a system's
@@ -57,10 +61,13 @@ def start_systems(folder: Path, max_model_len: int) -> dict[str, Any]:
     manifest = EnsembleManifest.load(folder)
     served = manifest.without_idle_members()
     args = build_engine_args(VLLMEngineConfig(folder=str(folder), max_model_len=max_model_len), manifest, served)
-    systems = {"ensemble": LLM(**plain_args(args))}
+    # On a GPU every engine would take vLLM's default 92% of its memory: share it out instead.
+    memory = {} if current_platform.is_cpu() else {"gpu_memory_utilization": 0.85 / (1 + len(served.members))}
+    systems = {"ensemble": LLM(**plain_args(args), **memory)}
     for member in served.members:
         systems[f"{member.name} alone"] = LLM(model=member.path, dtype=args.dtype, max_model_len=max_model_len,
-                                              enforce_eager=current_platform.is_cpu(), disable_log_stats=True)
+                                              enforce_eager=current_platform.is_cpu(), disable_log_stats=True,
+                                              **memory)
     return systems
 
 
@@ -108,8 +115,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # GiB per engine on a CPU, as bench.launch gives servers
-    import vllm
-
     from bench.serving import _machine
 
     max_model_len = 2 * (args.input_len + args.output_len) + 64
@@ -118,10 +123,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     runs: dict[str, dict[int, list[float]]] = {name: {c: [] for c in args.concurrency} for name in systems}
     for name, llm in systems.items():  # warm-up: first-call allocations and kernels
         tokens_per_second(llm, batches(2, 1, args.input_len, vocab, seed=0), 4)
+    names = list(systems)
     for r in range(args.rounds):
+        order = names[r % len(names):] + names[:r % len(names)]  # each system goes first in turn
         for c in args.concurrency:
             prompts = batches(c, args.waves, args.input_len, vocab, seed=1000 * r + c)
-            for name, llm in systems.items():
+            for name in order:
+                llm = systems[name]
                 runs[name][c].append(tokens_per_second(llm, prompts, args.output_len))
                 print(f"[engine-steps] round {r + 1} c={c} {name}: {runs[name][c][-1]:.1f} tok/s", flush=True)
     med = summarise(runs)
@@ -130,7 +138,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{name:>18} " + " ".join(f"{rows[c]:9.3f}" for c in args.concurrency))
     if args.out:
         record = {"command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
-                  "machine": {**_machine(), "vllm": vllm.__version__}, "rounds": runs,
+                  "machine": _machine(), "rounds": runs,
+                  "logits_form": systems["ensemble"].collective_rpc("chorus_logits_form")[0],
                   "median_tok_s": med, "input_len": args.input_len, "output_len": args.output_len, "waves": args.waves}
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(record, indent=1) + "\n")

@@ -45,6 +45,7 @@ Limits: no pipeline parallelism; members must be unquantized text-only causal LM
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +57,8 @@ from ensemble.manifest import EnsembleManifest, MemberSpec
 from ensemble.pooling import Scratch, fit_vocab, geometric_coefficients, geometric_logits, pool_logprobs
 from ensemble.pooling_stats import PoolingCounters
 from ensemble.vllm_pooling import RowPooling, active_tracker
+
+log = logging.getLogger(__name__)
 
 # The float32 K x rows x V pooling buffer is bounded to about this many bytes: on a GPU with a 150k
 # vocabulary and many rows, e.g. prompt logprobs, it would otherwise be gigabytes
@@ -140,15 +143,29 @@ def raw_geometric_ok(manifest: EnsembleManifest) -> bool:
 
 
 def linear_head(member: nn.Module) -> bool:
-    """Whether the member's ``compute_logits`` is its head's matrix product alone, so that
-    ``compute_logits(c * h) == c * compute_logits(h)``: vLLM's ``LogitsProcessor`` without
-    soft-capping (a constant logit scale is linear) over an ``lm_head`` without bias."""
+    """Whether the member's head looks linear, ``compute_logits(c * h) == c * compute_logits(h)``:
+    vLLM's ``LogitsProcessor`` without soft-capping (a constant logit scale is linear) over an
+    ``lm_head`` without bias. A model's ``compute_logits`` can do more than call its processor
+    (MiMo's normalises the hidden state first), which `scales_with_hidden` checks."""
     from vllm.model_executor.layers.logits_processor import LogitsProcessor
 
     processor = getattr(member, "logits_processor", None)
     head = getattr(member, "lm_head", None)
     return (isinstance(processor, LogitsProcessor) and processor.soft_cap is None
             and not processor.logits_as_input and head is not None and getattr(head, "bias", None) is None)
+
+
+def scales_with_hidden(member: nn.Module, hidden_size: int, c: float, dtype: torch.dtype,
+                       device: torch.device | str) -> bool:
+    """Whether ``member.compute_logits(c * h)`` equals ``c * member.compute_logits(h)`` on one
+    random row of large norm (so that logits reach where a soft-cap bends them); True for a rank
+    that receives no logits. Once per engine, after the weights are loaded (vLLM's start-up runs)."""
+    h = 100.0 * torch.randn(1, hidden_size, dtype=dtype, device=device)
+    plain, scaled = member.compute_logits(h), member.compute_logits(h * c)
+    if plain is None or scaled is None:
+        return True
+    expected = plain * c
+    return bool(torch.allclose(scaled, expected, rtol=1e-3, atol=1e-3 * float(expected.abs().max())))
 
 
 class EnsembleForCausalLM(nn.Module):
@@ -188,13 +205,15 @@ class EnsembleForCausalLM(nn.Module):
         self.head_scales = (tuple(geometric_coefficients(self.weights, self.temperatures))
                             if self.raw_geometric and model_config.dtype == torch.float32
                             and all(linear_head(m) for m in self.members()) else None)
+        self._heads_checked = False  # `scales_with_hidden`, at the first call that would use head_scales
         self._ran: frozenset[int] | None = None  # the members the last forward ran (None: all)
 
     @property
     def logits_form(self) -> str:
         """How the manifest's rows reach vLLM: ``"scaled_heads"`` (raw geometric logits, each
         member's head applied to its scaled hidden state), ``"raw_geometric"`` (raw geometric
-        logits, the members' logits scaled and summed) or ``"log_probs"`` (the normalised pool)."""
+        logits, the members' logits scaled and summed) or ``"log_probs"`` (the normalised pool).
+        Final once vLLM's start-up runs have pooled a step (`_scaled_heads_ok`)."""
         if self.head_scales is not None:
             return "scaled_heads"
         return "raw_geometric" if self.raw_geometric else "log_probs"
@@ -309,7 +328,7 @@ class EnsembleForCausalLM(nn.Module):
         `raw_geometric_ok`, the geometric pool's logits (same ``log_softmax``: module docstring)."""
         tracker = active_tracker()
         asked = tracker.rows_to_pool(hidden_states.shape[0]) if tracker is not None else None
-        if not asked and self._ran is None and self.head_scales is not None:
+        if not asked and self._ran is None and self._scaled_heads_ok(hidden_states):
             return self._scaled_head_logits(hidden_states)
         logits = self.member_logits(hidden_states)
         if logits is None:
@@ -320,6 +339,20 @@ class EnsembleForCausalLM(nn.Module):
                 return logits[alone.pop()].float()
             return self.pool(logits, asked)  # members alone: nothing is pooled, nothing counted
         return self.pooling_counters.timed_pool(logits, lambda: self.pool(logits, asked))
+
+    def _scaled_heads_ok(self, hidden_states: torch.Tensor) -> bool:
+        """Whether `_scaled_head_logits` serves this step: `head_scales` set and, checked at the
+        first such step, every weighted member's head scaling with its hidden state
+        (`scales_with_hidden`; else the scaled sum of the members' logits serves, for good)."""
+        if self.head_scales is not None and not self._heads_checked:
+            self._heads_checked = True
+            bent = [p.spec.name for p, m, size, c in zip(self._plans, self.members(), self.hidden_sizes, self.head_scales)
+                    if c > 0 and not scales_with_hidden(m, size, c, hidden_states.dtype, hidden_states.device)]
+            if bent:
+                log.warning("ensemble members %s: compute_logits does not scale with the hidden state; "
+                            "pooling their logits instead", ", ".join(bent))
+                self.head_scales = None
+        return self.head_scales is not None
 
     def _scaled_head_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
         """The manifest's raw geometric logits ``sum_k c_k x_k`` (``c_k = w_k / T_k``) as

@@ -254,6 +254,62 @@ def test_linear_head_only_without_soft_cap_or_bias() -> None:
     assert not linear_head(SimpleNamespace(lm_head=head))  # not vLLM's logits processor: unknown
 
 
+class _Head(torch.nn.Module):
+    """A member's ``compute_logits`` as a model class may write it: its head over the hidden state,
+    optionally normalised first (MiMo's) or soft-capped outside vLLM's processor."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.weight = torch.nn.Parameter(torch.randn(50, 8, generator=torch.Generator().manual_seed(0)) * 0.05)
+
+    def compute_logits(self, h: torch.Tensor) -> torch.Tensor:
+        if self.kind == "norm first":
+            h = torch.nn.functional.rms_norm(h, (h.shape[-1],))
+        logits = h @ self.weight.t()
+        return 30.0 * torch.tanh(logits / 30.0) if self.kind == "capped" else logits
+
+
+def test_scaled_heads_only_where_the_head_scales_with_its_input() -> None:
+    """What `linear_head`'s attribute check cannot see: a compute_logits that normalises or caps."""
+    from ensemble.vllm_model import scales_with_hidden
+
+    assert scales_with_hidden(_Head("linear"), 8, 0.65, torch.float32, "cpu")
+    assert not scales_with_hidden(_Head("norm first"), 8, 0.65, torch.float32, "cpu")
+    assert not scales_with_hidden(_Head("capped"), 8, 0.65, torch.float32, "cpu")
+
+
+def test_scaled_head_logits_are_the_geometric_pool_and_fall_back_for_a_bent_head() -> None:
+    """`EnsembleForCausalLM`'s scaled heads: the members' heads over their scaled hidden states,
+    summed, are the geometric pool's logits; a member whose head does not scale turns them off."""
+    from types import SimpleNamespace
+
+    from ensemble.pooling import geometric_coefficients, geometric_logits
+    from ensemble.pooling_stats import PoolingCounters
+    from ensemble.vllm_model import EnsembleForCausalLM
+
+    def model(kinds: tuple[str, str]) -> SimpleNamespace:
+        heads = [_Head(k) for k in kinds]
+        heads[1].weight.data = heads[1].weight.data.flip(0)  # two different heads
+        return SimpleNamespace(head_scales=tuple(geometric_coefficients((0.7, 0.3), (1.1, 1.1))), _heads_checked=False,
+                               _plans=[SimpleNamespace(spec=SimpleNamespace(name=n)) for n in ("a", "b")],
+                               members=lambda: heads, hidden_sizes=[8, 8], vocab_size=50,
+                               pooling_counters=PoolingCounters(["a", "b"]))
+
+    hidden = torch.randn(3, 16, generator=torch.Generator().manual_seed(1))
+    good = model(("linear", "linear"))
+    assert EnsembleForCausalLM._scaled_heads_ok(good, hidden)
+    got = EnsembleForCausalLM._scaled_head_logits(good, hidden)
+    heads = good.members()
+    expected = geometric_logits([heads[0].compute_logits(hidden[:, :8]), heads[1].compute_logits(hidden[:, 8:])],
+                                (0.7, 0.3), (1.1, 1.1))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert good.pooling_counters.snapshot()["pooled_tokens"] == 3
+    bent = model(("linear", "norm first"))
+    assert not EnsembleForCausalLM._scaled_heads_ok(bent, hidden)
+    assert bent.head_scales is None and bent._heads_checked
+
+
 def test_token_logprob_keeps_ranks_up_to_k_best_first() -> None:
     position = {7: Logprob(-3.0, rank=5), 1: Logprob(-0.5, rank=1), 2: Logprob(-1.5, rank=2)}
     lp = token_logprob(7, position, top=2)

@@ -10,6 +10,12 @@ On an accelerator nothing here synchronises the device: agreement counts stay on
 until `snapshot`, and pooling time is measured with device events (folded in at `snapshot`, or
 once many are pending). On a CPU, the timings are plain wall time of the pooling call.
 
+Agreement is counted on ``agreement_rows`` rows: every pooled row, except where the vLLM model
+pools with one fused head product (`ensemble.vllm_fused_head`), which computes no member's own
+logits; there it is counted on one pooled step in `ensemble.vllm_model.AGREEMENT_EVERY` (`timed_rows`
+counts the others' rows and time only), so the agreement ratio is agreement over
+``agreement_rows``.
+
 The argmaxes use `row_argmax`: on a CPU ``torch.argmax`` over a 262,144-id row is about ten
 times slower than a max, and three of them per step were 4.4% of an ensemble step at 16 rows
 (more than the pooling itself; bench/RESULTS.md).
@@ -65,6 +71,7 @@ class PoolingCounters:
         self.member_names = tuple(member_names)
         self._lock = threading.Lock()
         self._rows = 0
+        self._agreement_rows = 0  # rows on which agreement was counted
         self._agree: Tensor | None = None  # int64 [K], on the logits' device
         self._seconds = 0.0
         self._steps = 0
@@ -74,8 +81,13 @@ class PoolingCounters:
         """Run `pool()` (which pools `member_logits`), time it, record it, return its result. The
         members' argmaxes are taken before the pool runs, so the pool may write over their logits
         (the vLLM model's raw geometric sum adds into the first member's)."""
-        tops = self._member_tops(member_logits)
-        device = member_logits[0].device
+        return self._timed(self._member_tops(member_logits), pool, member_logits[0].device)
+
+    def timed_rows(self, pool: Callable[[], Tensor], device: torch.device) -> Tensor:
+        """Run `pool()`, time it and count its rows, without member agreement (no member logits)."""
+        return self._timed(None, pool, device)
+
+    def _timed(self, tops: list[Tensor] | None, pool: Callable[[], Tensor], device: torch.device) -> Tensor:
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -102,18 +114,22 @@ class PoolingCounters:
         with torch.no_grad():
             return [row_argmax(m) for m in member_logits]
 
-    def _count(self, member_tops: Sequence[Tensor], pooled: Tensor, seconds: float = 0.0,
+    def _count(self, member_tops: Sequence[Tensor] | None, pooled: Tensor, seconds: float = 0.0,
                events: tuple[Any, Any] | None = None) -> None:
-        """Count one pooling call from the members' argmaxes and the pooled rows."""
+        """Count one pooling call: its rows, and, given the members' argmaxes, their agreement."""
         rows = int(pooled.shape[0])
         if rows == 0:
             return
-        with torch.no_grad():
-            top = row_argmax(pooled)
-            agree = torch.stack([(t == top).sum() for t in member_tops]).to(torch.int64)
+        agree = None
+        if member_tops is not None:
+            with torch.no_grad():
+                top = row_argmax(pooled)
+                agree = torch.stack([(t == top).sum() for t in member_tops]).to(torch.int64)
         with self._lock:
             self._rows += rows
-            self._agree = agree if self._agree is None else self._agree + agree.to(self._agree.device)
+            if agree is not None:
+                self._agreement_rows += rows
+                self._agree = agree if self._agree is None else self._agree + agree.to(self._agree.device)
             self._steps += 1
             if events is None:
                 self._seconds += seconds
@@ -135,19 +151,20 @@ class PoolingCounters:
         self._events = left
 
     def snapshot(self, reset: bool = False) -> dict[str, Any]:
-        """The counters as `EngineStats` fields (``pooled_tokens``, ``member_agreement``,
-        ``pooling_seconds``, ``pooling_steps``); `reset` zeroes them afterwards."""
+        """The counters as `EngineStats` fields (``pooled_tokens``, ``agreement_rows``,
+        ``member_agreement``, ``pooling_seconds``, ``pooling_steps``); `reset` zeroes them afterwards."""
         with self._lock:
             self._fold_events(block=True)
             agree = [0] * len(self.member_names) if self._agree is None else self._agree.tolist()
             out = {
                 "pooled_tokens": self._rows,
+                "agreement_rows": self._agreement_rows,
                 "member_agreement": dict(zip(self.member_names, (int(a) for a in agree))),
                 "pooling_seconds": self._seconds,
                 "pooling_steps": self._steps,
             }
             if reset:
-                self._rows, self._agree, self._seconds, self._steps = 0, None, 0.0, 0
+                self._rows, self._agreement_rows, self._agree, self._seconds, self._steps = 0, 0, None, 0.0, 0
         return out
 
 

@@ -143,7 +143,8 @@ class EngineStats:
     num_waiting: int
     kv_cache_usage: float  # 0..1
     pooled_tokens: int | None = None  # next-token distributions pooled (rows)
-    member_agreement: dict[str, int] | None = None  # member name -> rows whose pooled top-1 was its own top-1
+    agreement_rows: int | None = None  # of those, rows on which member agreement was counted
+    member_agreement: dict[str, int] | None = None  # member name -> of those, rows whose pooled top-1 was its own
     pooling_seconds: float | None = None  # time spent pooling member distributions
     pooling_steps: int | None = None  # engine steps that pooled (the count behind pooling_seconds)
     prefix_cache_queries: int | None = None  # prompt tokens looked up in the prefix cache

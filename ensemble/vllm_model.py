@@ -56,6 +56,7 @@ from torch import nn
 from ensemble.manifest import EnsembleManifest, MemberSpec
 from ensemble.pooling import Scratch, fit_vocab, geometric_coefficients, geometric_logits, pool_logprobs
 from ensemble.pooling_stats import PoolingCounters
+from ensemble.vllm_fused_head import FusedHead, fused_head_weights
 from ensemble.vllm_pooling import RowPooling, active_tracker
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,10 @@ log = logging.getLogger(__name__)
 # vocabulary and many rows, e.g. prompt logprobs, it would otherwise be gigabytes
 # (docs/architecture.md, "Pooling memory on a GPU").
 POOL_BUFFER_BYTES = 256 * 2**20
+
+# With a fused head (`ensemble.vllm_fused_head`), member agreement is counted on one pooled step in
+# this many (those steps run the members' own heads); the others pool with the fused product.
+AGREEMENT_EVERY = 16
 
 
 @dataclass(frozen=True)
@@ -160,12 +165,13 @@ def scales_with_hidden(member: nn.Module, hidden_size: int, c: float, dtype: tor
     """Whether ``member.compute_logits(c * h)`` equals ``c * member.compute_logits(h)`` on one
     random row of large norm (so that logits reach where a soft-cap bends them); True for a rank
     that receives no logits. Once per engine, after the weights are loaded (vLLM's start-up runs)."""
-    h = 100.0 * torch.randn(1, hidden_size, dtype=dtype, device=device)
-    plain, scaled = member.compute_logits(h), member.compute_logits(h * c)
-    if plain is None or scaled is None:
-        return True
-    expected = plain * c
-    return bool(torch.allclose(scaled, expected, rtol=1e-3, atol=1e-3 * float(expected.abs().max())))
+    with torch.no_grad():
+        h = 100.0 * torch.randn(1, hidden_size, dtype=dtype, device=device)
+        plain, scaled = member.compute_logits(h), member.compute_logits(h * c)
+        if plain is None or scaled is None:
+            return True
+        expected = plain * c
+        return bool(torch.allclose(scaled, expected, rtol=1e-3, atol=1e-3 * float(expected.abs().max())))
 
 
 class EnsembleForCausalLM(nn.Module):
@@ -206,14 +212,20 @@ class EnsembleForCausalLM(nn.Module):
                             if self.raw_geometric and model_config.dtype == torch.float32
                             and all(linear_head(m) for m in self.members()) else None)
         self._heads_checked = False  # `scales_with_hidden`, at the first call that would use head_scales
+        self.fused_head: FusedHead | None = None  # built with that check, where `_fused_head` can
+        self._scaled_steps = 0  # steps pooled from scaled heads, fused or not (agreement: every AGREEMENT_EVERY)
         self._ran: frozenset[int] | None = None  # the members the last forward ran (None: all)
 
     @property
     def logits_form(self) -> str:
-        """How the manifest's rows reach vLLM: ``"scaled_heads"`` (raw geometric logits, each
-        member's head applied to its scaled hidden state), ``"raw_geometric"`` (raw geometric
+        """How the manifest's rows reach vLLM: ``"fused_heads"`` (raw geometric logits as one
+        product of the members' scaled hidden states and heads, side by side: `FusedHead`),
+        ``"scaled_heads"`` (raw geometric logits, each member's head applied to its scaled hidden
+        state), ``"raw_geometric"`` (raw geometric
         logits, the members' logits scaled and summed) or ``"log_probs"`` (the normalised pool).
         Final once vLLM's start-up runs have pooled a step (`_scaled_heads_ok`)."""
+        if self.fused_head is not None:
+            return "fused_heads"
         if self.head_scales is not None:
             return "scaled_heads"
         return "raw_geometric" if self.raw_geometric else "log_probs"
@@ -329,6 +341,10 @@ class EnsembleForCausalLM(nn.Module):
         tracker = active_tracker()
         asked = tracker.rows_to_pool(hidden_states.shape[0]) if tracker is not None else None
         if not asked and self._ran is None and self._scaled_heads_ok(hidden_states):
+            fused = self.fused_head is not None and self._scaled_steps % AGREEMENT_EVERY != 0
+            self._scaled_steps += 1
+            if fused:
+                return self._fused_head_logits(hidden_states)
             return self._scaled_head_logits(hidden_states)
         logits = self.member_logits(hidden_states)
         if logits is None:
@@ -352,7 +368,25 @@ class EnsembleForCausalLM(nn.Module):
                 log.warning("ensemble members %s: compute_logits does not scale with the hidden state; "
                             "pooling their logits instead", ", ".join(bent))
                 self.head_scales = None
+            else:
+                self.fused_head = self._fused_head()
         return self.head_scales is not None
+
+    def _fused_head(self) -> FusedHead | None:
+        """One oneDNN product for the weighted members' heads (`ensemble.vllm_fused_head`), on a
+        CPU where vLLM has oneDNN and every such head is a plain float32 matrix; else None."""
+        weighted = [m for m, c in zip(self.members(), self.head_scales) if c > 0]
+        if not FusedHead.available():
+            return None
+        weights = fused_head_weights(weighted, self.vocab_size)
+        return None if weights is None else FusedHead(weights, limit=self.pool_chunk_rows * self.vocab_size)
+
+    def _fused_head_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The manifest's raw geometric logits from the fused head: no member's own logits, so
+        the counters count its rows but not member agreement (`PoolingCounters.timed_rows`)."""
+        parts = torch.split(hidden_states, self.hidden_sizes, dim=-1)
+        scaled = [h * c for h, c in zip(parts, self.head_scales) if c > 0]
+        return self.pooling_counters.timed_rows(lambda: self.fused_head(scaled), hidden_states.device)
 
     def _scaled_head_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
         """The manifest's raw geometric logits ``sum_k c_k x_k`` (``c_k = w_k / T_k``) as

@@ -19,14 +19,16 @@ chorus names:
   error),
   chorus:member_chosen_logprob{member}  (histogram of each member's log-prob of the pooled choice,
       when a request asked for member log-probs),
-  chorus:pooled_tokens_total, chorus:member_agreement_total{member}, chorus:member_agreement_ratio{member}
-      (next-token distributions pooled, and on how many of them each member's own most likely
-      token was the ensemble's), chorus:pooling_time_seconds (summary: _sum, _count)  -- read at
+  chorus:pooled_tokens_total, chorus:agreement_rows_total, chorus:member_agreement_total{member},
+      chorus:member_agreement_ratio{member}  (next-token distributions pooled; of those, the ones
+      member agreement was counted on (all, except on vLLM with a fused head: one step in 16,
+      `ensemble.pooling_stats`); and on how many of those each member's own most likely token was
+      the ensemble's), chorus:pooling_time_seconds (summary: _sum, _count)  -- read at
       scrape time from the optional `EngineStats` fields below (both engines report them; see
       `ensemble.pooling_stats`), exported only when the engine reports them.
 
 Optional ensemble counters an engine may add to its `EngineStats` (all cumulative since start):
-  pooled_tokens: int, member_agreement: dict[member name, int], pooling_seconds: float,
+  pooled_tokens: int, agreement_rows: int, member_agreement: dict[member name, int], pooling_seconds: float,
   pooling_steps: int, prefix_cache_queries: int, prefix_cache_hits: int, spec_decode_drafts: int,
   spec_decode_draft_tokens: int, spec_decode_accepted_tokens: int.
 """
@@ -96,6 +98,12 @@ def ensemble_families(model_name: str, stats: object) -> list:
             labels=["model_name"])
         total.add_metric([model_name], pooled)
         families.append(total)
+        counted = getattr(stats, "agreement_rows", None)
+        counted = counted if isinstance(counted, int) else pooled  # an engine that counts every row
+        rows = CounterMetricFamily("chorus:agreement_rows", "Pooled distributions member agreement was counted on.",
+                                   labels=["model_name"])
+        rows.add_metric([model_name], counted)
+        families.append(rows)
         if isinstance(agreement, dict) and agreement:
             agree = CounterMetricFamily(
                 "chorus:member_agreement",
@@ -103,11 +111,12 @@ def ensemble_families(model_name: str, stats: object) -> list:
                 labels=["model_name", "member"])
             ratio = GaugeMetricFamily(
                 "chorus:member_agreement_ratio",
-                "Share of pooled distributions whose most likely token was the member's own (0 before any).",
+                "Share of the distributions agreement was counted on whose most likely token was the "
+                "member's own (0 before any).",
                 labels=["model_name", "member"])
             for member, count in agreement.items():
                 agree.add_metric([model_name, str(member)], count)
-                ratio.add_metric([model_name, str(member)], count / pooled if pooled else 0.0)
+                ratio.add_metric([model_name, str(member)], count / counted if counted else 0.0)
             families += [agree, ratio]
     for name, text in (("prefix_cache_queries", "Prefix cache queries, in terms of number of queried tokens."),
                        ("prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.")):

@@ -25,6 +25,7 @@ def test_agreement_is_with_the_pooled_top_token() -> None:
     counters.record([a[:1], b[:1]], pooled[:1], seconds=0.5)
     assert counters.snapshot() == {
         "pooled_tokens": 4,
+        "agreement_rows": 4,
         "member_agreement": {"a": 1, "b": 4},  # a agrees only on row 1
         "pooling_seconds": 0.75,
         "pooling_steps": 2,
@@ -61,6 +62,18 @@ def test_timed_pool_counts_the_members_before_the_pool_writes_over_them() -> Non
     assert counters.snapshot()["member_agreement"] == {"a": 0, "b": 3}
 
 
+def test_timed_rows_count_rows_and_time_but_no_agreement() -> None:
+    """The vLLM model's fused head computes no member's logits: agreement is counted on other steps."""
+    a, b = torch.randn(4, 6), torch.randn(4, 6)
+    counters = PoolingCounters(["a", "b"])
+    counters.timed_pool([a, b], lambda: a + b)
+    out = counters.timed_rows(lambda: torch.zeros(3, 6), torch.device("cpu"))
+    assert out.shape == (3, 6)
+    snap = counters.snapshot()
+    assert snap["pooled_tokens"] == 7 and snap["agreement_rows"] == 4 and snap["pooling_steps"] == 2
+    assert all(0 <= n <= 4 for n in snap["member_agreement"].values())
+
+
 def test_timed_pool_returns_the_pool_and_measures_it() -> None:
     a, b = torch.randn(5, 7), torch.randn(5, 7)
     counters = PoolingCounters(["a", "b"])
@@ -72,7 +85,7 @@ def test_timed_pool_returns_the_pool_and_measures_it() -> None:
 
 def test_reset_and_empty_calls() -> None:
     counters = PoolingCounters(["x"])
-    assert counters.snapshot() == {"pooled_tokens": 0, "member_agreement": {"x": 0},
+    assert counters.snapshot() == {"pooled_tokens": 0, "agreement_rows": 0, "member_agreement": {"x": 0},
                                    "pooling_seconds": 0.0, "pooling_steps": 0}
     x = torch.randn(3, 4)
     counters.record([x], torch.log_softmax(x, dim=-1), seconds=1.0)

@@ -286,7 +286,7 @@ def self_runs(tiny_models, make_ensemble, prompts) -> tuple[EngineRun, list[Requ
     return ensemble, run_plain_vllm(tiny_models["gemma3"], prompts)
 
 
-@pytest.fixture(scope="module", params=["scaled_heads", "raw_geometric"])
+@pytest.fixture(scope="module", params=["linear heads", "raw_geometric"])
 def geometric_run(request, tiny_models, tiny_model_builder, tokenizer_dir, make_ensemble, prompts,
                   tmp_path_factory) -> EngineRun:
     """Two different Gemma3 members (heads of exactly the shared vocabulary, so neither abstains)
@@ -294,11 +294,13 @@ def geometric_run(request, tiny_models, tiny_model_builder, tokenizer_dir, make_
     (`ensemble.vllm_model.raw_geometric_ok`), which vLLM normalises itself. Without soft-capping
     both heads are linear and score the members' scaled hidden states ("scaled_heads"); the tiny
     Gemma3's soft-capped head makes the model scale and sum the members' logits ("raw_geometric").
-    The run's ``probes["logits_form"]`` is what the worker's model reports."""
+    With linear heads on a CPU, vLLM's oneDNN product computes both heads at once ("fused_heads",
+    `ensemble.vllm_fused_head`), except on the steps that count member agreement. The run's
+    ``probes["logits_form"]`` is what the worker's model reports, ``probes["stats"]`` its counters."""
     from ensemble.manifest import EnsembleManifest
     from ensemble.vllm_model import raw_geometric_ok
 
-    linear = request.param == "scaled_heads"
+    linear = request.param == "linear heads"
     root = tmp_path_factory.mktemp(f"gemma_{request.param}")
     first = (tiny_model_builder("gemma3", root / "first", seed=2, tokenizer_dir=tokenizer_dir,
                                 final_logit_softcapping=None) if linear else tiny_models["gemma3"])
@@ -308,7 +310,8 @@ def geometric_run(request, tiny_models, tiny_model_builder, tokenizer_dir, make_
     assert raw_geometric_ok(EnsembleManifest.load(folder))
 
     async def logits_form(engine, _prompts) -> dict[str, object]:
-        return {"logits_form": await engine._llm.collective_rpc("chorus_logits_form")}
+        await engine.refresh_counters()
+        return {"logits_form": await engine._llm.collective_rpc("chorus_logits_form"), "stats": engine.stats()}
 
     return run_engine(folder, prompts, probe=logits_form)
 
@@ -324,8 +327,16 @@ def test_pair_matches_reference(pair_run: EngineRun, prompts) -> None:
 def test_raw_geometric_logits_match_reference(geometric_run: EngineRun, prompts, request) -> None:
     """Greedy tokens and the reported log-probs (vLLM's log_softmax of the raw logits) equal the
     reference engine's normalised geometric pool."""
+    from ensemble.vllm_fused_head import FusedHead
+
     form = request.node.callspec.params["geometric_run"]
+    if form == "linear heads":
+        form = "fused_heads" if FusedHead.available() else "scaled_heads"
     assert geometric_run.probes["logits_form"] == [form]
+    stats = geometric_run.probes["stats"]
+    assert 0 <= stats.agreement_rows <= stats.pooled_tokens and stats.pooled_tokens > 0
+    if form != "fused_heads":
+        assert stats.agreement_rows == stats.pooled_tokens
     worst = compare(geometric_run.outputs, run_reference(geometric_run.folder, prompts))
     print(f"gemma3+gemma3 logprob_mean, raw logits ({form}): max |logprob diff| {worst:.2e}")
 

@@ -158,7 +158,8 @@ class _EnsembleCounters:
     num_running: int = 0
     num_waiting: int = 0
     kv_cache_usage: float = 0.0
-    pooled_tokens: int = 8
+    pooled_tokens: int = 10
+    agreement_rows: int = 8  # agreement counted on 8 of the 10 rows
     member_agreement: dict = field(default_factory=lambda: {"llama": 6, "qwen": 2})
     pooling_seconds: float = 0.5
     pooling_steps: int = 4
@@ -169,9 +170,10 @@ def test_ensemble_counters_are_exported_when_reported() -> None:
     metrics.set_load_source(lambda: (_EnsembleCounters(), 3))
     sample = metrics.registry.get_sample_value
     assert sample("vllm:num_requests_waiting", {"model_name": "m", "engine": "0"}) == 3
-    assert sample("chorus:pooled_tokens_total", {"model_name": "m"}) == 8
+    assert sample("chorus:pooled_tokens_total", {"model_name": "m"}) == 10
+    assert sample("chorus:agreement_rows_total", {"model_name": "m"}) == 8
     assert sample("chorus:member_agreement_total", {"model_name": "m", "member": "llama"}) == 6
-    assert sample("chorus:member_agreement_ratio", {"model_name": "m", "member": "qwen"}) == 0.25
+    assert sample("chorus:member_agreement_ratio", {"model_name": "m", "member": "qwen"}) == 0.25  # 2 / 8
     assert sample("chorus:pooling_time_seconds_sum", {"model_name": "m"}) == 0.5
     assert sample("chorus:pooling_time_seconds_count", {"model_name": "m"}) == 4
 

@@ -123,10 +123,12 @@ def test_metrics_export_the_workers_ensemble_counters(vllm_server: ServerThread,
     pooled = vllm_server.metric("chorus:pooled_tokens_total")
     assert vllm_server.metric("chorus:pooling_time_seconds_count") > 0
     assert vllm_server.metric("chorus:pooling_time_seconds_sum") > 0.0
+    counted = vllm_server.metric("chorus:agreement_rows_total")
+    assert counted == pooled  # the pair pools prob_mean: no fused head, agreement on every row
     for member in ("alpha", "beta"):
         agreed = vllm_server.metric("chorus:member_agreement_total", member=member)
-        assert 0 <= agreed <= pooled
-        assert vllm_server.metric("chorus:member_agreement_ratio", member=member) == pytest.approx(agreed / pooled)
+        assert 0 <= agreed <= counted
+        assert vllm_server.metric("chorus:member_agreement_ratio", member=member) == pytest.approx(agreed / counted)
 
 
 def test_vllm_flags_reach_the_engine_and_admission(vllm_server: ServerThread, client: openai.OpenAI) -> None:

@@ -12,9 +12,10 @@ once many are pending). On a CPU, the timings are plain wall time of the pooling
 
 Agreement is counted on ``agreement_rows`` rows: every pooled row, except where the vLLM model
 pools with one fused head product (`ensemble.vllm_fused_head`), which computes no member's own
-logits; there it is counted on one pooled step in `ensemble.vllm_model.AGREEMENT_EVERY` (`timed_rows`
-counts the others' rows and time only), so the agreement ratio is agreement over
-``agreement_rows``.
+logits; there it is counted on one pooled step in `ensemble.vllm_model.AGREEMENT_EVERY` (`count_rows`
+counts the others' rows only: their pool is inside the heads' product and has no time of its
+own), so the agreement ratio is agreement over ``agreement_rows``, and pooling time and steps
+cover the steps that pool as an operation of their own.
 
 The argmaxes use `row_argmax`: on a CPU ``torch.argmax`` over a 262,144-id row is about ten
 times slower than a max, and three of them per step were 4.4% of an ensemble step at 16 rows
@@ -81,14 +82,8 @@ class PoolingCounters:
         """Run `pool()` (which pools `member_logits`), time it, record it, return its result. The
         members' argmaxes are taken before the pool runs, so the pool may write over their logits
         (the vLLM model's raw geometric sum adds into the first member's)."""
-        return self._timed(self._member_tops(member_logits), pool, member_logits[0].device)
-
-    def timed_rows(self, pool: Callable[[], Tensor], device: torch.device) -> Tensor:
-        """Run `pool()`, time it and count its rows, without member agreement (no member logits)."""
-        return self._timed(None, pool, device)
-
-    def _timed(self, tops: list[Tensor] | None, pool: Callable[[], Tensor], device: torch.device) -> Tensor:
-        if device.type == "cuda":
+        tops = self._member_tops(member_logits)
+        if member_logits[0].device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             pooled = pool()
@@ -99,6 +94,13 @@ class PoolingCounters:
             pooled = pool()
             self._count(tops, pooled, seconds=time.perf_counter() - began)
         return pooled
+
+    def count_rows(self, rows: int) -> None:
+        """Count `rows` pooled inside one product with the members' heads (the vLLM model's fused
+        head): no member logits, so no agreement, and no pooling time or step of their own (the
+        pool is not a separate operation there)."""
+        with self._lock:
+            self._rows += int(rows)
 
     def record(
         self, member_logits: Sequence[Tensor], pooled: Tensor, seconds: float = 0.0,
@@ -114,22 +116,19 @@ class PoolingCounters:
         with torch.no_grad():
             return [row_argmax(m) for m in member_logits]
 
-    def _count(self, member_tops: Sequence[Tensor] | None, pooled: Tensor, seconds: float = 0.0,
+    def _count(self, member_tops: Sequence[Tensor], pooled: Tensor, seconds: float = 0.0,
                events: tuple[Any, Any] | None = None) -> None:
-        """Count one pooling call: its rows, and, given the members' argmaxes, their agreement."""
+        """Count one pooling call from the members' argmaxes and the pooled rows."""
         rows = int(pooled.shape[0])
         if rows == 0:
             return
-        agree = None
-        if member_tops is not None:
-            with torch.no_grad():
-                top = row_argmax(pooled)
-                agree = torch.stack([(t == top).sum() for t in member_tops]).to(torch.int64)
+        with torch.no_grad():
+            top = row_argmax(pooled)
+            agree = torch.stack([(t == top).sum() for t in member_tops]).to(torch.int64)
         with self._lock:
             self._rows += rows
-            if agree is not None:
-                self._agreement_rows += rows
-                self._agree = agree if self._agree is None else self._agree + agree.to(self._agree.device)
+            self._agreement_rows += rows
+            self._agree = agree if self._agree is None else self._agree + agree.to(self._agree.device)
             self._steps += 1
             if events is None:
                 self._seconds += seconds

@@ -382,11 +382,12 @@ class EnsembleForCausalLM(nn.Module):
         return None if weights is None else FusedHead(weights, limit=self.pool_chunk_rows * self.vocab_size)
 
     def _fused_head_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """The manifest's raw geometric logits from the fused head: no member's own logits, so
-        the counters count its rows but not member agreement (`PoolingCounters.timed_rows`)."""
+        """The manifest's raw geometric logits from the fused head: no member's own logits and no
+        pool of its own, so the counters count its rows only (`PoolingCounters.count_rows`)."""
         parts = torch.split(hidden_states, self.hidden_sizes, dim=-1)
-        scaled = [h * c for h, c in zip(parts, self.head_scales) if c > 0]
-        return self.pooling_counters.timed_rows(lambda: self.fused_head(scaled), hidden_states.device)
+        out = self.fused_head([h * c for h, c in zip(parts, self.head_scales) if c > 0])
+        self.pooling_counters.count_rows(out.shape[0])
+        return out
 
     def _scaled_head_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
         """The manifest's raw geometric logits ``sum_k c_k x_k`` (``c_k = w_k / T_k``) as

@@ -3,7 +3,7 @@
 With linear heads (`ensemble.vllm_model.linear_head`), ``sum_k c_k W_k h_k`` is one product of
 the members' scaled hidden states side by side with their head weights side by side:
 ``[c_1 h_1 | ... | c_K h_K] @ [W_1 | ... | W_K]^T``. On a CPU that one oneDNN product (vLLM's own
-``onednn_mm``, as its heads use) into a kept output buffer took 39.0 / 64.9 / 148.6 ms for 1 / 16 /
+``onednn_mm``, as its heads use) into a kept output buffer took 38.3 / 64.9 / 148.6 ms for 1 / 16 /
 64 rows of the default ensemble's two heads (262,144 x 640 and x 576, float32) where the members'
 two heads and the sum took 46.8 / 80.8 / 192.1 ms (bench/RESULTS.md): no fresh ``[rows, V]``
 output per member to fault in, no summing pass.

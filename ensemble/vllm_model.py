@@ -221,8 +221,8 @@ class EnsembleForCausalLM(nn.Module):
         """How the manifest's rows reach vLLM: ``"fused_heads"`` (raw geometric logits as one
         product of the members' scaled hidden states and heads, side by side: `FusedHead`),
         ``"scaled_heads"`` (raw geometric logits, each member's head applied to its scaled hidden
-        state), ``"raw_geometric"`` (raw geometric
-        logits, the members' logits scaled and summed) or ``"log_probs"`` (the normalised pool).
+        state), ``"raw_geometric"`` (raw geometric logits, the members' logits scaled and summed)
+        or ``"log_probs"`` (the normalised pool).
         Final once vLLM's start-up runs have pooled a step (`_scaled_heads_ok`)."""
         if self.fused_head is not None:
             return "fused_heads"
@@ -312,8 +312,10 @@ class EnsembleForCausalLM(nn.Module):
         self._ran = needed
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
 
-    def member_logits(self, hidden_states: torch.Tensor) -> list[torch.Tensor] | None:
-        """Each member's logits over the shared vocabulary, ids it lacks masked to ``-inf``.
+    def member_logits(self, hidden_states: torch.Tensor,
+                      scales: tuple[float, ...] | None = None) -> list[torch.Tensor] | None:
+        """Each member's logits over the shared vocabulary, ids it lacks masked to ``-inf``; with
+        `scales`, member k's head scores its hidden state times ``scales[k]`` (unscaled where 0).
 
         None on tensor-parallel ranks that do not receive gathered logits (vLLM's convention).
         """
@@ -324,6 +326,8 @@ class EnsembleForCausalLM(nn.Module):
             if ran is not None and k not in ran:
                 out.append(None)  # type: ignore[arg-type] - not run this step: no row needs it
                 continue
+            if scales is not None and scales[k] > 0:
+                h = h * scales[k]
             logits = member.compute_logits(h)
             if logits is None:
                 return None
@@ -393,15 +397,11 @@ class EnsembleForCausalLM(nn.Module):
         """The manifest's raw geometric logits ``sum_k c_k x_k`` (``c_k = w_k / T_k``) as
         ``sum_k head_k(c_k h_k)``: the coefficients scale the members' hidden states (a few hundred
         numbers per row) instead of their logits (262,144 per row at Gemma's vocabulary), and the
-        sum adds into the first member's fresh logits, one pass per further member, no buffer.
-        Members with ``c_k = 0`` are scored unscaled, for the agreement counters only."""
-        parts = torch.split(hidden_states, self.hidden_sizes, dim=-1)
-        logits: list[torch.Tensor] = []
-        for member, h, c in zip(self.members(), parts, self.head_scales):
-            x = member.compute_logits(h * c if c > 0 else h)
-            if x is None:
-                return None
-            logits.append(fit_vocab(x, self.vocab_size))
+        sum adds into the first weighted member's fresh logits, one pass per further member, no
+        buffer. Members with ``c_k = 0`` are scored unscaled, for the agreement counters only."""
+        logits = self.member_logits(hidden_states, self.head_scales)
+        if logits is None:
+            return None
         terms = [x for x, c in zip(logits, self.head_scales) if c > 0]
 
         def pool() -> torch.Tensor:

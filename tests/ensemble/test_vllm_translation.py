@@ -291,11 +291,13 @@ def test_scaled_head_logits_are_the_geometric_pool_and_fall_back_for_a_bent_head
     def model(kinds: tuple[str, str]) -> SimpleNamespace:
         heads = [_Head(k) for k in kinds]
         heads[1].weight.data = heads[1].weight.data.flip(0)  # two different heads
-        return SimpleNamespace(head_scales=tuple(geometric_coefficients((0.7, 0.3), (1.1, 1.1))), _heads_checked=False,
-                               _plans=[SimpleNamespace(spec=SimpleNamespace(name=n)) for n in ("a", "b")],
-                               members=lambda: heads, hidden_sizes=[8, 8], vocab_size=50,
-                               _fused_head=lambda: None,  # the fused product: tests/ensemble/test_vllm_fused_head.py
-                               pooling_counters=PoolingCounters(["a", "b"]))
+        ns = SimpleNamespace(head_scales=tuple(geometric_coefficients((0.7, 0.3), (1.1, 1.1))), _heads_checked=False,
+                             _plans=[SimpleNamespace(spec=SimpleNamespace(name=n, vocab_size=None)) for n in ("a", "b")],
+                             members=lambda: heads, hidden_sizes=[8, 8], vocab_size=50, _ran=None,
+                             _fused_head=lambda: None,  # the fused product: tests/ensemble/test_vllm_fused_head.py
+                             pooling_counters=PoolingCounters(["a", "b"]))
+        ns.member_logits = lambda h, scales=None: EnsembleForCausalLM.member_logits(ns, h, scales)
+        return ns
 
     hidden = torch.randn(3, 16, generator=torch.Generator().manual_seed(1))
     good = model(("linear", "linear"))

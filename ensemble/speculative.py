@@ -27,14 +27,34 @@ from ensemble.manifest import EnsembleManifest
 
 # vLLM speculative methods that need nothing from the target model but its logits.
 TARGET_FREE_METHODS = ("draft_model", "ngram", "ngram_gpu", "suffix")
+# The end of the last batch-size range in a drafting schedule: past any engine's max_num_seqs.
+_ANY_BATCH = 1 << 30
 
 
 class SpeculativeError(ValueError):
     """A speculative-decoding setting that cannot work on this ensemble; the message says why."""
 
 
-def draft_member_config(manifest: EnsembleManifest, member: str, num_tokens: int) -> dict[str, Any]:
-    """vLLM's ``speculative_config`` that drafts `num_tokens` tokens per step with `member`.
+def batch_schedule(num_tokens: int, max_batch: int) -> list[tuple[int, int, int]]:
+    """vLLM's ``num_speculative_tokens_per_batch_size`` (dynamic speculative decoding) that drafts
+    `num_tokens` tokens per step while at most `max_batch` requests are scheduled in the step, and
+    none in a larger step.
+
+    Drafting pays where a step is bound by reading the weights (few requests: verifying k + 1
+    tokens costs about what one costs) and loses where it is bound by compute (many requests: the
+    rejected drafts are paid for in full); `bench/serving.py` measures where that turns.
+    """
+    for name, value in (("num_tokens", num_tokens), ("max_batch", max_batch)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise SpeculativeError(f"{name} must be a positive integer, got {value!r}")
+    return [(1, max_batch, num_tokens), (max_batch + 1, _ANY_BATCH, 0)]
+
+
+def draft_member_config(manifest: EnsembleManifest, member: str, num_tokens: int,
+                        max_batch: int | None = None) -> dict[str, Any]:
+    """vLLM's ``speculative_config`` that drafts `num_tokens` tokens per step with `member`, in
+    every step (`max_batch` None) or only in steps of at most `max_batch` requests
+    (`batch_schedule`).
 
     The member must be one of the ensemble's (its weight may be 0: a draft need not vote), score
     exactly the ensemble's vocabulary (vLLM verifies draft ids against the target's rows), and
@@ -62,7 +82,10 @@ def draft_member_config(manifest: EnsembleManifest, member: str, num_tokens: int
         raise SpeculativeError(
             f"draft member {member!r} mixes attention kinds ({', '.join(kinds)}); vLLM keeps a draft's "
             "KV cache in one group: draft with a member whose layers are all alike")
-    return {"method": "draft_model", "model": str(path), "num_speculative_tokens": num_tokens}
+    spec: dict[str, Any] = {"method": "draft_model", "model": str(path), "num_speculative_tokens": num_tokens}
+    if max_batch is not None:
+        spec["num_speculative_tokens_per_batch_size"] = batch_schedule(num_tokens, max_batch)
+    return spec
 
 
 def speculative_method(config: Mapping[str, Any]) -> str | None:

@@ -44,6 +44,8 @@ class VLLMEngineConfig:
         draft_member: speculative decoding with this member as vLLM's draft model, verified by the
             whole ensemble (lossless: see `ensemble.speculative`); None = off.
         draft_tokens: tokens the draft member proposes per step.
+        draft_max_batch: the draft member drafts only in steps of at most this many requests
+            (`ensemble.speculative.batch_schedule`); None = in every step.
     """
 
     folder: str
@@ -54,6 +56,7 @@ class VLLMEngineConfig:
     engine_args: Mapping[str, Any] = field(default_factory=dict)
     draft_member: str | None = None
     draft_tokens: int = 3
+    draft_max_batch: int | None = None
 
     def __post_init__(self) -> None:
         folder = Path(self.folder).expanduser()
@@ -76,6 +79,8 @@ class VLLMEngineConfig:
         object.__setattr__(self, "engine_args", dict(self.engine_args))
         if self.draft_member is not None and "speculative_config" in self.engine_args:
             raise ValueError("give either draft_member or a speculative_config, not both")
+        if self.draft_max_batch is not None and self.draft_member is None:
+            raise ValueError("draft_max_batch needs a draft_member")
         if "speculative_config" in self.engine_args:
             check_speculative_config(self.engine_args["speculative_config"])
 
@@ -171,7 +176,8 @@ def _chosen_engine_args(config: VLLMEngineConfig, manifest: EnsembleManifest, ma
 
         engine_args = whole_prefills_on_cpu(engine_args, max_model_len, SchedulerConfig.DEFAULT_MAX_NUM_BATCHED_TOKENS)
     if config.draft_member is not None:
-        engine_args["speculative_config"] = draft_member_config(manifest, config.draft_member, config.draft_tokens)
+        engine_args["speculative_config"] = draft_member_config(manifest, config.draft_member, config.draft_tokens,
+                                                                   config.draft_max_batch)
     if speculative_method(engine_args.get("speculative_config") or {}) == "draft_model":
         # vLLM needs a draft's layers in one KV-cache group; beside a member that mixes sliding
         # and full layers (Gemma 3) the hybrid manager splits them, so every layer gets a full

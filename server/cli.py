@@ -98,6 +98,9 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
                         "needs the ensemble's vocabulary size and one attention kind) [CHORUS_DRAFT_MEMBER]")
     p.add_argument("--draft-tokens", type=_int, default=_env("DRAFT_TOKENS", "3"),
                    help="tokens the draft member proposes per step [CHORUS_DRAFT_TOKENS, 3]")
+    p.add_argument("--draft-max-batch", type=_int, default=_env("DRAFT_MAX_BATCH"),
+                   help="the draft member drafts only in engine steps of at most this many requests (drafting "
+                        "pays in small batches; bench/RESULTS.md), default: in every step [CHORUS_DRAFT_MAX_BATCH]")
 
 
 def _add_http_options(p: argparse.ArgumentParser) -> None:
@@ -199,6 +202,7 @@ def config_from_args(args: argparse.Namespace, vllm_argv: Sequence[str] = ()) ->
         engine_args=engine_args,
         draft_member=args.draft_member or None,
         draft_tokens=as_int(args.draft_tokens),
+        draft_max_batch=as_int(args.draft_max_batch),
         enable_auto_tool_choice=bool(args.enable_auto_tool_choice),
         tool_call_parser=args.tool_call_parser or None,
     )

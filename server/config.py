@@ -67,6 +67,8 @@ class ServerConfig:
             tokens per step and the whole ensemble verifies them, so the output distribution is
             the ensemble's (`ensemble.speculative`); None = off.
         draft_tokens: tokens the draft member proposes per step.
+        draft_max_batch: the draft member drafts only in engine steps of at most this many
+            requests, where drafting pays (`ensemble.speculative.batch_schedule`); None = always.
         enable_auto_tool_choice: serve chat `tool_choice` "auto" (needs `tool_call_parser`).
         tool_call_parser: the vLLM tool-call parser that finds calls in free answers
             (`server.tool_parsing`; e.g. ``hermes``).
@@ -98,6 +100,7 @@ class ServerConfig:
     engine_args: Mapping[str, Any] = field(default_factory=dict)
     draft_member: str | None = None
     draft_tokens: int = 3
+    draft_max_batch: int | None = None
     enable_auto_tool_choice: bool = False
     tool_call_parser: str | None = None
 
@@ -161,6 +164,11 @@ class ServerConfig:
         from ensemble.speculative import SpeculativeError, check_speculative_config, draft_member_config
 
         _int_at_least("draft_tokens", self.draft_tokens, 1)
+        if self.draft_max_batch is not None:
+            _int_at_least("draft_max_batch", self.draft_max_batch, 1)
+            if self.draft_member is None:
+                raise ConfigError("--draft-max-batch needs --draft-member (with --speculative-config, put "
+                                  "vLLM's num_speculative_tokens_per_batch_size in it)")
         try:
             if "speculative_config" in self.engine_args:
                 if self.draft_member is not None:
@@ -169,7 +177,8 @@ class ServerConfig:
             if self.draft_member is not None:
                 if self.engine != "vllm":
                     raise ConfigError("--draft-member (speculative decoding) needs the vllm engine")
-                draft_member_config(EnsembleManifest.load(self.ensemble), self.draft_member, self.draft_tokens)
+                draft_member_config(EnsembleManifest.load(self.ensemble), self.draft_member, self.draft_tokens,
+                                    self.draft_max_batch)
         except (SpeculativeError, ManifestError) as err:
             raise ConfigError(str(err)) from None
 

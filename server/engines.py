@@ -29,6 +29,7 @@ def _start(config: ServerConfig) -> Engine:
         engine_args=args,
         draft_member=config.draft_member,
         draft_tokens=config.draft_tokens,
+        draft_max_batch=config.draft_max_batch,
     )
 
 

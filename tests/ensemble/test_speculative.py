@@ -25,7 +25,7 @@ from vllm_harness import EngineRun, collect, compare, run_engine
 
 from ensemble.manifest import EnsembleManifest
 from ensemble.protocol import EngineRequestError, SamplingOptions
-from ensemble.speculative import SpeculativeError, check_speculative_config, draft_member_config
+from ensemble.speculative import SpeculativeError, batch_schedule, check_speculative_config, draft_member_config
 
 VOCAB = 151_665  # the Qwen2 tokenizer's ids: the tiny ensembles' vocabulary
 SAMPLES = 400  # seeded sampled completions per engine
@@ -55,6 +55,22 @@ def draft_ensemble(make_ensemble, draft_llama: Path, tiny_models) -> Path:
 def test_draft_member_config_names_the_member_folder(draft_ensemble: Path, draft_llama: Path) -> None:
     config = draft_member_config(EnsembleManifest.load(draft_ensemble), "llama", 4)
     assert config == {"method": "draft_model", "model": str(draft_llama), "num_speculative_tokens": 4}
+    small = draft_member_config(EnsembleManifest.load(draft_ensemble), "llama", 4, max_batch=2)
+    assert small == {**config, "num_speculative_tokens_per_batch_size": [(1, 2, 4), (3, 1 << 30, 0)]}
+
+
+def test_batch_schedule_drafts_only_in_small_steps() -> None:
+    """The schedule vLLM's own validation accepts, and its dense lookup: k tokens up to the
+    largest small batch, none above."""
+    from vllm.v1.spec_decode.dynamic.utils import build_dynamic_sd_schedule_lookup
+
+    schedule = batch_schedule(3, 4)
+    assert build_dynamic_sd_schedule_lookup(schedule, vllm_max_batch_size=8, vllm_num_speculative_tokens=3) == [
+        0, 3, 3, 3, 3, 0, 0, 0, 0]
+    assert build_dynamic_sd_schedule_lookup(batch_schedule(3, 16), 8, 3)[1:] == [3] * 8
+    for tokens, batch in ((0, 4), (3, 0), (3, True), (3, 2.0)):
+        with pytest.raises(SpeculativeError, match="must be a positive integer"):
+            batch_schedule(tokens, batch)
 
 
 @pytest.mark.parametrize("member, tokens, message", [
@@ -97,6 +113,13 @@ async def _probe(engine, prompts: list[list[int]]) -> dict[str, object]:
     return probes
 
 
+async def _alone_probe(engine, prompts: list[list[int]]) -> dict[str, object]:
+    """After the greedy batch: the stats, then one greedy request alone and the stats after it."""
+    batch = engine.stats()
+    outputs = await collect(engine, prompts[1], SamplingOptions(max_tokens=8, temperature=0.0, ignore_eos=True), "alone")
+    return {"batch": batch, "alone": engine.stats(), "alone_tokens": outputs[-1].outputs[0].token_ids}
+
+
 # vLLM's n-gram proposer: drafts by looking the last 1-3 tokens up in the prompt and output so far.
 NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1, "prompt_lookup_max": 3}
 
@@ -109,6 +132,8 @@ def spec_runs(draft_ensemble: Path, make_ensemble, draft_llama: Path, prompts) -
     return {
         "plain": run_engine(draft_ensemble, prompts, probe=_probe),
         "draft": run_engine(draft_ensemble, prompts, probe=_probe, draft_member="llama"),
+        "small batches": run_engine(draft_ensemble, prompts, probe=_alone_probe, draft_member="llama",
+                                    draft_max_batch=len(prompts) - 1),
         "self": run_engine(alone, prompts, probe=_probe, draft_member="llama"),
         "ngram": run_engine(draft_ensemble, prompts, probe=_probe, engine_args={"speculative_config": NGRAM}),
     }
@@ -136,6 +161,25 @@ def test_greedy_drafting_keeps_the_ensembles_tokens_and_logprobs(spec_runs) -> N
         "method": "draft_model", "draft_member": "llama", "num_speculative_tokens": 3, "sampling": False}
     assert spec_runs["plain"].probes["info"]["speculative"] is None
     assert spec_runs["plain"].probes["stats"].spec_decode_drafts is None
+
+
+@pytest.mark.vllm
+def test_drafting_only_in_small_batches(spec_runs) -> None:
+    """--draft-max-batch: a step of more requests than that drafts nothing (vLLM's batch-size
+    schedule), a request alone drafts again, and greedy tokens are the ensemble's either way.
+
+    The batch's requests reach the engine one by one, so its first steps hold fewer of them and
+    may draft; every later step holds all three and drafts nothing."""
+    run = spec_runs["small batches"]
+    worst = compare(run.outputs, spec_runs["plain"].outputs)
+    batch, alone = run.probes["batch"], run.probes["alone"]
+    always = spec_runs["draft"].probes["stats"].spec_decode_draft_tokens
+    print(f"drafting up to batch {len(run.outputs) - 1}: max |logprob diff| {worst:.2e}; proposed in the batch of "
+          f"{len(run.outputs)}: {batch.spec_decode_draft_tokens} (drafting in every step: {always}), then alone "
+          f"{alone.spec_decode_draft_tokens - batch.spec_decode_draft_tokens}")
+    assert batch.spec_decode_draft_tokens < always / 2
+    assert alone.spec_decode_draft_tokens - batch.spec_decode_draft_tokens >= 3  # at least one full draft
+    assert run.probes["alone_tokens"] == spec_runs["plain"].outputs[1].outputs[0].token_ids[:8]
 
 
 @pytest.mark.vllm

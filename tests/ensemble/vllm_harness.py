@@ -70,10 +70,12 @@ def run_engine(
     max_model_len: int = MAX_MODEL_LEN,
     engine_args: dict[str, object] | None = None,
     draft_member: str | None = None,
+    draft_max_batch: int | None = None,
 ) -> EngineRun:
     """Start a float32 VLLMEngine on `folder`, run the greedy batch (then `probe`), shut it down.
 
-    `engine_args` are further vLLM engine arguments; `draft_member` turns on speculative decoding. On the CPU the KV cache is
+    `engine_args` are further vLLM engine arguments; `draft_member` turns on speculative decoding
+    (in steps of at most `draft_max_batch` requests, if given). On the CPU the KV cache is
     VLLM_CPU_KVCACHE_SPACE GiB (tests/conftest.py sets 1), which overrides ``kv_cache_memory_bytes``.
     """
     from ensemble.vllm_engine import VLLMEngine
@@ -82,7 +84,8 @@ def run_engine(
         t0 = time.perf_counter()
         engine = VLLMEngine.from_folder(folder, max_model_len=max_model_len, dtype="float32",
                                         tensor_parallel_size=tensor_parallel_size,
-                                        engine_args=dict(engine_args or {}), draft_member=draft_member)
+                                        engine_args=dict(engine_args or {}), draft_member=draft_member,
+                                        draft_max_batch=draft_max_batch)
         run = EngineRun(folder, [], time.perf_counter() - t0)
         try:
             run.outputs = await _greedy_batch(engine, prompts, "parity")

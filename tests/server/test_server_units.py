@@ -776,12 +776,18 @@ def test_draft_member_flags(tmp_path, monkeypatch, capsys) -> None:
     monkeypatch.setenv("CHORUS_ENSEMBLE", str(ensemble))
     config = config_from_args(*build_parser().parse_known_args(["--draft-member", "small", "--draft-tokens", "5"]))
     assert (config.draft_member, config.draft_tokens) == ("small", 5) and vllm_engine_args(config) == {}
+    assert config.draft_max_batch is None
+    monkeypatch.setenv("CHORUS_DRAFT_MAX_BATCH", "4")
+    assert config_from_args(*build_parser().parse_known_args(["--draft-member", "small"])).draft_max_batch == 4
+    monkeypatch.delenv("CHORUS_DRAFT_MAX_BATCH")
     for argv, message in [
         (["--draft-member", "nobody"], "draft member 'nobody' is not in the ensemble (members: small, mixed, wide)"),
         (["--draft-member", "mixed"], "mixes attention kinds"),
         (["--draft-member", "wide"], "has 128 vocabulary rows, the ensemble 100"),
         (["--draft-member", "small", "--draft-tokens", "0"], "draft_tokens must be"),
         (["--draft-member", "small", "--engine", "torch"], "needs the vllm engine"),
+        (["--draft-member", "small", "--draft-max-batch", "0"], "draft_max_batch must be an integer >= 1, got 0"),
+        (["--draft-max-batch", "4"], "--draft-max-batch needs --draft-member"),
         (["--speculative-config", '{"method": "eagle3", "model": "x", "num_speculative_tokens": 2}'],
          "speculative method 'eagle3' does not work on an ensemble"),
         (["--draft-member", "small", "--speculative-config", '{"method": "ngram", "num_speculative_tokens": 2}'],

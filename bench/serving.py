@@ -30,6 +30,7 @@ import multiprocessing
 import os
 import platform
 import re
+import shlex
 import sys
 import time
 from collections.abc import Sequence
@@ -139,6 +140,11 @@ def markdown(record: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------- measuring
 
 
+def _import_load_generator() -> None:
+    """Import vLLM's load generator (in `measure`'s child, before the first timed call)."""
+    import vllm.benchmarks.serve  # noqa: F401
+
+
 def load(url: str, model: str, tokenizer: str, concurrency: int, args: argparse.Namespace) -> dict[str, float]:
     """One vLLM load-generator run; the METRICS of its result."""
     from vllm.benchmarks.serve import add_cli_args, main
@@ -200,12 +206,16 @@ def measure(system: System, folder: Path, args: argparse.Namespace, dtype: str, 
     # The load generator runs in a process of its own per system, whose memory goes back when the
     # system is done: run in this process, 47 calls of it grew it to 13 GB, and a two-round run of
     # every system was killed for memory.
-    env = {**system.env, **({"LD_PRELOAD": args.preload} if args.preload else {})}
+    env = dict(system.env)
+    if args.preload:  # after whatever this process already preloads
+        env["LD_PRELOAD"] = ":".join(filter(None, (os.environ.get("LD_PRELOAD"), args.preload)))
     with (launched(cmd, port, log, env=env, what=system.name) as (url, card),
           ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as loader):
         for c in args.concurrency:
             if system.max_concurrency is not None and c > system.max_concurrency:
                 continue
+            if not rows:  # start the child and import the generator outside the timed window
+                loader.submit(_import_load_generator).result()
             before, t0 = scrape(url), time.perf_counter()
             row = loader.submit(load, url, system.model or card["id"], tokenizer, c, args).result()
             after, wall = scrape(url), time.perf_counter() - t0
@@ -327,6 +337,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--resume", action="store_true",
                    help="keep the systems already in --out (written after each system) and measure the rest")
     args = p.parse_args(argv)
+    if args.draft_max_batch is not None and args.draft_max_batch < 1:
+        p.error(f"--draft-max-batch must be at least 1, got {args.draft_max_batch}")
+    if args.preload:
+        args.preload = str(Path(args.preload).expanduser().resolve())
+        if not Path(args.preload).is_file():
+            p.error(f"--preload: no file {args.preload}")
     import torch
 
     from ensemble.manifest import EnsembleManifest
@@ -339,7 +355,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.logs.mkdir(parents=True, exist_ok=True)
     todo, members = systems(folder, args, on_cpu)
     record: dict[str, Any] = {"ensemble": folder.name, "machine": _machine(), "dtype": dtype,
-                              "command": " ".join(["python -m bench.serving", *(argv or sys.argv[1:])]),
+                              "command": shlex.join(["python", "-m", "bench.serving", *(argv or sys.argv[1:])]),
                               "input_len": args.input_len, "output_len": args.output_len,
                               "preload": args.preload, "results": {}}
     if args.resume and args.out.is_file():

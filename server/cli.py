@@ -99,8 +99,9 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--draft-tokens", type=_int, default=_env("DRAFT_TOKENS", "3"),
                    help="tokens the draft member proposes per step [CHORUS_DRAFT_TOKENS, 3]")
     p.add_argument("--draft-max-batch", type=_int, default=_env("DRAFT_MAX_BATCH"),
-                   help="the draft member drafts only in engine steps of at most this many requests (drafting "
-                        "pays in small batches; bench/RESULTS.md), default: in every step [CHORUS_DRAFT_MAX_BATCH]")
+                   help="the draft member drafts only in engine steps of at most this many requests (default: in "
+                        "every step; on 2 CPU cores this did not bring back the plain ensemble's speed under load: "
+                        "bench/RESULTS.md) [CHORUS_DRAFT_MAX_BATCH]")
 
 
 def _add_http_options(p: argparse.ArgumentParser) -> None:

@@ -61,6 +61,18 @@ def test_ratios_are_taken_only_where_both_sides_were_measured() -> None:
     assert "| ensemble | 1 | 8.0 | 10 / 20 | 120.0 / 240.0 |" in text and "| 1 | drafted / bound TPOT | 0.240 |" in text
 
 
+def test_the_load_generator_call_pickles_for_its_child_process() -> None:
+    """`measure` runs `load` in a spawned child per system: the function and the parsed
+    arguments (paths among them) must survive pickling."""
+    import pickle
+
+    from bench.serving import load
+
+    args = argparse.Namespace(input_len=64, output_len=32, min_prompts=16, logs=Path("/tmp/logs"), preload=None)
+    fn, back = pickle.loads(pickle.dumps((load, args)))
+    assert fn is load and back == args
+
+
 def test_plots_are_written(tmp_path: Path) -> None:
     record = {"ensemble": "e", "machine": {"device": "cpu"},
               "results": {"ensemble": {"1": _row(8.0, 120.0), "4": _row(20.0, 150.0)}, "bound": {"1": _row(4.0, 250.0)}}}

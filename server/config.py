@@ -69,6 +69,9 @@ class ServerConfig:
         draft_tokens: tokens the draft member proposes per step.
         draft_max_batch: the draft member drafts only in engine steps of at most this many
             requests (`ensemble.speculative.batch_schedule`); None = in every step.
+        intel_openmp: on a CPU, preload Intel OpenMP into vLLM's engine process, as vLLM's CPU guide
+            asks (`ensemble.vllm_engine_args.intel_openmp_preload`; an OpenMP runtime already in
+            ``LD_PRELOAD`` is kept); False = PyTorch's own (vllm engine only).
         enable_auto_tool_choice: serve chat `tool_choice` "auto" (needs `tool_call_parser`).
         tool_call_parser: the vLLM tool-call parser that finds calls in free answers
             (`server.tool_parsing`; e.g. ``hermes``).
@@ -101,6 +104,7 @@ class ServerConfig:
     draft_member: str | None = None
     draft_tokens: int = 3
     draft_max_batch: int | None = None
+    intel_openmp: bool = True
     enable_auto_tool_choice: bool = False
     tool_call_parser: str | None = None
 

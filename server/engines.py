@@ -30,6 +30,7 @@ def _start(config: ServerConfig) -> Engine:
         draft_member=config.draft_member,
         draft_tokens=config.draft_tokens,
         draft_max_batch=config.draft_max_batch,
+        intel_openmp=config.intel_openmp,
     )
 
 

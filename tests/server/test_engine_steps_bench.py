@@ -27,3 +27,22 @@ def test_engine_steps_bench_measures_the_ensemble_and_its_members(server_ensembl
     for c in ("1", "2"):
         assert all(med[name][c] > 0 for name in med)
         assert med["bound"][c] == pytest.approx(1 / (1 / med["alpha alone"][c] + 1 / med["beta alone"][c]))
+
+
+def test_step_profile_shows_the_ensembles_products(server_ensemble: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """bench/step_profile.py on the tiny pair's ensemble and one member: the unprofiled speed, the
+    oneDNN products by shape (on a CPU) and the operator table; an unknown system is refused."""
+    from vllm.platforms import current_platform
+
+    from bench import step_profile
+
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    for system in ("ensemble", "alpha"):
+        assert step_profile.main([str(server_ensemble), system, "--input-len", "8", "--output-len", "4"]) == 0
+        out = capsys.readouterr().out
+        assert f"{system}, concurrency 1: " in out and "tok/s unprofiled" in out and "Self CPU" in out
+        if current_platform.is_cpu():
+            assert "oneDNN products by shape" in out and " calls " in out
+    with pytest.raises(SystemExit, match="no served member 'nobody'"):
+        step_profile.main([str(server_ensemble), "nobody"])

@@ -780,6 +780,11 @@ def test_draft_member_flags(tmp_path, monkeypatch, capsys) -> None:
     monkeypatch.setenv("CHORUS_DRAFT_MAX_BATCH", "4")
     assert config_from_args(*build_parser().parse_known_args(["--draft-member", "small"])).draft_max_batch == 4
     monkeypatch.delenv("CHORUS_DRAFT_MAX_BATCH")
+    assert config.intel_openmp
+    assert not config_from_args(*build_parser().parse_known_args(["--no-intel-openmp"])).intel_openmp
+    monkeypatch.setenv("CHORUS_INTEL_OPENMP", "0")
+    assert not config_from_args(*build_parser().parse_known_args([])).intel_openmp
+    monkeypatch.delenv("CHORUS_INTEL_OPENMP")
     for argv, message in [
         (["--draft-member", "nobody"], "draft member 'nobody' is not in the ensemble (members: small, mixed, wide)"),
         (["--draft-member", "mixed"], "mixes attention kinds"),

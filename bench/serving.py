@@ -252,12 +252,15 @@ def preloads(choice: str, on_cpu: bool) -> Preloads:
     preload Intel OpenMP into its engine (`ensemble.vllm_engine_args.intel_openmp_preload`) and
     gives each member's server the same library, as vLLM's CPU guide asks a plain vLLM user to;
     ``none`` preloads nothing anywhere (serve ``--no-intel-openmp``); a path goes on every
-    server's command alike (serve ``--no-intel-openmp``, so that it adds nothing)."""
-    from ensemble.vllm_engine_args import intel_openmp_library
+    server's command alike (serve ``--no-intel-openmp``, so that it adds nothing). With ``auto`` a
+    member's whole server command has the library (its API process too, as the guide's
+    ``LD_PRELOAD=... vllm serve`` does) and serve's engine processes only."""
+    from ensemble.vllm_engine_args import intel_openmp_library, intel_openmp_preload
 
-    if choice == "auto":
+    if choice == "auto":  # the members get what serve would add to this process's LD_PRELOAD
         library = intel_openmp_library() if on_cpu else None  # serve preloads nothing on a GPU
-        return Preloads(str(library) if library else None, None, ())
+        added = intel_openmp_preload(os.environ, library)  # None: nothing, or an OpenMP already there
+        return Preloads(str(library) if added else None, None, ())
     if choice == "none":
         return Preloads(None, None, ("--no-intel-openmp",))
     return Preloads(choice, choice, ("--no-intel-openmp",))

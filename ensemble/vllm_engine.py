@@ -45,6 +45,7 @@ from ensemble.vllm_engine_args import (  # noqa: F401 (re-exported)
     VLLMEngineConfig,
     build_engine_args,
     engine_dtype,
+    engine_process_openmp,
     reserved_cpu_cores,
     whole_prefills_on_cpu,
 )
@@ -135,14 +136,15 @@ class VLLMEngine:
         from vllm.usage.usage_lib import UsageContext
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        vllm_config = args.create_engine_config(UsageContext.ENGINE_CONTEXT)
-        self.pooling_unavailable = request_pooling_unavailable(vllm_config)
-        if self.pooling_unavailable is None:
-            model_config = vllm_config.model_config
-            model_config.logits_processors = [*(model_config.logits_processors or ()), TRACKER_QUALNAME]
-        return AsyncLLM.from_vllm_config(
-            vllm_config, stat_loggers=[_stats_logger_factory(self._stats)],
-            enable_log_requests=args.enable_log_requests, disable_log_stats=args.disable_log_stats)
+        with engine_process_openmp(self.config):  # LD_PRELOAD for the engine's processes only
+            vllm_config = args.create_engine_config(UsageContext.ENGINE_CONTEXT)
+            self.pooling_unavailable = request_pooling_unavailable(vllm_config)
+            if self.pooling_unavailable is None:
+                model_config = vllm_config.model_config
+                model_config.logits_processors = [*(model_config.logits_processors or ()), TRACKER_QUALNAME]
+            return AsyncLLM.from_vllm_config(
+                vllm_config, stat_loggers=[_stats_logger_factory(self._stats)],
+                enable_log_requests=args.enable_log_requests, disable_log_stats=args.disable_log_stats)
 
     def _describe(self) -> dict[str, Any]:
         """`info`: the members, the pooling and the vLLM settings that shape serving (/v1/models)."""

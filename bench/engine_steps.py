@@ -50,8 +50,10 @@ def plain_args(engine_args: Any) -> dict[str, Any]:
             if f.init and getattr(engine_args, f.name) != default(f)}
 
 
-def start_systems(folder: Path, max_model_len: int) -> dict[str, Any]:
-    """``{name: vllm.LLM}``: the ensemble, then each member it serves alone in plain vLLM."""
+def start_system(folder: Path, system: str, max_model_len: int, memory: dict[str, float] | None = None) -> Any:
+    """``vllm.LLM`` for `system`: ``ensemble`` (the engine arguments chorus's server gives it) or
+    the name of a member it serves (plain vLLM with its defaults); `memory`: further ``LLM``
+    arguments (a GPU memory share). ValueError for any other name."""
     from vllm import LLM
     from vllm.platforms import current_platform
 
@@ -61,13 +63,27 @@ def start_systems(folder: Path, max_model_len: int) -> dict[str, Any]:
     manifest = EnsembleManifest.load(folder)
     served = manifest.without_idle_members()
     args = build_engine_args(VLLMEngineConfig(folder=str(folder), max_model_len=max_model_len), manifest, served)
+    if system == "ensemble":
+        return LLM(**plain_args(args), **(memory or {}))
+    paths = {m.name: m.path for m in served.members}
+    if system not in paths:
+        raise ValueError(f"no served member {system!r} (ensemble, {', '.join(paths)})")
+    return LLM(model=paths[system], dtype=args.dtype, max_model_len=max_model_len,
+               enforce_eager=current_platform.is_cpu(), disable_log_stats=True, **(memory or {}))
+
+
+def start_systems(folder: Path, max_model_len: int) -> dict[str, Any]:
+    """``{name: vllm.LLM}``: the ensemble, then each member it serves alone in plain vLLM."""
+    from vllm.platforms import current_platform
+
+    from ensemble.manifest import EnsembleManifest
+
+    members = [m.name for m in EnsembleManifest.load(folder).without_idle_members().members]
     # On a GPU every engine would take vLLM's default 92% of its memory: share it out instead.
-    memory = {} if current_platform.is_cpu() else {"gpu_memory_utilization": 0.85 / (1 + len(served.members))}
-    systems = {"ensemble": LLM(**plain_args(args), **memory)}
-    for member in served.members:
-        systems[f"{member.name} alone"] = LLM(model=member.path, dtype=args.dtype, max_model_len=max_model_len,
-                                              enforce_eager=current_platform.is_cpu(), disable_log_stats=True,
-                                              **memory)
+    memory = {} if current_platform.is_cpu() else {"gpu_memory_utilization": 0.85 / (1 + len(members))}
+    systems = {"ensemble": start_system(folder, "ensemble", max_model_len, memory)}
+    for name in members:
+        systems[f"{name} alone"] = start_system(folder, name, max_model_len, memory)
     return systems
 
 

@@ -213,8 +213,8 @@ def measure(system: System, folder: Path, args: argparse.Namespace, dtype: str, 
     # every system was killed for memory.
     env = dict(system.env)
     preload = args.preloads.members if system.member_path is not None else args.preloads.serve
-    if preload:  # after whatever this process already preloads
-        env["LD_PRELOAD"] = ":".join(filter(None, (os.environ.get("LD_PRELOAD"), preload)))
+    if preload:
+        env["LD_PRELOAD"] = preload
     if system.member_path is None:
         cmd += list(args.preloads.serve_args)
     with (launched(cmd, port, log, env=env, what=system.name) as (url, card),
@@ -240,7 +240,8 @@ def measure(system: System, folder: Path, args: argparse.Namespace, dtype: str, 
 @dataclass(frozen=True)
 class Preloads:
     """What the servers of a run preload: `members` (LD_PRELOAD of each member's plain vLLM
-    server), `serve` (LD_PRELOAD of serve's command) and `serve_args` (serve's flags for it)."""
+    server), `serve` (LD_PRELOAD of serve's command), None where this process's own is kept, and
+    `serve_args` (serve's flags for it)."""
 
     members: str | None
     serve: str | None
@@ -257,13 +258,13 @@ def preloads(choice: str, on_cpu: bool) -> Preloads:
     ``LD_PRELOAD=... vllm serve`` does) and serve's engine processes only."""
     from ensemble.vllm_engine_args import intel_openmp_library, intel_openmp_preload
 
-    if choice == "auto":  # the members get what serve would add to this process's LD_PRELOAD
+    if choice == "auto":  # the members get what serve would make of this process's LD_PRELOAD
         library = intel_openmp_library() if on_cpu else None  # serve preloads nothing on a GPU
-        added = intel_openmp_preload(os.environ, library)  # None: nothing, or an OpenMP already there
-        return Preloads(str(library) if added else None, None, ())
+        return Preloads(intel_openmp_preload(os.environ, library), None, ())
     if choice == "none":
         return Preloads(None, None, ("--no-intel-openmp",))
-    return Preloads(choice, choice, ("--no-intel-openmp",))
+    both = ":".join(filter(None, (os.environ.get("LD_PRELOAD"), choice)))  # after what this process preloads
+    return Preloads(both, both, ("--no-intel-openmp",))
 
 
 def plot(record: dict[str, Any], out_dir: Path) -> list[Path]:

@@ -1,8 +1,8 @@
 """Where one system's decode time goes: torch's profiler over greedy batches of vLLM in this process.
 
 `bench/engine_steps.py` says how fast each system is; this says why. It starts one system, the
-ensemble as chorus's server configures it or one of its members in plain vLLM (as
-`bench.engine_steps.start_systems` starts them), alone in this process
+ensemble as chorus's server configures it or one of its members in plain vLLM
+(`bench.engine_steps.start_system`), alone in this process
 (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), warms it up, times one batch unprofiled, then profiles the
 same batch and prints the wall time, the oneDNN products grouped by shape (the linear layers and
 heads on a CPU) and the operators with the most self time. Run it once per system and compare:
@@ -19,27 +19,6 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-
-
-def start(folder: Path, system: str, max_model_len: int):
-    """``vllm.LLM`` for `system`: ``ensemble`` (chorus's engine arguments) or a served member's name
-    (plain vLLM with its defaults)."""
-    from vllm import LLM
-
-    from bench.engine_steps import plain_args
-    from ensemble.manifest import EnsembleManifest
-    from ensemble.vllm_engine import VLLMEngineConfig, build_engine_args
-
-    manifest = EnsembleManifest.load(folder)
-    served = manifest.without_idle_members()
-    args = build_engine_args(VLLMEngineConfig(folder=str(folder), max_model_len=max_model_len), manifest, served)
-    if system == "ensemble":
-        return LLM(**plain_args(args))
-    paths = {m.name: m.path for m in served.members}
-    if system not in paths:
-        raise SystemExit(f"step_profile: no served member {system!r} (ensemble, {', '.join(paths)})")
-    return LLM(model=paths[system], dtype=args.dtype, max_model_len=max_model_len, enforce_eager=True,
-               disable_log_stats=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -59,9 +38,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
     from vllm import SamplingParams
 
-    from bench.engine_steps import batches
+    from bench.engine_steps import batches, start_system
 
-    llm = start(args.ensemble.expanduser().resolve(), args.system, 2 * (args.input_len + args.output_len) + 64)
+    try:
+        llm = start_system(args.ensemble.expanduser().resolve(), args.system, 2 * (args.input_len + args.output_len) + 64)
+    except ValueError as err:
+        raise SystemExit(f"step_profile: {err}") from None
     vocab = llm.llm_engine.model_config.get_vocab_size()
     params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
     for seed in (0, 1):  # warm-up: first-call allocations and kernels

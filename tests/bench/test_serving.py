@@ -73,12 +73,13 @@ def test_the_load_generator_call_pickles_for_its_child_process() -> None:
     assert fn is load and back == args
 
 
-def test_every_server_runs_the_same_openmp(tmp_path: Path) -> None:
+def test_every_server_runs_the_same_openmp(tmp_path: Path, monkeypatch) -> None:
     """auto: serve preloads Intel OpenMP itself and the members' servers get the same library;
     none: nobody preloads; a path: every server's LD_PRELOAD, serve told to add nothing."""
     from bench.serving import Preloads, preloads
     from ensemble.vllm_engine_args import intel_openmp_library
 
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
     library = intel_openmp_library()
     auto = preloads("auto", on_cpu=True)
     assert (auto.members, auto.serve, auto.serve_args) == (str(library) if library else None, None, ())
@@ -87,6 +88,10 @@ def test_every_server_runs_the_same_openmp(tmp_path: Path) -> None:
     lib = str(tmp_path / "libx.so")
     assert (preloads(lib, on_cpu=True).members, preloads(lib, on_cpu=True).serve) == (lib, lib)
     assert preloads(lib, on_cpu=True).serve_args == ("--no-intel-openmp",)
+    monkeypatch.setenv("LD_PRELOAD", "/x/libtcmalloc.so")  # kept in front, as serve keeps it
+    assert preloads(lib, on_cpu=True).members == f"/x/libtcmalloc.so:{lib}"
+    if library is not None:
+        assert preloads("auto", on_cpu=True).members == f"/x/libtcmalloc.so:{library}"
 
 
 def test_plots_are_written(tmp_path: Path) -> None:

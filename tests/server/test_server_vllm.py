@@ -42,20 +42,13 @@ def vllm_server(server_ensemble: Path) -> Iterator[ServerThread]:
     # A plain vLLM engine started earlier in this session left PyTorch's libgomp in LD_PRELOAD
     # (vLLM's CPU platform adds it when no OpenMP runtime is there), which serve would keep: start
     # this server from the environment a fresh `serve` process has.
-    session = os.environ.get("LD_PRELOAD")
-    _set_ld_preload(LD_PRELOAD_BEFORE)
-    try:
+    with pytest.MonkeyPatch.context() as mp:
+        if LD_PRELOAD_BEFORE is None:
+            mp.delenv("LD_PRELOAD", raising=False)
+        else:
+            mp.setenv("LD_PRELOAD", LD_PRELOAD_BEFORE)
         yield from start_server(server_ensemble, engine="vllm", max_model_len=MAX_LEN,
                                 request_timeout=120.0, api_key=API_KEY, engine_args=parse_vllm_args(VLLM_FLAGS))
-    finally:
-        _set_ld_preload(session)
-
-
-def _set_ld_preload(value: str | None) -> None:
-    if value is None:
-        os.environ.pop("LD_PRELOAD", None)
-    else:
-        os.environ["LD_PRELOAD"] = value
 
 
 @pytest.fixture()

@@ -100,11 +100,20 @@ def request_pooling_unavailable(vllm_config: Any) -> str | None:
 
 def _speculative_info(spec: Any, draft_member: str | None, sampling: bool) -> dict[str, Any] | None:
     """How the engine drafts (/v1/models `speculative`; `sampling`: whether it serves sampled
-    requests while drafting), or None when it does not."""
+    requests while drafting), or None when it does not.
+
+    ``num_speculative_tokens_per_batch_size`` is vLLM's batch-size schedule as
+    ``[first, last, tokens]`` rows (both ends inclusive; `--draft-max-batch` or a
+    `--speculative-config` that sets it), or None when every step drafts
+    ``num_speculative_tokens``."""
     if spec is None:
         return None
+    schedule = getattr(spec, "num_speculative_tokens_per_batch_size", None)
     return {"method": str(spec.method), "draft_member": draft_member,
-            "num_speculative_tokens": int(spec.num_speculative_tokens), "sampling": sampling}
+            "num_speculative_tokens": int(spec.num_speculative_tokens),
+            "num_speculative_tokens_per_batch_size": (None if schedule is None
+                                                      else [[int(v) for v in row] for row in schedule]),
+            "sampling": sampling}
 
 
 class VLLMEngine:

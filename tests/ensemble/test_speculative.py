@@ -117,7 +117,8 @@ async def _alone_probe(engine, prompts: list[list[int]]) -> dict[str, object]:
     """After the greedy batch: the stats, then one greedy request alone and the stats after it."""
     batch = engine.stats()
     outputs = await collect(engine, prompts[1], SamplingOptions(max_tokens=8, temperature=0.0, ignore_eos=True), "alone")
-    return {"batch": batch, "alone": engine.stats(), "alone_tokens": outputs[-1].outputs[0].token_ids}
+    return {"batch": batch, "alone": engine.stats(), "alone_tokens": outputs[-1].outputs[0].token_ids,
+            "info": engine.info}
 
 
 # vLLM's n-gram proposer: drafts by looking the last 1-3 tokens up in the prompt and output so far.
@@ -158,7 +159,8 @@ def test_greedy_drafting_keeps_the_ensembles_tokens_and_logprobs(spec_runs) -> N
     assert stats.spec_decode_draft_tokens > 0
     assert stats.spec_decode_accepted_tokens <= stats.spec_decode_draft_tokens
     assert spec_runs["draft"].probes["info"]["speculative"] == {
-        "method": "draft_model", "draft_member": "llama", "num_speculative_tokens": 3, "sampling": False}
+        "method": "draft_model", "draft_member": "llama", "num_speculative_tokens": 3,
+        "num_speculative_tokens_per_batch_size": None, "sampling": False}
     assert spec_runs["plain"].probes["info"]["speculative"] is None
     assert spec_runs["plain"].probes["stats"].spec_decode_drafts is None
 
@@ -180,6 +182,9 @@ def test_drafting_only_in_small_batches(spec_runs) -> None:
     assert batch.spec_decode_draft_tokens < always / 2
     assert alone.spec_decode_draft_tokens - batch.spec_decode_draft_tokens >= 3  # at least one full draft
     assert run.probes["alone_tokens"] == spec_runs["plain"].outputs[1].outputs[0].token_ids[:8]
+    limit = len(run.outputs) - 1  # /v1/models shows the schedule the engine drafts by
+    assert run.probes["info"]["speculative"]["num_speculative_tokens_per_batch_size"] == [
+        [1, limit, 3], [limit + 1, 1 << 30, 0]]
 
 
 @pytest.mark.vllm
@@ -192,7 +197,8 @@ def test_ngram_drafting_keeps_the_ensembles_tokens_and_logprobs(spec_runs) -> No
           f"proposed {stats.spec_decode_draft_tokens}, accepted {stats.spec_decode_accepted_tokens}")
     assert stats.spec_decode_draft_tokens > 0  # the tiny members repeat themselves: lookups find drafts
     assert spec_runs["ngram"].probes["info"]["speculative"] == {
-        "method": "ngram", "draft_member": None, "num_speculative_tokens": 3, "sampling": False}
+        "method": "ngram", "draft_member": None, "num_speculative_tokens": 3,
+        "num_speculative_tokens_per_batch_size": None, "sampling": False}
 
 
 @pytest.mark.vllm

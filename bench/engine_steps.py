@@ -50,10 +50,12 @@ def plain_args(engine_args: Any) -> dict[str, Any]:
             if f.init and getattr(engine_args, f.name) != default(f)}
 
 
-def start_system(folder: Path, system: str, max_model_len: int, memory: dict[str, float] | None = None) -> Any:
-    """``vllm.LLM`` for `system`: ``ensemble`` (the engine arguments chorus's server gives it) or
-    the name of a member it serves (plain vLLM with its defaults); `memory`: further ``LLM``
-    arguments (a GPU memory share). ValueError for any other name."""
+def start_system(folder: Path, system: str, max_model_len: int, memory: dict[str, float] | None = None,
+                 engine_args: dict[str, Any] | None = None) -> Any:
+    """``vllm.LLM`` for `system`: ``ensemble`` (the engine arguments chorus's server gives it, plus
+    `engine_args`, e.g. a ``speculative_config``) or the name of a member it serves (plain vLLM
+    with its defaults); `memory`: further ``LLM`` arguments (a GPU memory share). ValueError for
+    any other name, or for `engine_args` given with a member."""
     from vllm import LLM
     from vllm.platforms import current_platform
 
@@ -62,12 +64,15 @@ def start_system(folder: Path, system: str, max_model_len: int, memory: dict[str
 
     manifest = EnsembleManifest.load(folder)
     served = manifest.without_idle_members()
-    args = build_engine_args(VLLMEngineConfig(folder=str(folder), max_model_len=max_model_len), manifest, served)
+    config = VLLMEngineConfig(folder=str(folder), max_model_len=max_model_len, engine_args=engine_args or {})
+    args = build_engine_args(config, manifest, served)
     if system == "ensemble":
         return LLM(**plain_args(args), **(memory or {}))
     paths = {m.name: m.path for m in served.members}
     if system not in paths:
         raise ValueError(f"no served member {system!r} (ensemble, {', '.join(paths)})")
+    if engine_args:
+        raise ValueError("engine arguments are for the ensemble; a member runs with plain vLLM's defaults")
     return LLM(model=paths[system], dtype=args.dtype, max_model_len=max_model_len,
                enforce_eager=current_platform.is_cpu(), disable_log_stats=True, **(memory or {}))
 

@@ -46,3 +46,20 @@ def test_step_profile_shows_the_ensembles_products(server_ensemble: Path, monkey
             assert "oneDNN products by shape" in out and " calls " in out
     with pytest.raises(SystemExit, match="no served member 'nobody'"):
         step_profile.main([str(server_ensemble), "nobody"])
+
+
+def test_step_profile_runs_the_ensemble_with_a_speculative_config(server_ensemble: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """--speculative-config: the ensemble drafts with vLLM's n-gram proposer under the profiler, and
+    the step phases are listed; a member, which runs with plain vLLM's defaults, refuses it."""
+    from bench import step_profile
+
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    ngram = '{"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 1, "prompt_lookup_max": 2}'
+    assert step_profile.main([str(server_ensemble), "ensemble", "--concurrency", "2", "--input-len", "8",
+                              "--output-len", "4", "--speculative-config", ngram]) == 0
+    out = capsys.readouterr().out
+    assert "ensemble, concurrency 2: " in out and "vLLM's step phases" in out
+    with pytest.raises(SystemExit, match="engine arguments are for the ensemble"):
+        step_profile.main([str(server_ensemble), "alpha", "--speculative-config", ngram])

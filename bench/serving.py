@@ -1,5 +1,6 @@
 """Serving speed, side by side in one run: the ensemble against each member served alone by plain
-vLLM, the sum-of-members bound, the naive transformers ensemble, the ensemble drafting with a
+vLLM, the sum-of-members bound, the naive transformers ensemble (of the members that vote, as the
+vLLM engine runs them), the ensemble drafting with a
 member or with vLLM's n-gram proposer (speculative decoding; with `--draft-max-batch N` also each
 drafting only in engine steps of at most N requests) and, on a small CPU, the ensemble with vLLM's
 default of one core reserved for its scheduler (chorus reserves none there: `ensemble.vllm_engine.reserved_cpu_cores`),
@@ -63,6 +64,7 @@ class System:
     member_path: str | None = None
     max_concurrency: int | None = None  # measured up to here only (the naive ensemble is slow)
     model: str | None = None  # the model requests name (None: the server's own, its /v1/models card)
+    voting_only: bool = False  # serve a copy of the ensemble without its weight-0 members (`served_folder`)
 
 
 def prompts_for(concurrency: int, minimum: int) -> int:
@@ -196,6 +198,8 @@ def measure(system: System, folder: Path, args: argparse.Namespace, dtype: str, 
             max_model_len: int) -> dict[str, dict[str, float]]:
     """Start `system`'s server, drive it at every concurrency, stop it."""
     port = _free_port()
+    if system.voting_only:
+        folder = served_folder(folder, args.logs / f"{system.name}-ensemble")
     if system.member_path is None:
         cmd = [sys.executable, "-m", "server.cli", "--ensemble", str(folder), "--engine", system.engine,
                "--host", "127.0.0.1", "--port", str(port), "--max-model-len", str(max_model_len),
@@ -342,8 +346,30 @@ def systems(folder: Path, args: argparse.Namespace, on_cpu: bool) -> tuple[list[
             out.append(System(f"ngram up to {args.draft_max_batch}", args=("--speculative-config", json.dumps(ngram))))
     if reserved is not None:  # what chorus's choice gains over vLLM's default of one reserved core
         out.append(System("one core reserved", env={"VLLM_CPU_NUM_OF_RESERVED_CPU": "1"}))
-    out.append(System("naive", engine="torch", max_concurrency=args.naive_max_concurrency))
+    # The naive ensemble runs the members that vote, as the vLLM engine does: the transformers
+    # engine runs every member of its manifest (a weight-0 one too, for requests that weight it).
+    out.append(System("naive", engine="torch", max_concurrency=args.naive_max_concurrency, voting_only=True))
     return out, [f"{m.name} alone" for m in served]
+
+
+def served_folder(folder: Path, dest: Path) -> Path:
+    """`folder` itself when every member has a weight, else a copy at `dest` of its files (the
+    tokenizer, the chat template) with a manifest and ``config.json`` of only the members that vote
+    (`EnsembleManifest.without_idle_members`)."""
+    import shutil
+
+    from ensemble.hf_config import hf_config
+    from ensemble.manifest import MANIFEST_FILE, EnsembleManifest
+
+    manifest = EnsembleManifest.load(folder)
+    served = manifest.without_idle_members()
+    if served is manifest:
+        return folder
+    shutil.rmtree(dest, ignore_errors=True)
+    shutil.copytree(folder, dest, ignore=shutil.ignore_patterns(MANIFEST_FILE))
+    served.save(dest)
+    (dest / "config.json").write_text(json.dumps(hf_config(served), indent=2) + "\n")
+    return dest
 
 
 def main(argv: Sequence[str] | None = None) -> int:

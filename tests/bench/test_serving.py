@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.serving import bound_row, markdown, median_rows, plot, prompts_for, ratios, systems
+from bench.serving import bound_row, markdown, median_rows, plot, prompts_for, ratios, served_folder, systems
 
 
 def _row(tok_s: float, tpot: float, ttft: float = 10.0) -> dict[str, float]:
@@ -128,6 +128,7 @@ def test_systems_measure_only_the_members_the_ensemble_runs(tmp_path: Path, monk
     assert json.loads(todo[6].args[1]) == {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2,
                                            "prompt_lookup_max": 3} and todo[6].args[0] == "--speculative-config"
     assert todo[7].env == {"VLLM_CPU_NUM_OF_RESERVED_CPU": "1"} and todo[8].max_concurrency == 16
+    assert todo[8].voting_only and not any(s.voting_only for s in todo[:8])  # naive: the voting members only
     args.draft_max_batch = 4  # each drafting system again, drafting only in steps of at most 4 requests
     todo = systems(ens, args, on_cpu=True)[0]
     assert [s.name for s in todo][5:9] == ["drafted", "drafted up to 4", "ngram", "ngram up to 4"]
@@ -136,3 +137,31 @@ def test_systems_measure_only_the_members_the_ensemble_runs(tmp_path: Path, monk
     args.draft_member, args.ngram_tokens = None, 0
     assert [s.name for s in systems(ens, args, on_cpu=False)[0]] == ["ensemble", "a alone", "b alone", "a by name",
                                                                       "b by name", "naive"]
+
+
+def test_the_naive_ensemble_serves_only_the_voting_members(tmp_path: Path) -> None:
+    """served_folder: a copy of the ensemble's files whose manifest and vLLM config name only the
+    members of nonzero weight (the transformers engine runs every member its manifest lists); an
+    ensemble without idle members is served as it is."""
+    from transformers import LlamaConfig
+
+    from ensemble.manifest import EnsembleManifest
+
+    members = []
+    for name, weight in (("a", 1.0), ("idle", 0.0), ("b", 2.0)):
+        folder = tmp_path / name
+        LlamaConfig(vocab_size=10, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                    num_attention_heads=2).save_pretrained(folder)
+        members.append({"name": name, "path": str(folder), "weight": weight, "vocab_size": 10})
+    ens = tmp_path / "ens"
+    ens.mkdir()
+    manifest = {"name": "e", "vocab_size": 10, "max_model_len": 64, "rule": "prob_mean", "format_version": 1,
+                "members": members}
+    (ens / "chorus_ensemble.json").write_text(json.dumps(manifest))
+    (ens / "tokenizer.json").write_text("{}")
+    served = served_folder(ens, tmp_path / "logs" / "naive-ensemble")
+    assert served == tmp_path / "logs" / "naive-ensemble" and (served / "tokenizer.json").read_text() == "{}"
+    assert [m.name for m in EnsembleManifest.load(served).members] == ["a", "b"]
+    assert [m["name"] for m in json.loads((served / "config.json").read_text())["chorus"]["members"]] == ["a", "b"]
+    assert EnsembleManifest.load(ens).members[1].name == "idle"  # the ensemble's own folder is untouched
+    assert served_folder(served, tmp_path / "again") == served and not (tmp_path / "again").exists()

@@ -272,7 +272,8 @@ def preloads(choice: str, on_cpu: bool) -> Preloads:
 
 
 def plot(record: dict[str, Any], out_dir: Path) -> list[Path]:
-    """Output tok/s and median TPOT against concurrency, one line per system (PNG)."""
+    """Output tok/s and median TPOT against concurrency, one line per system (PNG); both on log
+    axes, so that the naive ensemble's rows (tens of times slower) leave the others readable."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -288,6 +289,7 @@ def plot(record: dict[str, Any], out_dir: Path) -> list[Path]:
             ax.plot([int(c) for c in cs], [rows[c][metric] for c in cs], marker="o",
                     linestyle="--" if system == "bound" else "-", label=system)
         ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
         ax.set_xlabel("concurrency")
         ax.set_ylabel(label)
         ax.set_title(f"{record['ensemble']} on {record['machine']['device']}", fontsize=9)

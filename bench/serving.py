@@ -38,6 +38,7 @@ import platform
 import re
 import shlex
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -196,10 +197,18 @@ def scrape(url: str) -> dict[str, float]:
 
 def measure(system: System, folder: Path, args: argparse.Namespace, dtype: str, on_cpu: bool,
             max_model_len: int) -> dict[str, dict[str, float]]:
-    """Start `system`'s server, drive it at every concurrency, stop it."""
+    """Start `system`'s server, drive it at every concurrency, stop it; a `voting_only` system
+    serves a temporary copy of the ensemble without its weight-0 members (`served_folder`)."""
+    if not system.voting_only:
+        return _measure(system, folder, args, dtype, on_cpu, max_model_len)
+    with tempfile.TemporaryDirectory(prefix="chorus-voting-") as tmp:
+        return _measure(system, served_folder(folder, Path(tmp) / "ensemble"), args, dtype, on_cpu, max_model_len)
+
+
+def _measure(system: System, folder: Path, args: argparse.Namespace, dtype: str, on_cpu: bool,
+             max_model_len: int) -> dict[str, dict[str, float]]:
+    """`measure` on the ensemble folder `folder`."""
     port = _free_port()
-    if system.voting_only:
-        folder = served_folder(folder, args.logs / f"{system.name}-ensemble")
     if system.member_path is None:
         cmd = [sys.executable, "-m", "server.cli", "--ensemble", str(folder), "--engine", system.engine,
                "--host", "127.0.0.1", "--port", str(port), "--max-model-len", str(max_model_len),
@@ -355,7 +364,7 @@ def systems(folder: Path, args: argparse.Namespace, on_cpu: bool) -> tuple[list[
 
 
 def served_folder(folder: Path, dest: Path) -> Path:
-    """`folder` itself when every member has a weight, else a copy at `dest` of its files (the
+    """`folder` itself when every member has a weight, else a copy at `dest` (new) of its files (the
     tokenizer, the chat template) with a manifest and ``config.json`` of only the members that vote
     (`EnsembleManifest.without_idle_members`)."""
     import shutil
@@ -367,7 +376,6 @@ def served_folder(folder: Path, dest: Path) -> Path:
     served = manifest.without_idle_members()
     if served is manifest:
         return folder
-    shutil.rmtree(dest, ignore_errors=True)
     shutil.copytree(folder, dest, ignore=shutil.ignore_patterns(MANIFEST_FILE))
     served.save(dest)
     (dest / "config.json").write_text(json.dumps(hf_config(served), indent=2) + "\n")

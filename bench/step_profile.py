@@ -13,7 +13,7 @@ compare:
     python -m bench.step_profile ~/.cache/chorus/default/ensemble-gemma3 gemma
     python -m bench.step_profile ~/.cache/chorus/default/ensemble-gemma3 ensemble --concurrency 16 \
         --speculative-config '{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2,
-        "prompt_lookup_max": 5}'
+        "prompt_lookup_max": 4}'
 """
 
 from __future__ import annotations
@@ -84,6 +84,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("\nvLLM's step phases (total time, calls):")
     for e in phases:
         print(f"{e.cpu_time_total / 1e3:9.1f} ms {e.count:6d} calls  {e.key}")
+    if not phases:  # vLLM reads VLLM_CUSTOM_SCOPES_FOR_PROFILING once per process
+        print("  none recorded: an engine started earlier in this process ran without vLLM's profiling "
+              "scopes (run step_profile in a process of its own)")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows, max_name_column_width=50))
     return 0
 

@@ -65,10 +65,11 @@ def start_system(folder: Path, system: str, max_model_len: int, memory: dict[str
     manifest = EnsembleManifest.load(folder)
     served = manifest.without_idle_members()
     paths = {m.name: m.path for m in served.members}
-    if system != "ensemble" and system not in paths:
-        raise ValueError(f"no served member {system!r} (ensemble, {', '.join(paths)})")
-    if system != "ensemble" and engine_args:
-        raise ValueError("engine arguments are for the ensemble; a member runs with plain vLLM's defaults")
+    if system != "ensemble":
+        if system not in paths:
+            raise ValueError(f"no served member {system!r} (ensemble, {', '.join(paths)})")
+        if engine_args:
+            raise ValueError("engine arguments are for the ensemble; a member runs with plain vLLM's defaults")
     config = VLLMEngineConfig(folder=str(folder), max_model_len=max_model_len, engine_args=engine_args or {})
     args = build_engine_args(config, manifest, served)
     if system == "ensemble":

@@ -369,7 +369,7 @@ def served_folder(folder: Path, dest: Path) -> Path:
     (`EnsembleManifest.without_idle_members`)."""
     import shutil
 
-    from ensemble.hf_config import hf_config
+    from ensemble.hf_config import write_manifest
     from ensemble.manifest import MANIFEST_FILE, EnsembleManifest
 
     manifest = EnsembleManifest.load(folder)
@@ -377,8 +377,7 @@ def served_folder(folder: Path, dest: Path) -> Path:
     if served is manifest:
         return folder
     shutil.copytree(folder, dest, ignore=shutil.ignore_patterns(MANIFEST_FILE))
-    served.save(dest)
-    (dest / "config.json").write_text(json.dumps(hf_config(served), indent=2) + "\n")
+    write_manifest(served, dest)
     return dest
 
 

@@ -29,13 +29,13 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from ensemble.hf_config import write_manifest
 from ensemble.manifest import (
     EnsembleManifest,
     ManifestError,
     MemberSpec,
     SpecialTokens,
     check_members,
-    hf_config,
 )
 from ensemble.pooling import DEFAULT_ALPHA
 from ensemble.vocab import TokenTable, describe_token, end_of_turn_token, first_mismatch, token_bytes_table
@@ -240,9 +240,8 @@ def _write_tokenizer(reference: MemberInfo, template: str | None, manifest: Ense
 
 
 def _write_folder(out: Path, manifest: EnsembleManifest, reference: MemberInfo, template: str | None) -> None:
-    manifest.save(out)
+    write_manifest(manifest, out)
     _write_tokenizer(reference, template, manifest, out)
-    (out / "config.json").write_text(json.dumps(hf_config(manifest), indent=2) + "\n")
     special = manifest.special_tokens
     generation = {"eos_token_id": list(special.stop_ids)}
     for role in ("bos", "pad"):

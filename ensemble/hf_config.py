@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ensemble.manifest_parts import ManifestError
@@ -66,3 +68,10 @@ def hf_config(manifest: EnsembleManifest) -> dict[str, Any]:
         tie_word_embeddings=False,
     )
     return config
+
+
+def write_manifest(manifest: EnsembleManifest, folder: str | Path) -> None:
+    """Write `manifest` into `folder` (which must exist) as ``chorus_ensemble.json`` and the
+    ``config.json`` that carries it for vLLM (`hf_config`), so that the two agree."""
+    manifest.save(folder)
+    (Path(folder) / "config.json").write_text(json.dumps(hf_config(manifest), indent=2) + "\n")
